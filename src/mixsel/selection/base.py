@@ -1,0 +1,133 @@
+"""The :class:`Selector` protocol and the :class:`Pool` a selector sees.
+
+A selector is a pure decision rule: it receives a candidate pool (domain ids plus the features it
+declared in ``requires``) and returns a :class:`mixsel.Selection`. It never touches the model; the
+training step (``mixsel.step``) computes exactly the features the selector asks for.
+
+Feature names (keys of ``Pool.features``), computed once per pool by ``mixsel.step``:
+
+=====================  ==================  =========================================================
+name                   shape               meaning
+=====================  ==================  =========================================================
+``loss``               [n]                 per-example mean token cross-entropy (labels != -100)
+``confidence``         [n]                 per-example mean probability of the target tokens
+``perplexity``         [n]                 exp(loss)
+``completion_length``  [n]                 number of target tokens
+``grad_norm``          [n]                 norm of the per-example gradient features
+``hidden``             [n, H]              mean-pooled last hidden state
+``grads``              [n, d]              per-example gradient features (exact or projected)
+``gram``               [n, n]              inner products of the per-example gradient features
+``val_scores``         [n, m]              inner products with m validation anchor gradients
+``val_gram``           [m, m]              inner products among the validation anchor gradients
+``zo_grads``           [n, d]              CoLM zeroth-order (SPSA) gradient features
+=====================  ==================  =========================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from mixsel.types import Selection
+
+__all__ = ["FEATURE_NAMES", "Pool", "Selector", "check_k"]
+
+FEATURE_NAMES = frozenset(
+    {
+        "loss",
+        "confidence",
+        "perplexity",
+        "completion_length",
+        "grad_norm",
+        "hidden",
+        "grads",
+        "gram",
+        "val_scores",
+        "val_gram",
+        "zo_grads",
+    }
+)
+
+
+@dataclass
+class Pool:
+    """A candidate pool of ``n`` examples, as handed to :meth:`Selector.select`.
+
+    Attributes:
+        domains: LongTensor[n] domain id of each candidate.
+        num_domains: number of domains in the mixture (ids are 0..num_domains-1).
+        features: the features the selector declared, by name (see the module docstring).
+        domain_weights: optional Tensor[num_domains] current domain weights (from a reweighter),
+            which budget-aware selectors may use to set per-domain budgets.
+        step: training step, for schedules and seeding.
+        lr: current learning rate (PartitionSel and GREATS scale their utility by it).
+        seed: base seed; selectors derive their per-step randomness from (seed, step).
+        domain_names: optional names, for messages.
+    """
+
+    domains: torch.Tensor
+    num_domains: int
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    domain_weights: torch.Tensor | None = None
+    step: int = 0
+    lr: float = 1.0
+    seed: int = 0
+    domain_names: list[str] | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.domains.numel())
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        """A CPU generator seeded from (seed, step, salt): identical on every rank."""
+        g = torch.Generator()
+        g.manual_seed((self.seed * 1_000_003 + self.step * 7919 + salt) % (2**63 - 1))
+        return g
+
+    def feature(self, name: str) -> torch.Tensor:
+        """The feature ``name``, or a clear error if the step did not compute it."""
+        if name not in self.features:
+            raise KeyError(
+                f"feature {name!r} is missing from the pool (have: {sorted(self.features)}); "
+                "the selector must list it in its `requires`."
+            )
+        return self.features[name]
+
+    def domain_counts(self) -> torch.Tensor:
+        return torch.bincount(self.domains, minlength=self.num_domains)
+
+
+@runtime_checkable
+class Selector(Protocol):
+    """Picks ``k`` of the ``n`` pool candidates.
+
+    Attributes:
+        name: registered name.
+        requires: feature names the step must compute for this selector.
+    """
+
+    name: str
+    requires: frozenset[str]
+
+    def select(self, pool: Pool, k: int) -> Selection:
+        """Return a :class:`Selection` of exactly ``k`` distinct pool indices (unless documented)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ...
+
+
+def check_k(pool: Pool, k: int) -> None:
+    """Raise a clear error when ``k`` is not a valid selection size for ``pool``."""
+    if k <= 0:
+        raise ValueError(f"k (batch_size) must be positive, got {k}")
+    if k > pool.size:
+        raise ValueError(
+            f"k={k} (batch_size) is larger than the candidate pool of {pool.size}; "
+            "raise train.pool_size or lower train.batch_size."
+        )
