@@ -1,0 +1,5 @@
+import sys
+
+from mixsel.cli import main
+
+sys.exit(main())

@@ -1,0 +1,280 @@
+"""Nested dataclass configs, loaded from YAML with strict keys and ``a.b=c`` overrides.
+
+Example::
+
+    cfg = load_config("configs/default.yaml", ["train.max_steps=20", "selection.method=stratified"])
+    save_config(cfg, "runs/x/config.yaml")
+
+Unknown keys are errors (with the valid keys listed), values are parsed as YAML scalars and checked
+against the field's type, and the resolved config is saved next to every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "DataConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "FeatureConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "ReweightingConfig",
+    "SelectionConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "from_dict",
+    "load_config",
+    "save_config",
+]
+
+
+@dataclass
+class DataConfig:
+    """Where the multi-domain data comes from and how it is tokenised.
+
+    ``source="embedded"`` uses the corpus shipped with mixsel. Otherwise ``source`` is a path (JSONL,
+    Parquet, CSV, a folder of them, or a ``datasets.save_to_disk`` folder) or, with ``format="hf"``,
+    a Hugging Face hub dataset name.
+    """
+
+    source: str = "embedded"
+    format: str | None = None
+    domain_column: str = "domain"
+    text_column: str = "text"
+    prompt_column: str | None = None
+    response_column: str | None = None
+    answer_column: str | None = None
+    split_column: str | None = None
+    hf_config: str | None = None
+    hf_split: str | None = None
+    domains: list[str] | None = None
+    max_length: int = 128
+    val_per_domain: int = 32
+    test_per_domain: int = 32
+    max_train_per_domain: int | None = None
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelConfig:
+    """The causal LM: ``name_or_path`` is a local checkpoint folder or a hub id; ``config_file``
+    (a JSON of ``transformers`` config fields, with ``model_type``) builds a fresh model instead."""
+
+    name_or_path: str | None = None
+    config_file: str | None = "embedded:tiny-llama"
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    attn_implementation: str | None = "sdpa"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class FeatureConfig:
+    """How per-example gradient features are computed for gradient-based selectors."""
+
+    source: str = "lm_head"
+    modules: list[str] | None = None
+    projection_dim: int | None = None
+    normalize: bool = False
+    val_anchors: int = 2
+
+
+@dataclass
+class SelectionConfig:
+    method: str = "random"
+    options: dict[str, Any] = field(default_factory=dict)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    use_weights: bool = False
+
+
+@dataclass
+class ReweightingConfig:
+    method: str = "uniform"
+    options: dict[str, Any] = field(default_factory=dict)
+    update_every: int = 1
+    reference_model: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    batch_size: int = 16
+    pool_size: int = 64
+    micro_batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    output_dir: str = "runs/default"
+    save_every: int = 0
+    log_every: int = 10
+    resume: bool = False
+    device: str = "auto"
+    threads: int | None = None
+    compile: bool = False
+    distributed_selection: str = "global"
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50
+    max_per_domain: int = 32
+    exact_match: int = 32
+    max_new_tokens: int = 24
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 0
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    reweighting: ReweightingConfig = field(default_factory=ReweightingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _check_value(path: str, tp: Any, value: Any) -> Any:
+    """Check (and lightly coerce) ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(path, arg, value)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise TypeError(f"{path}: {value!r} does not match {tp} ({'; '.join(errors)})")
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{path}: expected a list, got {value!r}")
+        return [_check_value(f"{path}[]", args[0] if args else Any, v) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping; unknown keys raise with the valid ones listed."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = path.rstrip(".") or "top level"
+        raise KeyError(f"unknown config key(s) {unknown} at {where}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        value = data[f.name]
+        if _is_dataclass_type(tp):
+            if not isinstance(value, dict):
+                raise TypeError(f"{path}{f.name}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            kwargs[f.name] = from_dict(tp, value, f"{path}{f.name}.")
+        else:
+            kwargs[f.name] = _check_value(f"{path}{f.name}", tp, value)
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        nxt = node.get(key)
+        if nxt is None:
+            nxt = {}
+            node[key] = nxt
+        if not isinstance(nxt, dict):
+            raise KeyError(f"override {dotted!r}: {key!r} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides to a nested dict; values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=20)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ValueError(f"override {item!r} has an empty key")
+        _set_path(tree, key, yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an :class:`ExperimentConfig` from YAML (or defaults) and apply overrides.
+
+    ``path`` may be a YAML file, or ``None`` for the dataclass defaults (the embedded default experiment).
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {str(path)!r} not found; pass --config with an existing YAML file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+        tree = loaded
+    tree = apply_overrides(tree, list(overrides or []))
+    return from_dict(ExperimentConfig, tree)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,102 @@
+"""Evaluation: per-domain loss / perplexity on a split, and GSM8K-style exact match by generation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from mixsel.features.loss import per_example_loss
+
+__all__ = ["domain_losses", "exact_match"]
+
+
+@torch.no_grad()
+def domain_losses(
+    model: torch.nn.Module,
+    split: Any,
+    *,
+    pad_token_id: int,
+    batch_size: int = 32,
+    max_per_domain: int | None = None,
+    prefix: str = "val",
+) -> dict[str, float]:
+    """Mean per-example loss of each domain of a :class:`mixsel.data.TokenizedSplit`.
+
+    Returns ``{f"{prefix}/loss/<domain>": ..., f"{prefix}/loss_mean": ..., f"{prefix}/loss_worst": ...,
+    f"{prefix}/ppl_mean": ...}``. The mean is the unweighted average over domains (each domain
+    counts the same), the worst is the largest domain loss.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    per_domain = []
+    for d, name in enumerate(split.domains):
+        idx = split.indices_of(d)
+        if max_per_domain is not None:
+            idx = idx[:max_per_domain]
+        if idx.numel() == 0:
+            continue
+        total = 0.0
+        for start in range(0, idx.numel(), batch_size):
+            batch = split.collate(idx[start : start + batch_size], pad_token_id)
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits
+            total += float(per_example_loss(logits.float(), batch["labels"].to(device)).sum())
+        mean = total / idx.numel()
+        out[f"{prefix}/loss/{name}"] = mean
+        per_domain.append(mean)
+    model.train(was_training)
+    if per_domain:
+        out[f"{prefix}/loss_mean"] = sum(per_domain) / len(per_domain)
+        out[f"{prefix}/loss_worst"] = max(per_domain)
+        out[f"{prefix}/ppl_mean"] = math.exp(min(out[f"{prefix}/loss_mean"], 50.0))
+    return out
+
+
+@torch.no_grad()
+def exact_match(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    split: Any,
+    *,
+    limit: int = 32,
+    max_new_tokens: int = 24,
+    prefix: str = "val",
+) -> dict[str, float]:
+    """Greedy-decode the response to each prompt that has an ``answer`` and score exact match.
+
+    The arithmetic domain's answers are checkable numbers (GSM8K-style ``#### N``); scoring uses
+    :func:`mixsel.data.arithmetic.is_correct`. Returns ``{f"{prefix}/exact_match/<domain>": acc}``
+    for every domain with answers (first ``limit`` examples of each).
+    """
+    from mixsel.data.arithmetic import is_correct
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    for d, name in enumerate(split.domains):
+        idx = [int(i) for i in split.indices_of(d) if split.answers[int(i)] is not None and split.prompts[int(i)]]
+        idx = idx[:limit]
+        if not idx:
+            continue
+        correct = 0
+        for i in idx:
+            enc = tokenizer(split.prompts[i], return_tensors="pt")
+            gen = model.generate(
+                input_ids=enc["input_ids"].to(device),
+                attention_mask=enc["attention_mask"].to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            text = tokenizer.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            correct += bool(is_correct(text, split.answers[i]))
+        out[f"{prefix}/exact_match/{name}"] = correct / len(idx)
+    model.train(was_training)
+    return out

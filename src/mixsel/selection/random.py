@@ -1,0 +1,90 @@
+"""Baselines that ignore the model: uniform random and per-domain stratified random selection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mixsel.registry import register_selector
+from mixsel.selection.base import Pool, check_k
+from mixsel.selection.budgets import budgets_from_weights, proportional_budgets
+from mixsel.types import Selection
+
+__all__ = ["RandomSelector", "StratifiedSelector"]
+
+
+class _Stateless:
+    requires: frozenset[str] = frozenset()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+@register_selector("random")
+class RandomSelector(_Stateless):
+    """Uniformly random k of the n candidates (the standard minibatch, when k = n it keeps all).
+
+    Randomness comes from ``pool.generator()`` so every rank draws the same subset.
+    """
+
+    name = "random"
+
+    def __init__(self, seed_salt: int = 11) -> None:
+        self.seed_salt = seed_salt
+
+    def select(self, pool: Pool, k: int) -> Selection:
+        check_k(pool, k)
+        perm = torch.randperm(pool.size, generator=pool.generator(self.seed_salt))
+        return Selection.uniform(perm[:k], info={"method": self.name})
+
+
+@register_selector("stratified")
+class StratifiedSelector(_Stateless):
+    """Per-domain stratified random selection.
+
+    Each domain d gets a budget k_d proportional to its count in the pool (largest-remainder
+    rounding; ``budget="weights"`` follows ``pool.domain_weights`` instead, e.g. from a reweighter),
+    and k_d of its candidates are drawn uniformly at random.
+
+    Args:
+        budget: ``"proportional"`` (default) or ``"weights"`` or ``"uniform"`` (equal shares, capped
+            by availability).
+        minimum: floor on each present domain's budget (proportional mode).
+    """
+
+    name = "stratified"
+
+    def __init__(self, budget: str = "proportional", minimum: int = 0, seed_salt: int = 13) -> None:
+        if budget not in {"proportional", "weights", "uniform"}:
+            raise ValueError(f"budget={budget!r}; choose proportional, weights or uniform")
+        self.budget = budget
+        self.minimum = minimum
+        self.seed_salt = seed_salt
+
+    def budgets(self, pool: Pool, k: int) -> torch.Tensor:
+        counts = pool.domain_counts()
+        if self.budget == "proportional":
+            return proportional_budgets(counts, k, minimum=self.minimum)
+        if self.budget == "uniform":
+            return budgets_from_weights(counts, k, (counts > 0).to(torch.float64))
+        if pool.domain_weights is None:
+            raise ValueError("stratified budget='weights' needs domain weights: enable a reweighter")
+        return budgets_from_weights(counts, k, pool.domain_weights)
+
+    def select(self, pool: Pool, k: int) -> Selection:
+        check_k(pool, k)
+        budgets = self.budgets(pool, k)
+        g = pool.generator(self.seed_salt)
+        picks = []
+        for d in range(pool.num_domains):
+            members = torch.nonzero(pool.domains == d).flatten()
+            if budgets[d] == 0:
+                continue
+            order = torch.randperm(members.numel(), generator=g)
+            picks.append(members[order[: int(budgets[d])]])
+        indices = torch.cat(picks) if picks else torch.empty(0, dtype=torch.long)
+        return Selection.uniform(indices, info={"method": self.name, "budgets": budgets.tolist()})

@@ -1,0 +1,323 @@
+"""The mixsel training loop: sample a pool, select a minibatch, take a weighted step. Read top to bottom.
+
+Launch::
+
+    mixsel train                                            # the embedded default (tiny Llama, 6 domains)
+    mixsel train --config configs/default.yaml train.max_steps=50 selection.method=partitionsel
+    python -m mixsel.train --config configs/default.yaml    # the same without the console script
+    torchrun --nproc_per_node=2 $(which mixsel) train --config configs/default.yaml
+
+Each step:
+
+1. a :class:`~mixsel.data.CandidateSampler` draws ``train.pool_size`` example ids following the
+   domain weights (natural proportions, or a reweighter's weights in ``sampling`` mode);
+2. an :class:`~mixsel.step.OnlineSelector` computes the features the selector needs and picks
+   ``train.batch_size`` of them (a :class:`mixsel.Selection`, identical on every rank);
+3. the model takes one optimiser step on the selected examples: the loss is the weighted mean of
+   per-example losses (selection weights if ``selection.use_weights``, times per-domain weights if the
+   reweighter acts on the ``loss``), accumulated over micro-batches;
+4. per-domain statistics (:class:`mixsel.DomainStats`, all-reduced) update the reweighter;
+5. every ``eval.every`` steps: per-domain validation loss and exact match; metrics go to
+   ``<output_dir>/metrics.jsonl``; checkpoints are atomic and ``train.resume=true`` continues exactly.
+
+The run folder gets ``config.yaml``, ``metrics.jsonl``, ``result.json`` and ``final/`` (the model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixsel.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mixsel.config import ExperimentConfig, config_to_dict, load_config, save_config
+from mixsel.distributed import all_reduce_sum, barrier, init_world
+from mixsel.registry import get_reweighter, get_selector
+from mixsel.step import OnlineSelector
+from mixsel.types import DomainStats
+
+__all__ = ["main", "train"]
+
+log = logging.getLogger("mixsel.train")
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _lr_lambda(cfg: ExperimentConfig):
+    warm, total, floor = cfg.train.warmup_steps, max(cfg.train.max_steps, 1), cfg.train.min_lr_ratio
+
+    def fn(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min((step - warm) / max(total - warm, 1), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except ImportError:  # pragma: no cover - non-Unix
+        return float("nan")
+
+
+def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run one experiment; returns the content of ``result.json``."""
+    from tqdm.auto import tqdm
+
+    from mixsel.data.build import load_mixture
+    from mixsel.data.sampler import CandidateSampler
+    from mixsel.evaluate import domain_losses, exact_match
+    from mixsel.features.loss import per_example_loss
+    from mixsel.logging import build_loggers
+    from mixsel.model import build_model, build_tokenizer
+
+    # ---- set-up: world, seeds, output folder -------------------------------------------------
+    world = init_world(cfg.train.device)
+    device = _device(cfg.train.device, world.local_rank)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.train.output_dir)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    # ---- data and model ----------------------------------------------------------------------
+    tokenizer = build_tokenizer(cfg.model)
+    mixture = load_mixture(cfg.data, tokenizer, seed=cfg.seed)
+    domains, train_split = mixture.domains, mixture.train
+    num_domains = len(domains)
+    pad_id = tokenizer.pad_token_id
+    model = build_model(cfg.model, tokenizer).to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+
+    # ---- selection and reweighting -----------------------------------------------------------
+    k, pool_size = cfg.train.batch_size, cfg.train.pool_size
+    if k > pool_size:
+        raise ValueError(f"train.batch_size={k} exceeds train.pool_size={pool_size}; the pool must be at least k")
+    selector = get_selector(cfg.selection.method, **cfg.selection.options)
+    online = OnlineSelector(selector, cfg.selection.features, num_domains, seed=cfg.seed, domain_names=domains)
+    reweighter = get_reweighter(cfg.reweighting.method, domains=domains, **cfg.reweighting.options)
+    reference = None
+    if cfg.reweighting.reference_model:
+        from mixsel.config import ModelConfig
+
+        reference = build_model(ModelConfig(name_or_path=cfg.reweighting.reference_model), tokenizer).to(device)
+        reference.eval().requires_grad_(False)
+    elif getattr(reweighter, "needs_reference", False):
+        raise ValueError(
+            f"reweighting.method={cfg.reweighting.method!r} needs a reference model: train one on the natural "
+            "mixture (mixsel train selection.method=random) and set reweighting.reference_model=<run>/final"
+        )
+    sampler = CandidateSampler(train_split.domain_ids, pool_size, seed=cfg.seed, num_domains=num_domains)
+
+    # ---- resume ------------------------------------------------------------------------------
+    start = 0
+    state = load_checkpoint(out) if cfg.train.resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        selector.load_state_dict(state["selector"])
+        reweighter.load_state_dict(state["reweighter"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        log.info("resumed from step %d", start)
+    loggers = build_loggers(out, [], truncate_from=start) if world.is_main else []
+
+    def log_metrics(metrics: dict[str, Any], step: int) -> None:
+        for logger in loggers:
+            logger.log(metrics, step)
+
+    def checkpoint(step: int) -> None:
+        if world.is_main:
+            save_checkpoint(
+                out,
+                {
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "sampler": sampler.state_dict(),
+                    "selector": selector.state_dict(),
+                    "reweighter": reweighter.state_dict(),
+                    "rng": rng_state(),
+                },
+            )
+        barrier()
+
+    def evaluate(split: Any, prefix: str) -> dict[str, float]:
+        metrics = domain_losses(model, split, pad_token_id=pad_id, max_per_domain=cfg.eval.max_per_domain, prefix=prefix)
+        if cfg.eval.exact_match > 0:
+            metrics.update(
+                exact_match(model, tokenizer, split, limit=cfg.eval.exact_match,
+                            max_new_tokens=cfg.eval.max_new_tokens, prefix=prefix)
+            )
+        return metrics
+
+    # ---- the loop ----------------------------------------------------------------------------
+    val_split = mixture.validation
+    t_start = time.perf_counter()
+    bar = tqdm(range(start, cfg.train.max_steps), initial=start, total=cfg.train.max_steps,
+               disable=not (progress and world.is_main), desc=f"train[{cfg.selection.method}]")
+    for step in bar:
+        t0 = time.perf_counter()
+        weights = reweighter.weights
+        sample_w = weights if reweighter.mode in ("sampling", "both") else None
+        loss_w = weights * num_domains if reweighter.mode in ("loss", "both") else None
+
+        # 1. candidate pool (the same global pool on every rank)
+        pool_ids = sampler.draw(sample_w)
+        pool = train_split.collate(pool_ids, pad_id)
+
+        # 2. selection (validation anchors drawn per step, identically on every rank)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        anchors = torch.randperm(len(val_split), generator=g)[: cfg.selection.features.val_anchors]
+        val_batch = val_split.collate(anchors, pad_id)
+        lr = scheduler.get_last_lr()[0]
+        result = online(model, pool, k, step=step, lr=lr, val_batch=val_batch, domain_weights=weights)
+        sel = result.selection
+        t1 = time.perf_counter()
+
+        # 3. weighted train step on this rank's share of the selection
+        chosen = sel.indices[world.rank :: world.world_size]
+        w = sel.weights.to(torch.float32) if cfg.selection.use_weights else torch.ones(len(sel))
+        w = w[world.rank :: world.world_size]
+        chosen_domains = pool["domain_ids"][chosen]
+        if loss_w is not None:
+            w = w * loss_w.to(torch.float32)[chosen_domains]
+        total_w = all_reduce_sum(w.sum().clone()).clamp_min(1e-12)
+        optimizer.zero_grad(set_to_none=True)
+        losses = []
+        mb = cfg.train.micro_batch_size
+        for s in range(0, len(chosen), mb):
+            rows = chosen[s : s + mb]
+            batch = {key: pool[key][rows].to(device) for key in ("input_ids", "attention_mask", "labels")}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            per_ex = per_example_loss(logits.float(), batch["labels"])
+            if not torch.isfinite(per_ex).all():
+                raise FloatingPointError(
+                    f"non-finite loss at step {step} (domains {chosen_domains[s:s+mb].tolist()}); "
+                    "lower train.lr or check the data; resume from the last checkpoint with train.resume=true"
+                )
+            (per_ex * w[s : s + mb].to(device)).sum().div(total_w.to(device)).mul(world.world_size).backward()
+            losses.append(per_ex.detach().cpu())
+        if world.distributed:
+            for p in params:
+                if p.grad is not None:
+                    all_reduce_sum(p.grad).div_(world.world_size)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip) if cfg.train.grad_clip else None
+        optimizer.step()
+        scheduler.step()
+        t2 = time.perf_counter()
+
+        # 4. domain statistics -> reweighter
+        per_ex = torch.cat(losses) if losses else torch.zeros(0)
+        stats = DomainStats(
+            counts=torch.bincount(chosen_domains, minlength=num_domains).to(torch.float64),
+            loss_sum=torch.zeros(num_domains, dtype=torch.float64).index_add_(0, chosen_domains, per_ex.double()),
+            step=step,
+        )
+        if reference is not None:
+            with torch.no_grad():
+                ref = []
+                for s in range(0, len(chosen), mb):
+                    rows = chosen[s : s + mb]
+                    logits = reference(input_ids=pool["input_ids"][rows].to(device),
+                                       attention_mask=pool["attention_mask"][rows].to(device)).logits
+                    ref.append(per_example_loss(logits.float(), pool["labels"][rows].to(device)).cpu())
+            stats.ref_loss_sum = torch.zeros(num_domains, dtype=torch.float64).index_add_(
+                0, chosen_domains, torch.cat(ref).double())
+        for name in ("counts", "loss_sum", "ref_loss_sum"):
+            if getattr(stats, name) is not None:
+                all_reduce_sum(getattr(stats, name))
+        if (step + 1) % cfg.reweighting.update_every == 0:
+            reweighter.update(stats)
+
+        # 5. logging, evaluation, checkpoints
+        metrics: dict[str, Any] = dict(result.metrics)
+        metrics.update({
+            "train/loss": float((stats.loss_sum.sum() / stats.counts.sum().clamp_min(1))),
+            "train/lr": lr,
+            "time/select": t1 - t0,
+            "time/train": t2 - t1,
+            "time/step": time.perf_counter() - t0,
+        })
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        comp = stats.counts / stats.counts.sum().clamp_min(1)
+        for d, name in enumerate(domains):
+            metrics[f"select/frac/{name}"] = float(comp[d])
+            metrics[f"weights/{name}"] = float(weights[d])
+        if (step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.max_steps:
+            metrics.update(evaluate(val_split, "val"))
+        if world.is_main and ((step + 1) % cfg.train.log_every == 0 or "val/loss_mean" in metrics):
+            log_metrics(metrics, step + 1)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
+            checkpoint(step + 1)
+
+    # ---- final evaluation on the test split and result.json ----------------------------------
+    wall = time.perf_counter() - t_start
+    test = evaluate(mixture.test, "test")
+    final_val = evaluate(val_split, "val")
+    result = {
+        "name": cfg.name,
+        "method": cfg.selection.method,
+        "reweighting": cfg.reweighting.method,
+        "steps": cfg.train.max_steps,
+        "seed": cfg.seed,
+        "wall_time_s": wall,
+        "peak_memory_mb": _peak_memory_mb(device),
+        "domains": domains,
+        "final_weights": [float(x) for x in reweighter.weights],
+        **final_val,
+        **test,
+        "config": config_to_dict(cfg),
+    }
+    if world.is_main:
+        for logger in loggers:
+            logger.close()
+        (out / "result.json").write_text(json.dumps(result, indent=2))
+        final_dir = out / "final"
+        model.save_pretrained(final_dir)
+        tokenizer.save_pretrained(final_dir)
+        if cfg.train.save_every:
+            checkpoint(cfg.train.max_steps)
+    barrier()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="mixsel training loop")
+    parser.add_argument("--config", default=None, help="YAML experiment (default: the embedded default)")
+    parser.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. train.max_steps=20")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("MIXSEL_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    train(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()

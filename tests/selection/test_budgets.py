@@ -1,0 +1,48 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mixsel.selection.budgets import budgets_from_weights, proportional_budgets
+
+
+def test_proportional_hand_computed():
+    # quotas 5*[3,2,5]/10 = [1.5, 1.0, 2.5] -> floors [1,1,2], the one spare unit goes to the
+    # largest fraction (0.5 tie between domains 0 and 2; larger quota wins -> domain 2)
+    assert proportional_budgets(torch.tensor([3, 2, 5]), 5).tolist() == [1, 1, 3]
+    assert proportional_budgets(torch.tensor([10, 0, 10]), 4).tolist() == [2, 0, 2]
+
+
+def test_minimum_floor():
+    assert proportional_budgets(torch.tensor([20, 1, 1]), 4, minimum=1).tolist() == [2, 1, 1]
+
+
+def test_weights_overflow_goes_to_others():
+    # domain 1 would get 6 by weight but holds only 2 candidates
+    b = budgets_from_weights(torch.tensor([10, 2, 10]), 8, torch.tensor([0.1, 0.8, 0.1]))
+    assert b.tolist()[1] == 2 and int(b.sum()) == 8
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="larger than the pool"):
+        proportional_budgets(torch.tensor([1, 1]), 3)
+    with pytest.raises(ValueError, match="not all zero"):
+        budgets_from_weights(torch.tensor([1, 1]), 1, torch.tensor([0.0, 0.0]))
+    with pytest.raises(ValueError, match="domains"):
+        budgets_from_weights(torch.tensor([1, 1]), 1, torch.tensor([1.0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 20), min_size=1, max_size=6), st.data())
+def test_budget_properties(counts, data):
+    counts_t = torch.tensor(counts)
+    total = int(counts_t.sum())
+    if total == 0:
+        return
+    k = data.draw(st.integers(1, total))
+    b = proportional_budgets(counts_t, k)
+    assert int(b.sum()) == k
+    assert bool((b >= 0).all() and (b <= counts_t).all())
+    w = torch.tensor(data.draw(st.lists(st.floats(0.01, 1.0), min_size=len(counts), max_size=len(counts))))
+    b2 = budgets_from_weights(counts_t, k, w)
+    assert int(b2.sum()) == k and bool((b2 <= counts_t).all())

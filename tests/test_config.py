@@ -1,0 +1,54 @@
+import pytest
+
+from mixsel.config import ExperimentConfig, apply_overrides, from_dict, load_config, save_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(None, ["train.max_steps=7", "selection.method=stratified", "data.domains=[a, b]"])
+    assert cfg.train.max_steps == 7
+    assert cfg.selection.method == "stratified"
+    assert cfg.data.domains == ["a", "b"]
+    assert cfg.train.lr == ExperimentConfig().train.lr
+
+
+def test_yaml_roundtrip(tmp_path):
+    cfg = load_config(None, ["train.lr=0.01", "selection.options={budget: uniform}"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg
+    assert again.selection.options == {"budget": "uniform"}
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(KeyError, match="max_stepz.*valid keys"):
+        load_config(None, ["train.max_stepz=3"])
+
+
+def test_type_errors_name_the_field():
+    with pytest.raises(TypeError, match="train.max_steps"):
+        from_dict(ExperimentConfig, {"train": {"max_steps": "many"}})
+    with pytest.raises(TypeError, match="train.resume"):
+        from_dict(ExperimentConfig, {"train": {"resume": 1}})
+
+
+def test_int_is_accepted_for_float():
+    cfg = load_config(None, ["train.lr=1"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ValueError, match="section.key=value"):
+        apply_overrides({}, ["train.max_steps"])
+
+
+def test_repo_default_yaml_loads():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "default.yaml")
+    assert cfg.data.source == "embedded"
+    assert cfg.train.batch_size <= cfg.train.pool_size
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="--config"):
+        load_config("/nonexistent.yaml")
