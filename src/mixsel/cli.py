@@ -1,10 +1,10 @@
 """The ``mixsel`` command line.
 
-    mixsel train   [--config FILE] [a.b=c ...]    one experiment (default: the embedded default)
-    mixsel compare [--config FILE] [a.b=c ...]    several methods, same data and seeds; table + plots
-    mixsel select  --features FILE --method NAME --k K [--out FILE] [--option key=value ...]
-                                                  offline selection from saved features
-    mixsel methods                                registered selectors and reweighters
+mixsel train   [--config FILE] [a.b=c ...]    one experiment (default: the embedded default)
+mixsel compare [--config FILE] [a.b=c ...]    several methods, same data and seeds; table + plots
+mixsel select  --features FILE --method NAME --k K [--out FILE] [--option key=value ...]
+                                              offline selection from saved features
+mixsel methods                                registered selectors and reweighters
 """
 
 from __future__ import annotations

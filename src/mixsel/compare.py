@@ -107,7 +107,8 @@ def run_compare(path: str | Path, extra_overrides: list[str] | None = None, *, p
                 results[name].append(json.loads(done.read_text()))
                 continue
             cfg = load_config(
-                base_path, [*common, *list(overrides or []), f"seed={seed}", f"train.output_dir={run_dir}", f"name={name}"]
+                base_path,
+                [*common, *list(overrides or []), f"seed={seed}", f"train.output_dir={run_dir}", f"name={name}"],
             )
             results[name].append(train(cfg, progress=progress))
     summary = summarize(results)

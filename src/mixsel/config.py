@@ -128,6 +128,7 @@ class TrainConfig:
     save_every: int = 0
     log_every: int = 10
     resume: bool = False
+    stop_after: int | None = None
     device: str = "auto"
     threads: int | None = None
     compile: bool = False

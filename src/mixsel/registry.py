@@ -6,6 +6,7 @@ decorated with :func:`register_selector` (or :func:`register_reweighter`), tests
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -30,10 +31,8 @@ def _register(table: dict[str, Callable[..., Any]], kind: str, name: str) -> Cal
         if name in table and table[name] is not obj:
             raise ValueError(f"{kind} {name!r} is already registered by {table[name]!r}")
         table[name] = obj  # type: ignore[assignment]
-        try:
+        with contextlib.suppress(AttributeError, TypeError):
             obj.name = name  # type: ignore[attr-defined]
-        except (AttributeError, TypeError):
-            pass
         return obj
 
     return deco

@@ -167,19 +167,32 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         barrier()
 
     def evaluate(split: Any, prefix: str) -> dict[str, float]:
-        metrics = domain_losses(model, split, pad_token_id=pad_id, max_per_domain=cfg.eval.max_per_domain, prefix=prefix)
+        metrics = domain_losses(
+            model, split, pad_token_id=pad_id, max_per_domain=cfg.eval.max_per_domain, prefix=prefix
+        )
         if cfg.eval.exact_match > 0:
             metrics.update(
-                exact_match(model, tokenizer, split, limit=cfg.eval.exact_match,
-                            max_new_tokens=cfg.eval.max_new_tokens, prefix=prefix)
+                exact_match(
+                    model,
+                    tokenizer,
+                    split,
+                    limit=cfg.eval.exact_match,
+                    max_new_tokens=cfg.eval.max_new_tokens,
+                    prefix=prefix,
+                )
             )
         return metrics
 
     # ---- the loop ----------------------------------------------------------------------------
     val_split = mixture.validation
     t_start = time.perf_counter()
-    bar = tqdm(range(start, cfg.train.max_steps), initial=start, total=cfg.train.max_steps,
-               disable=not (progress and world.is_main), desc=f"train[{cfg.selection.method}]")
+    bar = tqdm(
+        range(start, cfg.train.max_steps),
+        initial=start,
+        total=cfg.train.max_steps,
+        disable=not (progress and world.is_main),
+        desc=f"train[{cfg.selection.method}]",
+    )
     for step in bar:
         t0 = time.perf_counter()
         weights = reweighter.weights
@@ -217,7 +230,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             per_ex = per_example_loss(logits.float(), batch["labels"])
             if not torch.isfinite(per_ex).all():
                 raise FloatingPointError(
-                    f"non-finite loss at step {step} (domains {chosen_domains[s:s+mb].tolist()}); "
+                    f"non-finite loss at step {step} (domains {chosen_domains[s : s + mb].tolist()}); "
                     "lower train.lr or check the data; resume from the last checkpoint with train.resume=true"
                 )
             (per_ex * w[s : s + mb].to(device)).sum().div(total_w.to(device)).mul(world.world_size).backward()
@@ -243,11 +256,14 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                 ref = []
                 for s in range(0, len(chosen), mb):
                     rows = chosen[s : s + mb]
-                    logits = reference(input_ids=pool["input_ids"][rows].to(device),
-                                       attention_mask=pool["attention_mask"][rows].to(device)).logits
+                    logits = reference(
+                        input_ids=pool["input_ids"][rows].to(device),
+                        attention_mask=pool["attention_mask"][rows].to(device),
+                    ).logits
                     ref.append(per_example_loss(logits.float(), pool["labels"][rows].to(device)).cpu())
             stats.ref_loss_sum = torch.zeros(num_domains, dtype=torch.float64).index_add_(
-                0, chosen_domains, torch.cat(ref).double())
+                0, chosen_domains, torch.cat(ref).double()
+            )
         for name in ("counts", "loss_sum", "ref_loss_sum"):
             if getattr(stats, name) is not None:
                 all_reduce_sum(getattr(stats, name))
@@ -256,13 +272,15 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
 
         # 5. logging, evaluation, checkpoints
         metrics: dict[str, Any] = dict(result.metrics)
-        metrics.update({
-            "train/loss": float((stats.loss_sum.sum() / stats.counts.sum().clamp_min(1))),
-            "train/lr": lr,
-            "time/select": t1 - t0,
-            "time/train": t2 - t1,
-            "time/step": time.perf_counter() - t0,
-        })
+        metrics.update(
+            {
+                "train/loss": float(stats.loss_sum.sum() / stats.counts.sum().clamp_min(1)),
+                "train/lr": lr,
+                "time/select": t1 - t0,
+                "time/train": t2 - t1,
+                "time/step": time.perf_counter() - t0,
+            }
+        )
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         comp = stats.counts / stats.counts.sum().clamp_min(1)
@@ -276,6 +294,13 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
             checkpoint(step + 1)
+        if cfg.train.stop_after is not None and step + 1 >= cfg.train.stop_after:
+            # a planned interruption (e.g. a time limit): the schedule still spans max_steps
+            checkpoint(step + 1)
+            for logger in loggers:
+                logger.close()
+            log.info("stopping after step %d (train.stop_after); resume with train.resume=true", step + 1)
+            return {"stopped_at": step + 1}
 
     # ---- final evaluation on the test split and result.json ----------------------------------
     wall = time.perf_counter() - t_start

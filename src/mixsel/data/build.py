@@ -34,9 +34,7 @@ def load_mixture_records(cfg: DataConfig, seed: int = 0) -> dict[str, list[dict]
             hf_split=cfg.hf_split,
         )
     records = select_domains(records, cfg.domains)
-    splits = split_records(
-        records, val_per_domain=cfg.val_per_domain, test_per_domain=cfg.test_per_domain, seed=seed
-    )
+    splits = split_records(records, val_per_domain=cfg.val_per_domain, test_per_domain=cfg.test_per_domain, seed=seed)
     if cfg.max_train_per_domain is not None:
         kept: dict[str, int] = {}
         train = []

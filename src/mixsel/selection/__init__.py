@@ -5,4 +5,4 @@ from mixsel.selection.base import FEATURE_NAMES, Pool, Selector, check_k
 __all__ = ["FEATURE_NAMES", "Pool", "Selector", "check_k"]
 
 # Importing the method modules registers them.
-from mixsel.selection import random as _random  # noqa: E402,F401
+from mixsel.selection import random as _random  # noqa: F401

@@ -1,0 +1,130 @@
+"""End-to-end runs of the training loop on the embedded corpus with a micro Llama (seconds each)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mixsel.config import load_config
+
+pytest.importorskip("transformers")
+
+FAST = [
+    "model.config_file=embedded:micro-llama",
+    "data.max_length=48",
+    "data.max_train_per_domain=40",
+    "data.val_per_domain=8",
+    "data.test_per_domain=8",
+    "train.batch_size=4",
+    "train.pool_size=8",
+    "train.micro_batch_size=4",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "eval.every=3",
+    "eval.max_per_domain=4",
+    "eval.exact_match=2",
+    "eval.max_new_tokens=4",
+]
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(None, [*FAST, f"train.output_dir={tmp_path}", *extra])
+
+
+def _final_params(run_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_short_run_writes_outputs_and_learns(tmp_path):
+    from mixsel.train import train
+
+    result = train(_cfg(tmp_path, "train.max_steps=6", "selection.method=stratified"), progress=False)
+    for name in ("config.yaml", "metrics.jsonl", "result.json"):
+        assert (tmp_path / name).exists()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows)
+    # per-domain validation losses and exact match on the arithmetic domain are reported
+    assert any(k.startswith("test/loss/") for k in result)
+    assert any(k.startswith("test/exact_match/") for k in result)
+    assert result["test/loss_worst"] >= result["test/loss_mean"]
+    # stratified selection follows the pool's domain proportions; fractions sum to 1
+    fracs = [v for k, v in rows[0].items() if k.startswith("select/frac/")]
+    assert abs(sum(fracs) - 1) < 1e-9
+    # loss went down from a fresh init (ln V ~ 8.3 for the embedded tokenizer)
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+
+
+def test_resume_is_exact(tmp_path):
+    from mixsel.train import train
+
+    straight = tmp_path / "straight"
+    train(_cfg(straight, "train.max_steps=6"), progress=False)
+    interrupted = tmp_path / "interrupted"
+    out = train(_cfg(interrupted, "train.max_steps=6", "train.stop_after=3"), progress=False)
+    assert out == {"stopped_at": 3}
+    assert (interrupted / "checkpoint" / "state.pt").exists()
+    train(_cfg(interrupted, "train.max_steps=6", "train.resume=true"), progress=False)
+    a, b = _final_params(straight), _final_params(interrupted)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))  # no duplicated steps after resume
+
+
+def test_bad_config_errors(tmp_path):
+    from mixsel.train import train
+
+    with pytest.raises(ValueError, match="pool_size"):
+        train(_cfg(tmp_path, "train.batch_size=16", "train.pool_size=8"), progress=False)
+    with pytest.raises(KeyError, match="valid names"):
+        train(_cfg(tmp_path, "selection.method=bogus"), progress=False)
+
+
+def test_nan_loss_is_reported(tmp_path, monkeypatch):
+    import mixsel.features.loss as loss_mod
+    from mixsel.train import train
+
+    real = loss_mod.per_example_loss
+
+    def poisoned(logits, labels):
+        return real(logits, labels) * float("nan")
+
+    monkeypatch.setattr(loss_mod, "per_example_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train(_cfg(tmp_path, "train.max_steps=2"), progress=False)
+
+
+def test_user_jsonl_data_with_lora(tmp_path):
+    from mixsel.train import train
+
+    rows = []
+    for i in range(40):
+        rows.append({"src": "alpha", "instruction": f"Add {i} and 2.", "output": f"{i + 2}"})
+    for i in range(12):
+        rows.append({"src": "beta", "instruction": f"Say word {i}", "output": "word " * (i % 5 + 1)})
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = train(
+        _cfg(
+            tmp_path / "run",
+            f"data.source={path}",
+            "data.domain_column=src",
+            "data.prompt_column=instruction",
+            "data.response_column=output",
+            "data.val_per_domain=3",
+            "data.test_per_domain=3",
+            "model.lora.enabled=true",
+            "train.max_steps=2",
+            "eval.exact_match=0",
+        ),
+        progress=False,
+    )
+    assert result["domains"] == ["alpha", "beta"]
+    assert (tmp_path / "run" / "final" / "adapter_config.json").exists()
