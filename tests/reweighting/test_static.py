@@ -44,6 +44,13 @@ def test_registry_builds_each_by_name(name, cls, config):
     assert math.isclose(float(r.weights.sum()), 1.0)
 
 
+def test_declared_needs_for_the_training_loop():
+    assert get_reweighter("doremi", domains=DOMAINS).needs_reference is True
+    dograph = get_reweighter("dograph", domains=DOMAINS)
+    assert dograph.needs_grad and dograph.needs_val_grad
+    assert not getattr(get_reweighter("uniform", domains=DOMAINS), "needs_reference", False)
+
+
 def test_registry_unknown_name_lists_valid_ones():
     with pytest.raises(KeyError, match="dograph, doremi, static, uniform"):
         get_reweighter("doremy", domains=DOMAINS)

@@ -34,7 +34,7 @@ step on gradient alignment, as in DoGE (Fan et al., 2024). The Laplacian term is
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -253,6 +253,9 @@ class DoGraphReweighter(ScheduledReweighter):
     """
 
     default_mode: Mode = "sampling"
+    #: The training loop must fill ``DomainStats.grad`` and ``DomainStats.val_grad``.
+    needs_grad: ClassVar[bool] = True
+    needs_val_grad: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ two-stage recipe uses as fixed sampling weights for the main run (see :attr:`ave
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -81,6 +81,8 @@ class DoReMiReweighter(ScheduledReweighter):
     """
 
     default_mode: Mode = "loss"
+    #: The training loop must fill ``DomainStats.ref_loss_sum`` from a reference model.
+    needs_reference: ClassVar[bool] = True
 
     def __init__(
         self,
