@@ -5,4 +5,11 @@ from mixsel.selection.base import FEATURE_NAMES, Pool, Selector, check_k
 __all__ = ["FEATURE_NAMES", "Pool", "Selector", "check_k"]
 
 # Importing the method modules registers them.
+from mixsel.selection import big_loss as _big_loss  # noqa: F401
+from mixsel.selection import completion_length as _completion_length  # noqa: F401
+from mixsel.selection import craig as _craig  # noqa: F401
+from mixsel.selection import grad_norm as _grad_norm  # noqa: F401
+from mixsel.selection import hidden_fl as _hidden_fl  # noqa: F401
+from mixsel.selection import least_confidence as _least_confidence  # noqa: F401
+from mixsel.selection import middle_ppl as _middle_ppl  # noqa: F401
 from mixsel.selection import random as _random  # noqa: F401
