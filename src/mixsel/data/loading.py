@@ -1,0 +1,589 @@
+"""Load multi-domain text data from files or Hugging Face ``datasets`` into normalised records.
+
+A *record* is a plain ``dict`` with
+
+* ``domain`` (str): the domain (mixture component) the example belongs to;
+* either ``text`` (str): plain language-model data, the loss covers every token,
+* or ``prompt`` + ``response`` (str): instruction data, only the response tokens are targets;
+* optionally ``answer`` (str): a checkable final answer (exact-match evaluation),
+* optionally ``split`` (``"train"``, ``"validation"`` or ``"test"``).
+
+Sources understood by :func:`load_records`:
+
+=================================  ===============================================================
+source                             how it is read
+=================================  ===============================================================
+``*.jsonl``, ``*.jsonl.gz``,       one JSON object per line (``.json``: a JSON array or an
+``*.json``, ``*.json.gz``          object of columns), read with the standard ``json`` module
+``*.parquet``                      ``pyarrow.parquet.read_table``
+``*.csv``, ``*.csv.gz``            ``pandas.read_csv`` (every cell read as a string)
+a folder or a glob of such files   every matching file, in sorted path order
+a ``Dataset.save_to_disk`` folder  ``datasets.load_from_disk``
+``format="hf"`` + local files      ``datasets.load_dataset(<json|parquet|csv>, data_files=...)``
+``format="hf"`` + a hub name       ``datasets.load_dataset(name, hf_config, split=hf_split)``
+=================================  ===============================================================
+
+Heavy libraries (pandas, pyarrow, ``datasets``) are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import logging
+import math
+import os
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = [
+    "SPLITS",
+    "domain_names",
+    "load_records",
+    "normalize_records",
+    "select_domains",
+    "split_records",
+]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+    "testing": "test",
+}
+_FORMATS = ("jsonl", "json", "parquet", "csv", "hf")
+_SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".jsonl.gz": "jsonl",
+    ".json": "json",
+    ".json.gz": "json",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".csv.gz": "csv",
+}
+_HF_BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}
+
+
+# --------------------------------------------------------------------------------------------------
+# reading raw rows
+# --------------------------------------------------------------------------------------------------
+
+
+def _file_format(path: str) -> str | None:
+    lower = path.lower()
+    for suffix, fmt in sorted(_SUFFIXES.items(), key=lambda kv: -len(kv[0])):
+        if lower.endswith(suffix):
+            return fmt
+    return None
+
+
+def _is_saved_dataset(path: str) -> bool:
+    """True for a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, name)) for name in ("dataset_info.json", "state.json", "dataset_dict.json")
+    )
+
+
+def _expand_files(source: str) -> list[str]:
+    """The data files named by ``source``: one file, every data file in a folder, or a glob."""
+    if os.path.isfile(source):
+        return [source]
+    if os.path.isdir(source):
+        files = sorted(
+            os.path.join(root, name)
+            for root, _dirs, names in os.walk(source)
+            for name in names
+            if _file_format(name) is not None and not name.startswith(".")
+        )
+        if not files:
+            raise ValueError(
+                f"data folder {source!r} holds no .jsonl/.jsonl.gz/.json/.parquet/.csv files; "
+                "point data.source at a file, a folder of such files, or a glob such as 'dir/*.jsonl'"
+            )
+        return files
+    if glob.has_magic(source):
+        files = sorted(f for f in glob.glob(source, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise ValueError(f"the glob data.source={source!r} matches no files; check the pattern")
+        return files
+    raise ValueError(
+        f"data.source={source!r} is not an existing file, folder or glob; give a local path, or set "
+        "data.format=hf to load it as a Hugging Face hub dataset name"
+    )
+
+
+def _open_text(path: str) -> Any:
+    return gzip.open(path, "rt", encoding="utf-8") if path.lower().endswith(".gz") else open(path, encoding="utf-8")
+
+
+def _read_json_file(path: str, fmt: str) -> list[dict[str, Any]]:
+    """Rows of a JSON file, read with the standard ``json`` module so values keep their exact types
+    (pandas would turn an integer column with a null into floats: ``8`` -> ``"8.0"``).
+
+    ``.jsonl`` is one object per line; ``.json`` is a JSON array of objects, an object of columns,
+    or else one object per line (``datasets.Dataset.to_json`` writes lines).
+    """
+    with _open_text(path) as f:
+        content = f.read()
+    if fmt == "json":
+        try:
+            data = json.loads(content)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, list):
+            return [dict(row) for row in data]
+        if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+            keys = list(data)
+            return [dict(zip(keys, values)) for values in zip(*(data[k] for k in keys))]
+    rows = []
+    for line_no, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}:{line_no} is not valid JSON ({err.msg}); each line must be one JSON object"
+            ) from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{line_no} is a JSON {type(row).__name__}, not an object with named columns")
+        rows.append(row)
+    return rows
+
+
+def _read_file(path: str, fmt: str) -> list[dict[str, Any]]:
+    if fmt in ("jsonl", "json"):
+        return _read_json_file(path, fmt)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if fmt == "csv":
+        import pandas as pd
+
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, compression="infer")
+        return frame.to_dict(orient="records")
+    raise ValueError(f"unknown data.format={fmt!r}; use one of {', '.join(_FORMATS)}")
+
+
+def _read_local_files(files: Sequence[str], fmt: str | None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for path in files:
+        file_fmt = fmt or _file_format(path)
+        if file_fmt is None:
+            raise ValueError(
+                f"cannot tell the format of {path!r} from its name; set data.format to one of "
+                f"{', '.join(f for f in _FORMATS if f != 'hf')}"
+            )
+        rows.extend(_read_file(path, file_fmt))
+    return rows
+
+
+def _rows_from_hf(obj: Any, split_column: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    """Rows of a ``datasets.Dataset`` or ``DatasetDict``.
+
+    A ``DatasetDict`` with several splits is flattened and each row is tagged with its split name in
+    a ``__split__`` column (returned as the split column when none was configured); a single-split
+    dict is read untagged, so :func:`split_records` makes the splits.
+    """
+    import datasets
+
+    if not isinstance(obj, datasets.DatasetDict):
+        return list(obj.to_list()), split_column
+    names = list(obj.keys())
+    if len(names) == 1:
+        return list(obj[names[0]].to_list()), split_column
+    unknown = [n for n in names if n.lower() not in _SPLIT_ALIASES]
+    if unknown and split_column is None:
+        raise ValueError(
+            f"the dataset has splits {names}, and {unknown} are not train/validation/test; "
+            "choose one with data.hf_split=<name>"
+        )
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        for row in obj[name].to_list():
+            if split_column is None:
+                row["__split__"] = name
+            rows.append(row)
+    return rows, split_column or "__split__"
+
+
+def _read_hf(
+    source: str, *, hf_name: str | None, hf_config: str | None, hf_split: str | None, split_column: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Rows through the ``datasets`` library: a saved folder, local data files, or a hub name."""
+    import datasets
+
+    if hf_name is None and _is_saved_dataset(source):
+        obj = datasets.load_from_disk(source)
+        if hf_split is not None and isinstance(obj, datasets.DatasetDict):
+            if hf_split not in obj:
+                raise ValueError(f"data.hf_split={hf_split!r} is not in the saved dataset; it has {list(obj)}")
+            obj = obj[hf_split]
+        return _rows_from_hf(obj, split_column)
+    if hf_name is None and (os.path.exists(source) or glob.has_magic(source)):
+        files = _expand_files(source)
+        formats = {_file_format(f) for f in files}
+        if len(formats) != 1 or None in formats:
+            raise ValueError(
+                f"data.source={source!r} mixes file formats {sorted(map(str, formats))}; "
+                "datasets.load_dataset needs files of one format"
+            )
+        builder = _HF_BUILDERS[str(formats.pop())]
+        obj = datasets.load_dataset(builder, data_files=files, split=hf_split or "train")
+        return _rows_from_hf(obj, split_column)
+    name = hf_name or source
+    log.info("loading Hugging Face dataset %r (config=%r, split=%r)", name, hf_config, hf_split)
+    obj = datasets.load_dataset(name, hf_config, split=hf_split)
+    return _rows_from_hf(obj, split_column)
+
+
+# --------------------------------------------------------------------------------------------------
+# normalising
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _as_text(value: Any) -> str:
+    return "" if _is_missing(value) else str(value)
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows[:1000]:
+        for key in row:
+            seen.setdefault(key, None)
+    return list(seen)
+
+
+def _require(column: str, columns: Sequence[str], option: str, what: str) -> None:
+    if column not in columns:
+        raise ValueError(
+            f"the data has no {what} column {column!r} (columns found: {list(columns)}); "
+            f"set {option}=<name> to the column that holds it"
+        )
+
+
+def normalize_records(
+    rows: Sequence[dict[str, Any]],
+    *,
+    domain_column: str | None = "domain",
+    text_column: str = "text",
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+    answer_column: str | None = None,
+    split_column: str | None = None,
+    default_domain: str = "default",
+) -> list[dict[str, Any]]:
+    """Map raw rows (any column names) onto the normalised record schema of this module.
+
+    Column rules:
+
+    * ``domain_column`` must exist (``None`` puts every row in one domain named ``default_domain``);
+      values are converted to ``str``; an empty or missing value is an error.
+    * With ``prompt_column`` and ``response_column`` the data is instruction data. Without them,
+      ``text_column`` is used; if it is absent but ``prompt`` and ``response`` columns exist, those
+      are used as instruction data.
+    * ``answer_column`` (or, when not given, a column literally named ``answer``) fills ``answer``.
+    * ``split_column`` (or, when not given, a column literally named ``split``) fills ``split``;
+      values may be train/validation/test or the aliases training/valid/val/dev/testing.
+    * Rows whose text (or response) is empty are dropped with a warning that counts them.
+
+    Raises:
+        ValueError: a named column is missing, only one of prompt/response columns is given, a
+            domain value is empty, a split value is unknown, or nothing is left.
+    """
+    if not rows:
+        raise ValueError("the data source holds no rows; check data.source (and data.hf_split)")
+    columns = _columns(rows)
+    if domain_column is not None and domain_column not in columns:
+        raise ValueError(
+            f"the data has no domain column {domain_column!r} (columns found: {columns}); "
+            f"set data.domain_column=<name> to the column holding each example's domain"
+        )
+    if (prompt_column is None) != (response_column is None):
+        raise ValueError(
+            f"instruction data needs both data.prompt_column and data.response_column (got prompt_column="
+            f"{prompt_column!r}, response_column={response_column!r}); set both, or neither for plain text"
+        )
+    if prompt_column is None and text_column not in columns and {"prompt", "response"} <= set(columns):
+        prompt_column, response_column = "prompt", "response"
+    if prompt_column is not None:
+        _require(prompt_column, columns, "data.prompt_column", "prompt")
+        _require(response_column, columns, "data.response_column", "response")  # type: ignore[arg-type]
+    elif text_column not in columns:
+        raise ValueError(
+            f"the data has no text column {text_column!r} (columns found: {columns}); set "
+            "data.text_column=<name> for plain text, or data.prompt_column=<name> and "
+            "data.response_column=<name> for instruction data"
+        )
+    if answer_column is not None:
+        _require(answer_column, columns, "data.answer_column", "answer")
+    elif "answer" in columns:
+        answer_column = "answer"
+    if split_column is not None:
+        _require(split_column, columns, "data.split_column", "split")
+    elif "split" in columns:
+        split_column = "split"
+
+    out: list[dict[str, Any]] = []
+    empty_domain = 0
+    dropped: Counter[str] = Counter()
+    for row in rows:
+        domain = default_domain if domain_column is None else _as_text(row.get(domain_column)).strip()
+        if not domain:
+            empty_domain += 1
+            continue
+        rec: dict[str, Any] = {"domain": domain}
+        if prompt_column is not None:
+            rec["prompt"] = _as_text(row.get(prompt_column))
+            rec["response"] = _as_text(row.get(response_column))  # type: ignore[arg-type]
+            body = rec["response"]
+        else:
+            rec["text"] = _as_text(row.get(text_column))
+            body = rec["text"]
+        if not body.strip():
+            dropped[domain] += 1
+            continue
+        if answer_column is not None and not _is_missing(row.get(answer_column)):
+            rec["answer"] = _as_text(row.get(answer_column))
+        if split_column is not None and not _is_missing(row.get(split_column)):
+            raw = _as_text(row.get(split_column)).strip()
+            split = _SPLIT_ALIASES.get(raw.lower())
+            if split is None:
+                raise ValueError(
+                    f"unknown split {raw!r} in split column {split_column!r}; values must be one of "
+                    f"{sorted(_SPLIT_ALIASES)} (or unset data.split_column to split automatically)"
+                )
+            rec["split"] = split
+        out.append(rec)
+    if empty_domain:
+        raise ValueError(
+            f"{empty_domain} of {len(rows)} rows have an empty value in the domain column {domain_column!r}; "
+            "fill in their domain or remove those rows"
+        )
+    if dropped:
+        what = "response" if prompt_column is not None else "text"
+        warnings.warn(
+            f"dropped {sum(dropped.values())} rows with an empty {what} (per domain: {dict(sorted(dropped.items()))})",
+            stacklevel=2,
+        )
+    found = Counter(r["domain"] for r in out)
+    for domain in dropped:
+        if found[domain] == 0:
+            raise ValueError(
+                f"domain {domain!r} is empty: all of its {dropped[domain]} rows have an empty text/response; "
+                "fix the data or leave the domain out with data.domains=[...]"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------
+
+
+def load_records(
+    source: str,
+    *,
+    format: str | None = None,
+    split: str | None = None,
+    domain_column: str | None = "domain",
+    text_column: str = "text",
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+    answer_column: str | None = None,
+    split_column: str | None = None,
+    hf_name: str | None = None,
+    hf_config: str | None = None,
+    hf_split: str | None = None,
+) -> list[dict[str, Any]]:
+    """Read a multi-domain dataset and return normalised records (see the module docstring).
+
+    Args:
+        source: a file, a folder of data files, a glob, a ``save_to_disk`` folder, or (with
+            ``format="hf"``) a Hugging Face hub dataset name.
+        format: ``"jsonl"``, ``"json"``, ``"parquet"``, ``"csv"`` or ``"hf"``; ``None`` infers it from
+            the file names (a ``save_to_disk`` folder is recognised as ``"hf"``). ``"hf"`` reads
+            local files through ``datasets.load_dataset(<builder>, data_files=...)`` and anything
+            that is not a local path through ``datasets.load_dataset(name, hf_config, split=...)``.
+        split: keep only the records of this split (``train``/``validation``/``test``); needs split
+            information (a split column, or a hub dataset with several splits).
+        domain_column, text_column, prompt_column, response_column, answer_column, split_column:
+            column mapping, see :func:`normalize_records`.
+        hf_name: a hub dataset name; when given, it is loaded instead of ``source``.
+        hf_config: the hub dataset's configuration name.
+        hf_split: the ``datasets`` split to load (``None`` loads all splits and keeps their names).
+
+    Returns:
+        The records, in file order (files in sorted path order).
+
+    Raises:
+        ValueError: with the problem and the fix, for unreadable sources and bad column mappings.
+    """
+    if format is not None and format not in _FORMATS:
+        raise ValueError(f"unknown data.format={format!r}; use one of {', '.join(_FORMATS)} (or null to infer)")
+    if format == "hf" or hf_name is not None or (format is None and _is_saved_dataset(source)):
+        rows, split_column = _read_hf(
+            source, hf_name=hf_name, hf_config=hf_config, hf_split=hf_split, split_column=split_column
+        )
+    else:
+        rows = _read_local_files(_expand_files(source), format)
+    records = normalize_records(
+        rows,
+        domain_column=domain_column,
+        text_column=text_column,
+        prompt_column=prompt_column,
+        response_column=response_column,
+        answer_column=answer_column,
+        split_column=split_column,
+    )
+    if split is not None:
+        wanted = _SPLIT_ALIASES.get(split.lower())
+        if wanted is None:
+            raise ValueError(f"unknown split={split!r}; use one of {list(SPLITS)}")
+        if not any("split" in r for r in records):
+            raise ValueError(
+                f"split={split!r} was asked for but the data carries no split information; set "
+                "data.split_column=<name>, or load everything and use split_records"
+            )
+        records = [r for r in records if r.get("split") == wanted]
+        if not records:
+            raise ValueError(f"the data has no records in split {wanted!r}")
+    log.info("loaded %d records in %d domains from %s", len(records), len(domain_names(records)), hf_name or source)
+    return records
+
+
+def domain_names(records: Iterable[dict[str, Any]]) -> list[str]:
+    """The sorted list of distinct domains in ``records`` (deterministic domain-id order)."""
+    return sorted({r["domain"] for r in records})
+
+
+def select_domains(records: Sequence[dict[str, Any]], domains: Sequence[str] | None) -> list[dict[str, Any]]:
+    """Keep the records of ``domains`` (all when ``None``), in their original order.
+
+    Raises:
+        ValueError: ``domains`` is empty, repeats a name, or names a domain with no records (the
+            message lists the domains that exist).
+    """
+    if domains is None:
+        if not records:
+            raise ValueError("no records to select from; check data.source")
+        return list(records)
+    if isinstance(domains, str):
+        raise ValueError(f"data.domains must be a list of names, got the string {domains!r}; write [{domains!r}]")
+    if len(domains) == 0:
+        raise ValueError("data.domains is an empty list; name at least one domain, or set it to null for all")
+    repeated = sorted(d for d, c in Counter(domains).items() if c > 1)
+    if repeated:
+        raise ValueError(f"data.domains names {repeated} more than once; list each domain once")
+    available = domain_names(records)
+    unknown = [d for d in domains if d not in set(available)]
+    if unknown:
+        raise ValueError(
+            f"unknown domain(s) {unknown} in data.domains; the data has domains {available} "
+            "(check the spelling or data.domain_column)"
+        )
+    wanted = set(domains)
+    return [r for r in records if r["domain"] in wanted]
+
+
+def _domain_seed(seed: int, domain: str) -> int:
+    """A 63-bit seed derived from ``(seed, domain)`` only, so domains split independently."""
+    digest = hashlib.sha256(f"mixsel-split:{seed}:{domain}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def split_records(
+    records: Sequence[dict[str, Any]],
+    *,
+    val_per_domain: int,
+    test_per_domain: int,
+    seed: int,
+    split_column_present: bool | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Split records into train / validation / test.
+
+    If the records carry ``split`` (``split_column_present=None`` detects this; ``True`` requires
+    it; ``False`` ignores it), that assignment is kept. Otherwise each domain is split on its own:
+    its records are permuted by ``torch.randperm`` with a generator seeded from a hash of
+    ``(seed, domain)``; the first ``test_per_domain`` go to test, the next ``val_per_domain`` to
+    validation, the rest to train. The permutation depends only on the seed, the domain name and that
+    domain's records, so adding or removing another domain leaves this domain's split unchanged.
+    Within each split, records keep their original order, and each returned record is a shallow copy
+    with ``split`` set.
+
+    Raises:
+        ValueError: negative sizes, records with and without ``split`` mixed, or a domain left
+            without a train example.
+    """
+    import torch
+
+    for name, value in (("val_per_domain", val_per_domain), ("test_per_domain", test_per_domain)):
+        if int(value) != value or value < 0:
+            raise ValueError(f"data.{name} must be a non-negative integer, got {value!r}")
+    tagged = sum("split" in r for r in records)
+    if split_column_present is None:
+        split_column_present = tagged > 0
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+    if split_column_present:
+        if tagged != len(records):
+            raise ValueError(
+                f"{len(records) - tagged} of {len(records)} records have no split while the others do; "
+                "give every row a split value, or unset data.split_column to split automatically"
+            )
+        for rec in records:
+            if rec["split"] not in out:
+                raise ValueError(f"unknown split {rec['split']!r}; use one of {list(SPLITS)}")
+            out[rec["split"]].append(rec)
+        have_train = Counter(r["domain"] for r in out["train"])
+        missing = [d for d in domain_names(records) if have_train[d] == 0]
+        if missing:
+            raise ValueError(
+                f"domain(s) {missing} have no train examples in the given split column; add train rows "
+                "or leave them out with data.domains=[...]"
+            )
+        return out
+
+    by_domain: dict[str, list[int]] = {}
+    for i, rec in enumerate(records):
+        by_domain.setdefault(rec["domain"], []).append(i)
+    assignment = [""] * len(records)
+    for domain in sorted(by_domain):
+        members = by_domain[domain]
+        n = len(members)
+        if n - val_per_domain - test_per_domain < 1:
+            raise ValueError(
+                f"domain {domain!r} has {n} examples: too few for test_per_domain={test_per_domain} + "
+                f"val_per_domain={val_per_domain} and at least 1 train example; lower data.val_per_domain / "
+                "data.test_per_domain or leave the domain out with data.domains=[...]"
+            )
+        gen = torch.Generator().manual_seed(_domain_seed(seed, domain))
+        perm = torch.randperm(n, generator=gen).tolist()
+        for rank, j in enumerate(perm):
+            if rank < test_per_domain:
+                assignment[members[j]] = "test"
+            elif rank < test_per_domain + val_per_domain:
+                assignment[members[j]] = "validation"
+            else:
+                assignment[members[j]] = "train"
+    for rec, split in zip(records, assignment):
+        out[split].append({**rec, "split": split})
+    return out
