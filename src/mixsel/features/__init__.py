@@ -1,0 +1,88 @@
+"""Per-example signals from (model, batch), computed once per pool.
+
+* :mod:`~mixsel.features.loss`: per-example loss, confidence, perplexity, completion length, and the
+  LM-head gradient factors, from one no-grad forward (:func:`forward_stats`);
+* :mod:`~mixsel.features.grads`: exact per-example gradients of the LM head (:func:`last_layer_grads`)
+  or of chosen linear / LoRA layers (:func:`linear_grads`) and their inner products by the ghost
+  identity or by materialising, whichever is cheaper (:func:`last_layer_gram`, :func:`linear_gram`);
+* :mod:`~mixsel.features.projection`: seeded random and Kronecker-factored projections;
+* :mod:`~mixsel.features.zeroth_order`: CoLM's SPSA features, Adam normalisation and top-h masks;
+* :mod:`~mixsel.features.hidden`: mean-pooled hidden states;
+* :func:`pool_gradient_features`: the one call the training step makes.
+"""
+
+from mixsel.features.grads import (
+    GRAM_METHODS,
+    capture_linear_factors,
+    factor_gram,
+    factor_sq_norms,
+    find_last_module,
+    ghost_gram,
+    last_layer_grad_norm,
+    last_layer_grads,
+    last_layer_gram,
+    linear_grad_norm,
+    linear_grads,
+    linear_gram,
+    materialize_grads,
+    resolve_modules,
+)
+from mixsel.features.hidden import mean_pool, pooled_hidden
+from mixsel.features.loss import (
+    GradFactors,
+    LMHeadFactors,
+    forward_stats,
+    lm_head_factors,
+    per_example_loss,
+    stats_from_logits,
+    target_mask,
+)
+from mixsel.features.pool import GRADIENT_NEEDS, SCALAR_NEEDS, pool_gradient_features
+from mixsel.features.projection import PROJECTION_KINDS, KroneckerProjector, RandomProjector, kronecker_dims
+from mixsel.features.zeroth_order import (
+    AdamNormalizer,
+    SPSAEstimate,
+    l1_distances,
+    spsa_direction,
+    spsa_features,
+    topk_source_mask,
+)
+
+__all__ = [
+    "GRADIENT_NEEDS",
+    "GRAM_METHODS",
+    "PROJECTION_KINDS",
+    "SCALAR_NEEDS",
+    "AdamNormalizer",
+    "GradFactors",
+    "KroneckerProjector",
+    "LMHeadFactors",
+    "RandomProjector",
+    "SPSAEstimate",
+    "capture_linear_factors",
+    "factor_gram",
+    "factor_sq_norms",
+    "find_last_module",
+    "forward_stats",
+    "ghost_gram",
+    "kronecker_dims",
+    "l1_distances",
+    "last_layer_grad_norm",
+    "last_layer_grads",
+    "last_layer_gram",
+    "linear_grad_norm",
+    "linear_grads",
+    "linear_gram",
+    "lm_head_factors",
+    "materialize_grads",
+    "mean_pool",
+    "per_example_loss",
+    "pool_gradient_features",
+    "pooled_hidden",
+    "resolve_modules",
+    "spsa_direction",
+    "spsa_features",
+    "stats_from_logits",
+    "target_mask",
+    "topk_source_mask",
+]

@@ -1,0 +1,508 @@
+"""Exact per-example gradients of the LM head or of chosen linear layers, and their inner products.
+
+For a linear map ``y_t = W x_t`` the gradient of example ``i``'s loss w.r.t. ``W`` is a sum of rank-one
+terms ``G_i = sum_t a_it b_it^T`` (``a`` = gradient w.r.t. the output, ``b`` = the input). Inner products
+between two such gradients need not materialise them (the "ghost" identity used by GREATS and
+PartitionSel's memory-efficient gradient computation):
+
+    <G_i, G'_j> = sum_{t, s} (a_it . a'_js) (b_it . b'_js).
+
+Two backends compute a Gram matrix ``K[i, j] = <G_i, G'_j>``:
+
+* ``"ghost"``: the identity above over the target tokens only, chunked over token blocks; cost about
+  ``N * M * (P + Q)`` for ``N``/``M`` contributing tokens in the two batches and a ``P x Q`` weight;
+* ``"materialize"``: build the ``[n, P*Q]`` gradients (one batched matmul per example chunk) and take
+  ``G G'^T``; cost about ``(N + M) * P * Q + n * m * P * Q`` and ``(n + m) * P * Q`` numbers of memory.
+
+``method="auto"`` picks the cheaper by these counts (and avoids materialising above ``max_bytes``), logs
+the choice at INFO level and reports it in the returned info (``return_info=True``).
+
+The factors of the LM head come from one no-grad forward (:func:`mixsel.features.loss.forward_stats`);
+those of any ``nn.Linear`` (or a peft ``lora_A`` / ``lora_B`` Linear) from forward hooks capturing its
+inputs plus one ``torch.autograd.grad`` of the summed per-example losses w.r.t. the captured outputs
+(examples are independent, so each example's output gradients are its own).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mixsel.features.loss import (
+    GradFactors,
+    forward_stats,
+    model_inputs,
+    per_example_loss,
+    stats_from_logits,
+)
+
+__all__ = [
+    "GRAM_METHODS",
+    "capture_linear_factors",
+    "factor_gram",
+    "factor_sq_norms",
+    "find_last_module",
+    "ghost_gram",
+    "last_layer_grad_norm",
+    "last_layer_grads",
+    "last_layer_gram",
+    "linear_grad_norm",
+    "linear_grads",
+    "linear_gram",
+    "materialize_grads",
+    "resolve_modules",
+]
+
+log = logging.getLogger(__name__)
+
+GRAM_METHODS = ("auto", "ghost", "materialize")
+DEFAULT_CHUNK = 2048  # tokens per ghost block / rows per materialised chunk bound
+DEFAULT_MAX_BYTES = 2 * 2**30  # auto never materialises more than this
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels on factors
+# --------------------------------------------------------------------------------------------------
+
+
+def _flat_tokens(f: GradFactors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contributing tokens only: a [N, P], b [N, Q(+1)], example index [N]."""
+    idx = f.mask.nonzero()
+    seg = idx[:, 0]
+    a = f.out_grads[idx[:, 0], idx[:, 1]]
+    b = f.inputs_with_bias()[idx[:, 0], idx[:, 1]]
+    return a, b, seg
+
+
+def ghost_gram(f: GradFactors, g: GradFactors | None = None, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """``K[i, j] = sum_{t,s} (a_it . a'_js)(b_it . b'_js)`` without materialising any gradient.
+
+    Args:
+        f: factors of the first batch (n examples).
+        g: factors of the second batch (m examples), or None for the symmetric self-Gram.
+        chunk: tokens per block; memory is O(chunk^2) besides the factors.
+
+    Returns:
+        Tensor[n, m] (or [n, n]).
+    """
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    a1, b1, s1 = _flat_tokens(f)
+    n = f.n
+    if g is None:
+        k_diag = a1.new_zeros(n, n)
+        k_up = a1.new_zeros(n, n)
+        for r0 in range(0, a1.shape[0], chunk):
+            ra, rb, rs = a1[r0 : r0 + chunk], b1[r0 : r0 + chunk], s1[r0 : r0 + chunk]
+            for c0 in range(r0, a1.shape[0], chunk):
+                m = (ra @ a1[c0 : c0 + chunk].T) * (rb @ b1[c0 : c0 + chunk].T)
+                rows = a1.new_zeros(n, m.shape[1]).index_add_(0, rs, m)
+                target = k_diag if c0 == r0 else k_up
+                target.index_add_(1, s1[c0 : c0 + chunk], rows)
+        return k_diag + k_up + k_up.T
+    if g.shape != f.shape or g.bias != f.bias:
+        raise ValueError(f"factor shapes differ: {f.shape} (bias={f.bias}) vs {g.shape} (bias={g.bias})")
+    a2, b2, s2 = _flat_tokens(g.to(f.out_grads.dtype))
+    k = a1.new_zeros(n, g.n)
+    for r0 in range(0, a1.shape[0], chunk):
+        ra, rb, rs = a1[r0 : r0 + chunk], b1[r0 : r0 + chunk], s1[r0 : r0 + chunk]
+        for c0 in range(0, a2.shape[0], chunk):
+            m = (ra @ a2[c0 : c0 + chunk].T) * (rb @ b2[c0 : c0 + chunk].T)
+            rows = a1.new_zeros(n, m.shape[1]).index_add_(0, rs, m)
+            k.index_add_(1, s2[c0 : c0 + chunk], rows)
+    return k
+
+
+def _example_chunk(f: GradFactors, max_bytes: int) -> int:
+    per_example = f.dim * f.out_grads.element_size()
+    return max(1, int(max_bytes // max(per_example, 1)))
+
+
+def materialize_grads(f: GradFactors, *, chunk: int | None = None) -> torch.Tensor:
+    """Per-example gradients ``G_i = sum_t a_it b_it^T`` flattened to Tensor[n, P*Q (+P)].
+
+    The weight part is flattened row-major (as ``weight.flatten()``), followed by the bias part.
+
+    Args:
+        f: the factors.
+        chunk: examples per batched matmul (default: as many as fit in 256 MiB of intermediates).
+    """
+    chunk = chunk or _example_chunk(f, 256 * 2**20)
+    p, q = f.shape
+    out = f.out_grads.new_empty(f.n, f.dim)
+    inputs = f.inputs_with_bias()
+    for i0 in range(0, f.n, chunk):
+        g = f.out_grads[i0 : i0 + chunk].transpose(1, 2) @ inputs[i0 : i0 + chunk]  # [c, P, Q(+1)]
+        out[i0 : i0 + chunk, : p * q] = g[:, :, :q].reshape(g.shape[0], -1)
+        if f.bias:
+            out[i0 : i0 + chunk, p * q :] = g[:, :, q]
+    return out
+
+
+def factor_sq_norms(f: GradFactors) -> torch.Tensor:
+    """Tensor[n]: squared norms ``||G_i||^2`` (the diagonal of the self-Gram), without the n x n Gram.
+
+    Per example, the cheaper of the ghost form ``sum((A A^T) * (B B^T))`` (cost ``T_i^2 (P + Q)``) and
+    the materialised ``||A^T B||^2`` (cost ``T_i P Q``) is used.
+    """
+    p, q = f.shape
+    out = f.out_grads.new_zeros(f.n)
+    inputs = f.inputs_with_bias()
+    for i in range(f.n):
+        rows = f.mask[i].nonzero().squeeze(1)
+        t = rows.numel()
+        if t == 0:
+            continue
+        a, b = f.out_grads[i, rows], inputs[i, rows]
+        if t * t * (p + q) <= t * p * q:
+            out[i] = ((a @ a.T) * (b @ b.T)).sum()
+        else:
+            out[i] = (a.T @ b).square().sum()
+    return out
+
+
+def _gram_costs(f: GradFactors, g: GradFactors | None) -> dict[str, float]:
+    p, q = f.shape
+    q = q + int(f.bias)
+    n_tok = float(f.mask.sum())
+    if g is None:
+        m_tok, m = n_tok, f.n
+        ghost = n_tok * n_tok * (p + q) / 2
+        mat = n_tok * p * q + f.n * f.n * p * q / 2
+        mat_bytes = f.n * p * q * f.out_grads.element_size()
+    else:
+        m_tok, m = float(g.mask.sum()), g.n
+        ghost = n_tok * m_tok * (p + q)
+        mat = (n_tok + m_tok) * p * q + f.n * m * p * q
+        mat_bytes = (f.n + m) * p * q * f.out_grads.element_size()
+    return {
+        "ghost_flops": 2 * ghost,
+        "materialize_flops": 2 * mat,
+        "materialize_bytes": float(mat_bytes),
+        "tokens": n_tok,
+        "other_tokens": m_tok,
+    }
+
+
+def factor_gram(
+    f: GradFactors,
+    g: GradFactors | None = None,
+    *,
+    method: str = "auto",
+    chunk: int = DEFAULT_CHUNK,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Gram matrix of the gradients given by factors, with the backend chosen by cost.
+
+    Args:
+        f: factors of the first batch.
+        g: factors of the second batch, or None for the self-Gram.
+        method: ``"auto"`` (cheaper by the cost model), ``"ghost"`` or ``"materialize"``.
+        chunk: tokens per ghost block.
+        max_bytes: ``"auto"`` does not materialise gradients taking more memory than this.
+
+    Returns:
+        (Tensor[n, m], info) where info holds ``method`` (the backend used) and the cost estimates.
+    """
+    if method not in GRAM_METHODS:
+        raise ValueError(f"method={method!r} is not one of {GRAM_METHODS}")
+    info: dict[str, Any] = _gram_costs(f, g)
+    if method == "auto":
+        cheaper = "ghost" if info["ghost_flops"] <= info["materialize_flops"] else "materialize"
+        if cheaper == "materialize" and info["materialize_bytes"] > max_bytes:
+            cheaper = "ghost"
+        method = cheaper
+    info["method"] = method
+    if method == "ghost":
+        k = ghost_gram(f, g, chunk=chunk)
+    else:
+        gf = materialize_grads(f)
+        k = gf @ gf.T if g is None else gf @ materialize_grads(g.to(gf.dtype)).T
+    return k, info
+
+
+# --------------------------------------------------------------------------------------------------
+# LM head
+# --------------------------------------------------------------------------------------------------
+
+
+def _lm_factors(model: torch.nn.Module, batch: dict[str, torch.Tensor] | None) -> GradFactors:
+    if batch is None:
+        raise ValueError("pass a batch (dict(input_ids, attention_mask, labels)) or precomputed factors")
+    return forward_stats(model, batch, factors=True)["lm_head"]
+
+
+def last_layer_grads(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor] | None,
+    *,
+    factors: GradFactors | None = None,
+) -> torch.Tensor:
+    """Exact per-example gradients of the per-example mean-token loss w.r.t. the LM head weight.
+
+    ``grad_i = sum_t (softmax(z_it) - onehot(y_it)) h_it^T / c_i`` from one no-grad forward (no backward).
+    With tied embeddings this is the gradient w.r.t. the head's *use* of the shared matrix.
+
+    Args:
+        model: a Hugging Face causal LM.
+        batch: dict(input_ids, attention_mask, labels), -100 = ignored.
+        factors: precomputed ``forward_stats(..., factors=True)["lm_head"]`` (then ``batch`` is unused).
+
+    Returns:
+        Tensor[n, V*H], each row ``grad_i.flatten()`` (row-major like ``lm_head.weight``).
+    """
+    f = factors if factors is not None else _lm_factors(model, batch)
+    return materialize_grads(f)
+
+
+def last_layer_gram(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor] | None,
+    other: dict[str, torch.Tensor] | None = None,
+    *,
+    method: str = "auto",
+    chunk: int = DEFAULT_CHUNK,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    return_info: bool = False,
+    factors: GradFactors | None = None,
+    other_factors: GradFactors | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+    """Inner products of the LM-head per-example gradients (ghost identity or materialised).
+
+    Args:
+        model: a Hugging Face causal LM.
+        batch: the pool, dict(input_ids, attention_mask, labels).
+        other: a second batch (e.g. validation anchors) for the cross Gram [n, m]; None = self Gram.
+        method: ``"auto"``, ``"ghost"`` or ``"materialize"`` (see module docstring).
+        chunk: tokens per ghost block.
+        max_bytes: memory cap for ``"auto"`` materialisation.
+        return_info: also return a dict saying which backend ran and its cost estimates.
+        factors, other_factors: precomputed LM-head factors (skip the forwards).
+
+    Returns:
+        Tensor[n, n] or Tensor[n, m] (and the info dict when ``return_info``).
+    """
+    f = factors if factors is not None else _lm_factors(model, batch)
+    g = None
+    if other is not None or other_factors is not None:
+        g = other_factors if other_factors is not None else _lm_factors(model, other)
+    k, info = factor_gram(f, g, method=method, chunk=chunk, max_bytes=max_bytes)
+    log.info(
+        "last_layer_gram: %s backend for %s Gram (n=%d, m=%d, tokens=%d/%d; est. ghost %.2e vs materialize %.2e flops)",
+        info["method"],
+        "self" if g is None else "cross",
+        f.n,
+        f.n if g is None else g.n,
+        info["tokens"],
+        info["other_tokens"],
+        info["ghost_flops"],
+        info["materialize_flops"],
+    )
+    return (k, info) if return_info else k
+
+
+def last_layer_grad_norm(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor] | None,
+    *,
+    factors: GradFactors | None = None,
+) -> torch.Tensor:
+    """Tensor[n]: norms of the LM-head per-example gradients (ghost diagonal; no n x n Gram)."""
+    f = factors if factors is not None else _lm_factors(model, batch)
+    return factor_sq_norms(f).clamp(min=0).sqrt()
+
+
+# --------------------------------------------------------------------------------------------------
+# Any linear layer (incl. peft LoRA A/B)
+# --------------------------------------------------------------------------------------------------
+
+
+def find_last_module(model: torch.nn.Module, suffix: str = "v_proj", *, lora: str = "auto") -> str:
+    """Name of the last module whose name ends with ``suffix`` (e.g. the last V-projection).
+
+    Args:
+        model: any module (a peft model is fine).
+        suffix: last component(s) of the module name, e.g. ``"v_proj"`` or ``"self_attn.v_proj"``.
+        lora: for a peft LoRA layer: ``"auto"`` or ``"B"`` -> its ``lora_B`` Linear of the active
+            adapter (CoLM's choice), ``"A"`` -> ``lora_A``, ``"base"`` -> the frozen base Linear.
+            For a plain layer ``"auto"`` and ``"base"`` return the layer itself.
+
+    Returns:
+        The module name, usable with ``model.get_submodule`` and :func:`linear_grads`.
+    """
+    if lora not in ("auto", "A", "B", "base"):
+        raise ValueError(f"lora={lora!r} must be one of 'auto', 'A', 'B', 'base'")
+    found = [(n, m) for n, m in model.named_modules() if n == suffix or n.endswith("." + suffix)]
+    if not found:
+        raise ValueError(f"no module name ends with {suffix!r} in {type(model).__name__}")
+    name, module = found[-1]
+    lora_b = getattr(module, "lora_B", None)
+    if isinstance(lora_b, torch.nn.ModuleDict) and len(lora_b) > 0:
+        if lora == "base":
+            return f"{name}.base_layer"
+        active = getattr(module, "active_adapters", None) or list(lora_b.keys())
+        adapter = active[0] if isinstance(active, (list, tuple)) else active
+        return f"{name}.lora_{'A' if lora == 'A' else 'B'}.{adapter}"
+    if lora in ("A", "B"):
+        raise ValueError(f"{name} is not a peft LoRA layer; use lora='auto' or wrap the model with peft")
+    return name
+
+
+def resolve_modules(
+    model: torch.nn.Module, modules: str | torch.nn.Module | Sequence[str | torch.nn.Module]
+) -> list[tuple[str, torch.nn.Linear]]:
+    """(name, module) pairs for module names or modules; every one must be an ``nn.Linear``."""
+    if isinstance(modules, (str, torch.nn.Module)):
+        modules = [modules]
+    names = {m: n for n, m in model.named_modules()}
+    out: list[tuple[str, torch.nn.Linear]] = []
+    for item in modules:
+        if isinstance(item, str):
+            try:
+                mod = model.get_submodule(item)
+            except AttributeError as err:
+                raise ValueError(
+                    f"module {item!r} not found; use a name from model.named_modules() or "
+                    "find_last_module(model, 'v_proj')"
+                ) from err
+            name = item
+        else:
+            mod, name = item, names.get(item, type(item).__name__)
+        if not isinstance(mod, torch.nn.Linear):
+            hint = ""
+            if hasattr(mod, "lora_B"):
+                hint = f"; for a LoRA layer pass find_last_module(model, {name.split('.')[-1]!r})"
+            raise ValueError(f"module {name!r} is a {type(mod).__name__}, not an nn.Linear{hint}")
+        out.append((name, mod))
+    if not out:
+        raise ValueError("modules is empty; pass at least one module name, e.g. find_last_module(model)")
+    return out
+
+
+def capture_linear_factors(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    modules: str | torch.nn.Module | Sequence[str | torch.nn.Module],
+) -> tuple[list[GradFactors], dict[str, torch.Tensor]]:
+    """Factors of the per-example gradients of ``modules``' weights, from one forward and one backward.
+
+    Forward hooks capture each module's input and output; one ``torch.autograd.grad`` of the summed
+    per-example losses w.r.t. the captured outputs gives each example's output gradients (no parameter
+    ``.grad`` is touched and the backward stops at the earliest captured module). Weights of the chosen
+    modules are made to require grad for the call and restored afterwards.
+
+    Returns:
+        (factors per module, stats) where stats holds ``loss``, ``confidence``, ``perplexity`` and
+        ``completion_length`` of the same forward.
+    """
+    targets = resolve_modules(model, modules)
+    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name, _ in targets}
+    handles = []
+    saved = []
+    for name, mod in targets:
+        for p in mod.parameters(recurse=False):
+            saved.append((p, p.requires_grad))
+            p.requires_grad_(True)
+
+        def hook(_m: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor, name: str = name) -> None:
+            records[name].append((args[0].detach(), out))
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.enable_grad():
+            out = model(**model_inputs(batch, model))
+            labels = batch["labels"].to(out.logits.device)
+            losses = per_example_loss(out.logits, labels)
+            outs = []
+            for name, _ in targets:
+                if len(records[name]) != 1:
+                    raise ValueError(
+                        f"module {name!r} ran {len(records[name])} times in one forward; exactly once is supported"
+                    )
+                outs.append(records[name][0][1])
+            grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in saved:
+            p.requires_grad_(flag)
+    stats = stats_from_logits(out.logits, labels)
+    attn = batch.get("attention_mask")
+    factors = []
+    for (name, mod), go in zip(targets, grads):
+        x = records[name][0][0]
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if attn is None else attn.to(x.device).bool()
+        go = torch.zeros_like(outs[len(factors)]) if go is None else go
+        factors.append(
+            GradFactors(
+                out_grads=go.detach().to(dtype) * mask.unsqueeze(-1),
+                inputs=x.to(dtype) * mask.unsqueeze(-1),
+                mask=mask,
+                bias=mod.bias is not None,
+            )
+        )
+    return factors, stats
+
+
+def linear_grads(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    modules: str | torch.nn.Module | Sequence[str | torch.nn.Module],
+) -> torch.Tensor:
+    """Exact per-example gradients w.r.t. the weights (and biases) of ``modules``, concatenated.
+
+    Args:
+        model: a Hugging Face causal LM (dropout off), possibly peft-wrapped.
+        batch: dict(input_ids, attention_mask, labels).
+        modules: a name / module or a list of them (``nn.Linear``, incl. peft ``lora_A.default`` /
+            ``lora_B.default``); a list gives the concatenation in that order.
+
+    Returns:
+        Tensor[n, sum_k D_k], per module ``weight.flatten()`` then ``bias``.
+    """
+    factors, _ = capture_linear_factors(model, batch, modules)
+    return torch.cat([materialize_grads(f) for f in factors], dim=1)
+
+
+def linear_gram(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    modules: str | torch.nn.Module | Sequence[str | torch.nn.Module],
+    other: dict[str, torch.Tensor] | None = None,
+    *,
+    method: str = "auto",
+    chunk: int = DEFAULT_CHUNK,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    return_info: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+    """Inner products of the per-example gradients of ``modules`` (summed over the modules).
+
+    Args: as :func:`linear_grads`, plus ``other`` (a second batch for the cross Gram) and the backend
+    options of :func:`last_layer_gram`. The info lists the backend used per module.
+    """
+    factors, _ = capture_linear_factors(model, batch, modules)
+    others = capture_linear_factors(model, other, modules)[0] if other is not None else [None] * len(factors)
+    k = None
+    infos = []
+    for f, g in zip(factors, others):
+        kk, info = factor_gram(f, g, method=method, chunk=chunk, max_bytes=max_bytes)
+        infos.append(info)
+        k = kk if k is None else k + kk
+    methods = [i["method"] for i in infos]
+    log.info("linear_gram: backends %s for %d module(s)", methods, len(infos))
+    info = {"method": methods[0] if len(set(methods)) == 1 else "mixed", "modules": infos}
+    return (k, info) if return_info else k
+
+
+def linear_grad_norm(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    modules: str | torch.nn.Module | Sequence[str | torch.nn.Module],
+) -> torch.Tensor:
+    """Tensor[n]: norms of the concatenated per-example gradients of ``modules`` (ghost diagonal)."""
+    factors, _ = capture_linear_factors(model, batch, modules)
+    return torch.stack([factor_sq_norms(f) for f in factors]).sum(0).clamp(min=0).sqrt()
