@@ -19,7 +19,7 @@ def _stream(n: int = 6) -> list[DomainStats]:
         counts = torch.randint(0, 4, (3,), generator=g)
         counts[step % 3] = 0  # every domain is absent from some step
         loss = torch.rand(3, generator=g, dtype=torch.float64) * 4 * counts
-        ref = torch.rand(3, generator=g, dtype=torch.float64) * 3 * counts
+        ref = torch.rand(3, generator=g, dtype=torch.float64) * 1.5 * counts
         grad = torch.randn(3, 5, generator=g, dtype=torch.float64) * counts.unsqueeze(-1)
         val = torch.randn(5, generator=g, dtype=torch.float64)
         out.append(DomainStats(counts=counts, loss_sum=loss, ref_loss_sum=ref, grad=grad, val_grad=val, step=step))
@@ -30,6 +30,7 @@ CASES = [
     ("uniform", {}),
     ("static", {"domain_sizes": [10, 20, 70], "alpha": 0.3}),
     ("doremi", {}),
+    ("doremi", {"absent": "previous"}),
     ("doremi", {"update_every": 2, "absent": "previous", "step_size": 0.3}),
     ("dograph", {}),
     ("dograph", {"update_every": 2, "knn": 1, "alignment": "dot", "ema": 0.5}),
