@@ -6,6 +6,7 @@ __all__ = ["FEATURE_NAMES", "Pool", "Selector", "check_k"]
 
 # Importing the method modules registers them.
 from mixsel.selection import big_loss as _big_loss  # noqa: F401
+from mixsel.selection import colm as _colm  # noqa: F401
 from mixsel.selection import completion_length as _completion_length  # noqa: F401
 from mixsel.selection import craig as _craig  # noqa: F401
 from mixsel.selection import grad_norm as _grad_norm  # noqa: F401
