@@ -10,7 +10,10 @@ from mixsel.selection import colm as _colm  # noqa: F401
 from mixsel.selection import completion_length as _completion_length  # noqa: F401
 from mixsel.selection import craig as _craig  # noqa: F401
 from mixsel.selection import grad_norm as _grad_norm  # noqa: F401
+from mixsel.selection import gradmatch as _gradmatch  # noqa: F401
+from mixsel.selection import greats as _greats  # noqa: F401
 from mixsel.selection import hidden_fl as _hidden_fl  # noqa: F401
 from mixsel.selection import least_confidence as _least_confidence  # noqa: F401
 from mixsel.selection import middle_ppl as _middle_ppl  # noqa: F401
+from mixsel.selection import partitionsel as _partitionsel  # noqa: F401
 from mixsel.selection import random as _random  # noqa: F401

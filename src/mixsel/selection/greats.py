@@ -1,0 +1,104 @@
+"""GREATS (Wang, Wu, Song, Mittal & Jia, NeurIPS 2024, "GREATS: Online Selection of High-Quality
+Data for LLM Training in Every Iteration"; ``/work/shared/notes/methods.md`` §2.3).
+
+Utility of a batch S at step t: the validation-loss decrease of one SGD step on S,
+
+    U_t(S) = l_val(theta_t) - l_val(theta_t - eta sum_{z in S} grad l(theta_t, z)),
+
+approximated by its second-order Taylor expansion around theta_t,
+
+    U_t(S) ~ eta sum_{i in S} <g_i, g_val> - (eta^2 / 2) sum_{i, j in S} g_i^T H_val g_j,
+
+and maximised greedily. As in the authors' implementation (ported in PartitionSel's code), H_val is
+replaced by the identity and the self terms i = j are dropped, so the greedy marginal gain of z_j
+given the picks S is
+
+    Delta_j(S) = eta <g_j, g_val> - eta^2 sum_{i in S} <g_i, g_j>,
+
+i.e. exact greedy on U(S) = eta sum_{i in S} s_i - eta^2 sum_{i<j in S} K_ij with
+s_i = mean_k <g_i, v_k> over the validation anchors (``val_scores``) and K the train Gram matrix
+(``gram``), both from ghost inner products (``mixsel.solvers.greats_greedy``).
+``second_order=False`` keeps only the first-order term (top-k by s_i; the paper's "first-order
+only" comparison).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mixsel.registry import register_selector
+from mixsel.selection.base import Pool, check_k
+from mixsel.selection.budget_policy import check_budget_policy, ranked_pick, resolve_budgets
+from mixsel.selection.partitionsel import ANCHOR_MODES, anchor_scores, effective_lr
+from mixsel.solvers.matroid import greats_greedy
+from mixsel.types import Selection
+
+__all__ = ["GreatsSelector"]
+
+
+@register_selector("greats")
+class GreatsSelector:
+    """GREATS greedy with the learning-rate-scaled interaction penalty.
+
+    Args:
+        second_order: include the -eta^2 <g_i, g_j> interaction term (default True).
+        anchors: ``"mean"`` (reference code) or ``"balanced"`` validation score (see
+            :func:`mixsel.selection.partitionsel.anchor_scores`).
+        lr: override of eta (default: the optimiser's current ``pool.lr``, clamped to >= 1e-12).
+        per_domain_budgets: cap picks per domain (partition-matroid variant; default False as in
+            GREATS).
+        budget, shares, minimum: budget policy (see :func:`mixsel.selection.budget_policy.resolve_budgets`).
+    """
+
+    name = "greats"
+    requires = frozenset({"gram", "val_scores"})
+
+    def __init__(
+        self,
+        second_order: bool = True,
+        anchors: str = "mean",
+        lr: float | None = None,
+        per_domain_budgets: bool = False,
+        budget: str = "proportional",
+        shares: Sequence[float] | None = None,
+        minimum: int = 1,
+    ) -> None:
+        check_budget_policy(budget, shares, minimum)
+        if anchors not in ANCHOR_MODES:
+            raise ValueError(f"anchors={anchors!r}; choose one of {', '.join(ANCHOR_MODES)}")
+        if lr is not None and not lr > 0:
+            raise ValueError(f"lr={lr} must be positive (or None to use the optimiser's learning rate)")
+        self.second_order = bool(second_order)
+        self.anchors = anchors
+        self.lr = lr
+        self.per_domain_budgets = bool(per_domain_budgets)
+        self.budget = budget
+        self.shares = None if shares is None else [float(s) for s in shares]
+        self.minimum = int(minimum)
+
+    def select(self, pool: Pool, k: int) -> Selection:
+        check_k(pool, k)
+        scores = anchor_scores(pool, self.anchors)
+        eta = effective_lr(pool, self.lr)
+        info: dict[str, Any] = {"method": self.name, "lr": eta}
+        groups = budgets = None
+        if self.per_domain_budgets:
+            groups = pool.domains
+            budgets = resolve_budgets(pool, k, self.budget, shares=self.shares, minimum=self.minimum)
+            info["budgets"] = budgets.tolist()
+        if not self.second_order:
+            indices = ranked_pick(scores, k, groups=groups, budgets=budgets)
+            return Selection.uniform(indices, gains=eta * scores[indices], info=info)
+        gram = pool.feature("gram").to(torch.float64)
+        sol = greats_greedy(scores, gram, k, lr=eta, groups=groups, budgets=budgets)
+        info["solver"] = sol.info
+        return Selection(indices=sol.indices, weights=torch.ones(len(sol)), gains=sol.gains, info=info)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
