@@ -111,6 +111,8 @@ class ReweightingConfig:
     options: dict[str, Any] = field(default_factory=dict)
     update_every: int = 1
     reference_model: str | None = None
+    projection_dim: int = 512
+    val_per_domain: int = 4
 
 
 @dataclass
@@ -129,6 +131,7 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = False
     stop_after: int | None = None
+    log_selections: bool = False
     device: str = "auto"
     threads: int | None = None
     compile: bool = False

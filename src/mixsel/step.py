@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -66,6 +67,8 @@ class OnlineSelector:
         seed: int = 0,
         diagnostics: bool = False,
         domain_names: list[str] | None = None,
+        zo_module: str | None = None,
+        zo_eps: float = 1e-3,
     ) -> None:
         unknown = set(selector.requires) - FEATURE_NAMES
         if unknown:
@@ -76,6 +79,10 @@ class OnlineSelector:
         self.seed = seed
         self.diagnostics = diagnostics
         self.domain_names = domain_names
+        self.zo_module = zo_module
+        self.zo_eps = zo_eps
+        self.step = 0
+        self.last_info: dict[str, Any] = {}
 
     def needed(self) -> set[str]:
         need = set(self.selector.requires)
@@ -94,18 +101,16 @@ class OnlineSelector:
         was_training = model.training
         model.eval()
         try:
-            if need & _SCALAR:
-                from mixsel.features import forward_stats
-
-                stats = forward_stats(model, _to(batch, device), hidden="hidden" in need)
-                out.update({k: v.detach().cpu() for k, v in stats.items() if k in need and torch.is_tensor(v)})
             grad_need = need & _GRADIENT
+            scalar_need = need & _SCALAR
             if grad_need:
                 from mixsel.features import pool_gradient_features
 
                 if grad_need & {"val_scores", "val_gram"} and val_batch is None:
                     raise ValueError("the selector needs validation gradients but no validation anchors were given")
-                feats = pool_gradient_features(
+                # one pass gives the gradient features and the scalar signals of the same forward
+                both = scalar_need if self.features.source == "lm_head" else scalar_need - {"hidden"}
+                feats, info = pool_gradient_features(
                     model,
                     _to(batch, device),
                     _to(val_batch, device) if val_batch is not None else None,
@@ -114,13 +119,25 @@ class OnlineSelector:
                     projection_dim=self.features.projection_dim,
                     normalize=self.features.normalize,
                     seed=self.seed,
-                    need=tuple(sorted(grad_need)),
+                    need=tuple(sorted(grad_need | both)),
+                    return_info=True,
                 )
-                out.update({k: v.detach().cpu() for k, v in feats.items() if k in grad_need})
-            if "zo_grads" in need:
-                from mixsel.features import zo_pool_features
+                self.last_info = info
+                out.update({k: v.detach().cpu() for k, v in feats.items()})
+                scalar_need = scalar_need - both
+            if scalar_need:
+                from mixsel.features import forward_stats
 
-                out["zo_grads"] = zo_pool_features(model, _to(batch, device), seed=self.seed).detach().cpu()
+                stats = forward_stats(model, _to(batch, device), hidden="hidden" in scalar_need)
+                out.update({k: v.detach().cpu() for k, v in stats.items() if k in scalar_need and torch.is_tensor(v)})
+            if "zo_grads" in need:
+                from mixsel.features import spsa_features
+
+                # a fresh direction every step: CoLM's smoothed zeroth-order estimate (seed 004, Eq. 6)
+                est = spsa_features(
+                    model, _to(batch, device), module=self.zo_module, eps=self.zo_eps, seed=self.seed * 7919 + self.step
+                )
+                out["zo_grads"] = est.features().detach().cpu()
         finally:
             model.train(was_training)
         missing = self.selector.requires - set(out)
@@ -140,6 +157,7 @@ class OnlineSelector:
         domain_weights: torch.Tensor | None = None,
     ) -> StepResult:
         t0 = time.perf_counter()
+        self.step = step
         feats = self.compute_features(model, batch, val_batch)
         t1 = time.perf_counter()
         pool = Pool(

@@ -76,6 +76,45 @@ def _peak_memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
+def _domain_gradients(
+    cfg: ExperimentConfig,
+    model: torch.nn.Module,
+    pool: dict[str, torch.Tensor],
+    val_split: Any,
+    pad_id: int,
+    world: Any,
+    num_domains: int,
+    step: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed per-domain gradient features of this rank's pool share, and (on update steps) the
+    validation gradient: projected LM-head / layer gradients (``reweighting.projection_dim``)."""
+    from mixsel.features import pool_gradient_features
+
+    device = next(model.parameters()).device
+    keys = ("input_ids", "attention_mask", "labels")
+    rows = torch.arange(pool["input_ids"].shape[0])[world.rank :: world.world_size]
+    kwargs = {
+        "source": cfg.selection.features.source,
+        "modules": cfg.selection.features.modules,
+        "projection_dim": cfg.reweighting.projection_dim,
+        "seed": cfg.seed,
+        "need": ("grads",),
+    }
+    was_training = model.training
+    model.eval()
+    grads = pool_gradient_features(model, {k: pool[k][rows].to(device) for k in keys}, **kwargs)["grads"].cpu()
+    doms = pool["domain_ids"][rows]
+    summed = torch.zeros(num_domains, grads.shape[1], dtype=torch.float64).index_add_(0, doms, grads.double())
+    val_grad = None
+    if step == 0 or (step + 1) % cfg.reweighting.update_every == 0:
+        idx = torch.cat([val_split.indices_of(d)[: cfg.reweighting.val_per_domain] for d in range(num_domains)])
+        vb = val_split.collate(idx, pad_id)
+        val_grad = pool_gradient_features(model, {k: vb[k].to(device) for k in keys}, **kwargs)["grads"]
+        val_grad = val_grad.double().mean(0).cpu()
+    model.train(was_training)
+    return summed, val_grad
+
+
 def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run one experiment; returns the content of ``result.json``."""
     from tqdm.auto import tqdm
@@ -116,7 +155,10 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         raise ValueError(f"train.batch_size={k} exceeds train.pool_size={pool_size}; the pool must be at least k")
     selector = get_selector(cfg.selection.method, **cfg.selection.options)
     online = OnlineSelector(selector, cfg.selection.features, num_domains, seed=cfg.seed, domain_names=domains)
-    reweighter = get_reweighter(cfg.reweighting.method, domains=domains, **cfg.reweighting.options)
+    reweighter = get_reweighter(
+        cfg.reweighting.method, domains=domains, update_every=cfg.reweighting.update_every, **cfg.reweighting.options
+    )
+    needs_grad = getattr(reweighter, "needs_grad", False)
     reference = None
     if cfg.reweighting.reference_model:
         from mixsel.config import ModelConfig
@@ -143,7 +185,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         set_rng_state(state["rng"])
         start = state["step"]
         log.info("resumed from step %d", start)
-    loggers = build_loggers(out, [], truncate_from=start) if world.is_main else []
+    # metrics.jsonl keeps the lines up to the resumed step (all of them are dropped on a fresh start)
+    loggers = build_loggers(out, [], truncate_from=start + 1 if start else 0) if world.is_main else []
 
     def log_metrics(metrics: dict[str, Any], step: int) -> None:
         for logger in loggers:
@@ -264,11 +307,14 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             stats.ref_loss_sum = torch.zeros(num_domains, dtype=torch.float64).index_add_(
                 0, chosen_domains, torch.cat(ref).double()
             )
-        for name in ("counts", "loss_sum", "ref_loss_sum"):
+        if needs_grad:  # domain gradient statistics (DoGraph): this rank's share of the pool, then summed
+            stats.grad, stats.val_grad = _domain_gradients(
+                cfg, model, pool, val_split, pad_id, world, num_domains, step
+            )
+        for name in ("counts", "loss_sum", "ref_loss_sum", "grad"):
             if getattr(stats, name) is not None:
                 all_reduce_sum(getattr(stats, name))
-        if (step + 1) % cfg.reweighting.update_every == 0:
-            reweighter.update(stats)
+        reweighter.update(stats)  # the reweighter accumulates and acts every reweighting.update_every calls
 
         # 5. logging, evaluation, checkpoints
         metrics: dict[str, Any] = dict(result.metrics)
@@ -283,12 +329,18 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         )
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
+        if hasattr(reweighter, "log_dict"):
+            metrics.update({k: v for k, v in reweighter.log_dict().items() if not k.startswith("weights/")})
         comp = stats.counts / stats.counts.sum().clamp_min(1)
         for d, name in enumerate(domains):
             metrics[f"select/frac/{name}"] = float(comp[d])
             metrics[f"weights/{name}"] = float(weights[d])
         if (step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.max_steps:
             metrics.update(evaluate(val_split, "val"))
+        if world.is_main and cfg.train.log_selections:
+            with open(out / "selections.jsonl", "a") as fh:
+                ids = pool_ids[sel.indices].tolist()
+                fh.write(json.dumps({"step": step + 1, "examples": ids, "weights": sel.weights.tolist()}) + "\n")
         if world.is_main and ((step + 1) % cfg.train.log_every == 0 or "val/loss_mean" in metrics):
             log_metrics(metrics, step + 1)
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
