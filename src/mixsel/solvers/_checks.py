@@ -29,8 +29,7 @@ def check_finite(x: torch.Tensor, name: str) -> None:
     if bad.any():
         rows = torch.nonzero(bad.reshape(bad.shape[0], -1).any(dim=1)).reshape(-1) if x.dim() else bad
         raise ValueError(
-            f"{name} contains NaN or inf (rows {rows[:8].tolist()}); "
-            "drop or repair those examples before selecting."
+            f"{name} contains NaN or inf (rows {rows[:8].tolist()}); drop or repair those examples before selecting."
         )
 
 
@@ -86,9 +85,8 @@ def check_partition(
     if budgets is None:
         return groups, None
     budgets = torch.as_tensor(budgets)
-    if budgets.dtype.is_floating_point:
-        if not torch.equal(budgets, budgets.round()):
-            raise ValueError(f"budgets must be whole numbers, got {budgets.tolist()}")
+    if budgets.dtype.is_floating_point and not torch.equal(budgets, budgets.round()):
+        raise ValueError(f"budgets must be whole numbers, got {budgets.tolist()}")
     budgets = budgets.to(torch.long).reshape(-1)
     num_groups = budgets.numel()
     if n and int(groups.max()) >= num_groups:
