@@ -1,0 +1,282 @@
+"""SelectionTrainer on a tiny Llama: pools, selection, weighted loss, metrics, LoRA and exact resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+from transformers import TrainerCallback  # noqa: E402
+
+from conftest import make_tiny_llama  # noqa: E402
+from mixsel.integrations.hf import ReweightingCallback, SelectionConfig, SelectionTrainer  # noqa: E402
+from mixsel.selection.budgets import budgets_from_weights, proportional_budgets  # noqa: E402
+
+DOMAINS = ["a", "b", "c"]
+SEQ = 10
+MARK = 90  # input_ids[0] = MARK + domain id: lets a test recover a row's domain from its tokens
+
+
+def make_dataset(n_per_domain=(12, 8, 4), names: bool = True, seed: int = 0):
+    """Fixed-length rows; the first token encodes the domain, the first two tokens are prompt (-100)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = {"input_ids": [], "labels": [], "domain": []}
+    for d, count in enumerate(n_per_domain):
+        for _ in range(count):
+            ids = torch.randint(1, 80, (SEQ,), generator=g)
+            ids[0] = MARK + d
+            labels = ids.clone()
+            labels[:2] = -100
+            rows["input_ids"].append(ids.tolist())
+            rows["labels"].append(labels.tolist())
+            rows["domain"].append(DOMAINS[d] if names else d)
+    return datasets.Dataset.from_dict(rows)
+
+
+def make_args(tmp_path, **overrides):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        pool_factor=3,
+        max_steps=3,
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    base.update(overrides)
+    return SelectionConfig(**base)
+
+
+class Spy:
+    """Records every pool the OnlineSelector sees with its selection, and every batch compute_loss sees."""
+
+    def __init__(self, trainer: SelectionTrainer) -> None:
+        self.pools: list[tuple[dict, object]] = []
+        self.trained: list[torch.Tensor] = []
+        online_call = trainer.online.__call__
+        compute_loss = trainer.compute_loss
+
+        def spy_online(model, batch, k, **kw):
+            result = online_call(model, batch, k, **kw)
+            self.pools.append(({key: v.detach().cpu() for key, v in batch.items()}, result.selection))
+            return result
+
+        def spy_loss(model, inputs, *a, **kw):
+            if model.training:
+                self.trained.append(inputs["input_ids"].detach().cpu())
+            return compute_loss(model, inputs, *a, **kw)
+
+        trainer.online = _Wrap(trainer.online, spy_online)
+        trainer.compute_loss = spy_loss
+
+
+class _Wrap:
+    def __init__(self, inner, call):
+        self._inner, self._call = inner, call
+
+    def __call__(self, *a, **kw):
+        return self._call(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_selection_trainer_stratified_full_model(tmp_path):
+    model = make_tiny_llama()
+    model.train()
+    args = make_args(tmp_path, selector="stratified", domains=DOMAINS, reweighter="uniform")
+    trainer = SelectionTrainer(model=model, args=args, train_dataset=make_dataset())
+    spy = Spy(trainer)
+    before = _params(model)
+    out = trainer.train()
+
+    assert math.isfinite(out.training_loss)
+    assert len(spy.pools) == 3 and len(spy.trained) == 3
+    for (pool, selection), trained in zip(spy.pools, spy.trained):
+        # the domain column reached the selector, aligned with its rows (names mapped to ids)
+        assert pool["input_ids"].shape[0] == 12
+        assert torch.equal(pool["domain_ids"], pool["input_ids"][:, 0] - MARK)
+        # stratified: the selected composition follows the proportional per-domain budgets
+        chosen = pool["domain_ids"][selection.indices]
+        counts = torch.bincount(pool["domain_ids"], minlength=3)
+        assert torch.equal(torch.bincount(chosen, minlength=3), proportional_budgets(counts, 4))
+        # the model trained on exactly the selected rows, and the domain column never reached forward
+        assert torch.equal(trained, pool["input_ids"][selection.indices])
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert len(changed) == len(before)
+
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    for h in logs:
+        assert math.isfinite(h["loss"])
+        assert h["time/select"] >= 0
+        assert math.isclose(sum(h[f"select/frac/{d}"] for d in DOMAINS), 1.0, rel_tol=1e-9)
+        assert all(math.isclose(h[f"weights/{d}"], 1 / 3) for d in DOMAINS)
+
+
+def test_weighted_loss_matches_hand_computed_mean(tmp_path):
+    """compute_loss = sum_i w_i l_i / sum_i w_i with l_i the per-example mean target-token CE."""
+    model = make_tiny_llama()
+    args = make_args(tmp_path, domains=DOMAINS)
+    trainer = SelectionTrainer(model=model, args=args, train_dataset=make_dataset())
+    batch = trainer.data_collator([make_dataset()[i] for i in (0, 13, 22)])
+    batch.pop("domain")
+    w = torch.tensor([1.0, 2.0, 0.5])
+    from mixsel.integrations.hf import _Pending
+
+    trainer._pending = _Pending(weights=w)
+    model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    # independent oracle: token-level cross-entropy per row with the causal shift
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits
+    per = []
+    for i in range(3):
+        ce = torch.nn.functional.cross_entropy(logits[i, :-1], batch["labels"][i, 1:], reduction="none")
+        mask = batch["labels"][i, 1:] != -100
+        per.append(ce[mask].mean())
+    expected = (torch.stack(per) * w).sum() / w.sum()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(trainer._pending.losses, torch.stack(per), rtol=1e-5, atol=1e-6)
+
+
+def test_selection_trainer_lora_int_domains(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = make_tiny_llama()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    model = peft.get_peft_model(base, lora)
+    model.train()
+    args = make_args(tmp_path, selector="stratified", selector_options='{"budget": "uniform"}')
+    ds = make_dataset(names=False)
+    trainer = SelectionTrainer(
+        model=model, args=args, train_dataset=ds, eval_dataset=make_dataset((2, 2, 2), names=False, seed=1)
+    )
+    assert trainer.domains == ["0", "1", "2"]  # inferred from integer ids
+    spy = Spy(trainer)
+    before = _params(model)
+    out = trainer.train()
+    assert math.isfinite(out.training_loss)
+    assert len(spy.pools) == 3
+    for pool, selection in spy.pools:
+        counts = torch.bincount(pool["domain_ids"], minlength=3)
+        got = torch.bincount(pool["domain_ids"][selection.indices], minlength=3)
+        # budget="uniform": equal shares over the domains present in the pool, capped by availability
+        assert torch.equal(got, budgets_from_weights(counts, 4, (counts > 0).double()))
+        assert int(got.sum()) == 4 and bool((got <= counts).all())
+        uncapped = got[(got < counts)]
+        assert uncapped.numel() == 0 or int(uncapped.max() - uncapped.min()) <= 1
+    after = dict(model.named_parameters())
+    lora_changed = [n for n in before if "lora_" in n and not torch.equal(after[n].detach(), before[n])]
+    frozen_changed = [n for n in before if "lora_" not in n and not torch.equal(after[n].detach(), before[n])]
+    assert lora_changed and not frozen_changed
+    # evaluation pops the domain column too
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"])
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="pool_factor"):
+        make_args(tmp_path, pool_factor=0)
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match="not in SelectionConfig.domains"):
+        trainer = SelectionTrainer(
+            model=model, args=make_args(tmp_path, domains=["a", "b"]), train_dataset=make_dataset()
+        )
+        trainer.train()
+    with pytest.raises(ValueError, match="reference_model"):
+        SelectionTrainer(model=model, args=make_args(tmp_path, reweighter="doremi", domains=DOMAINS))
+    with pytest.raises(TypeError, match="SelectionConfig"):
+        from transformers import TrainingArguments
+
+        SelectionTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+def _doremi_trainer(tmp_path, name, callbacks=()):
+    args = make_args(
+        tmp_path,
+        output_dir=str(tmp_path / name),
+        max_steps=4,
+        selector="random",
+        domains=DOMAINS,
+        reweighter="doremi",
+        reweighter_options={"step_size": 5.0},
+        save_strategy="steps",
+        save_steps=2,
+        lr_scheduler_type="linear",
+    )
+    return SelectionTrainer(
+        model=make_tiny_llama(),
+        args=args,
+        train_dataset=make_dataset(),
+        reference_model=make_tiny_llama(seed=1),
+        callbacks=list(callbacks),
+    )
+
+
+def test_reweighter_state_restored_on_resume(tmp_path):
+    full = _doremi_trainer(tmp_path, "full")
+    full.train()
+    ref_state = full.reweighting_callback.reweighter.state_dict()
+    assert ref_state["num_calls"] == 4
+    assert not torch.allclose(ref_state["weights"], torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-4)
+
+    part = _doremi_trainer(tmp_path, "part", callbacks=[_StopAt(2)])
+    part.train()
+    assert part.state.global_step == 2
+    assert (tmp_path / "part" / "checkpoint-2").is_dir()
+
+    resumed = _doremi_trainer(tmp_path, "part")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-2"))
+    state = resumed.reweighting_callback.reweighter.state_dict()
+    assert state["num_calls"] == 4 and state["num_updates"] == 4
+    torch.testing.assert_close(state["weights"], ref_state["weights"], rtol=0, atol=1e-10)
+    for key in ("_weight_sum", "weight_sum"):
+        if key in state:
+            torch.testing.assert_close(state[key], ref_state[key], rtol=0, atol=1e-10)
+    for (n, p), q in zip(resumed.model.named_parameters(), full.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_callback_state_roundtrips_through_json():
+    import json
+
+    cb = ReweightingCallback("doremi", DOMAINS, {"step_size": 0.5})
+    from mixsel.types import DomainStats
+
+    cb.record(
+        DomainStats(
+            counts=torch.tensor([2.0, 1.0, 0.0]),
+            loss_sum=torch.tensor([3.0, 2.5, 0.0]),
+            ref_loss_sum=torch.tensor([2.0, 2.4, 0.0]),
+        )
+    )
+    cb.on_step_end(None, type("S", (), {"global_step": 1})(), None)
+    state = json.loads(json.dumps(cb.state()))
+    clone = ReweightingCallback.from_state(state)
+    assert torch.equal(clone.weights, cb.weights)
+    assert clone.reweighter.state_dict()["num_calls"] == 1
+    assert not torch.equal(cb.weights, torch.full((3,), 1 / 3, dtype=torch.float64))
