@@ -38,7 +38,7 @@ def per_sample_grads(
         return oracle_loss(out.logits[0], lab)
 
     g = vmap(grad(loss), in_dims=(None, 0, 0, 0))(chosen, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    return torch.cat([g[k].reshape(g[k].shape[0], -1) for k in names], dim=1)
+    return torch.cat([g[k].detach().reshape(g[k].shape[0], -1) for k in names], dim=1)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
