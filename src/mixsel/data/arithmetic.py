@@ -79,8 +79,7 @@ def _shopping_change(rng: random.Random) -> Problem:
     bill = rng.choice([b for b in (20, 50, 100, 200) if b > cost])
     change = bill - cost
     prompt = (
-        f"{name} pays for {a} {p} at ${x} each with a ${bill} bill. "
-        f"How much change, in dollars, does {name} get back?"
+        f"{name} pays for {a} {p} at ${x} each with a ${bill} bill. How much change, in dollars, does {name} get back?"
     )
     lines = [
         f"The {p} cost {a} * {x} = {cost} dollars.",
@@ -136,8 +135,7 @@ def _work_rate(rng: random.Random) -> Problem:
     r, h, d = rng.randint(3, 20), rng.randint(2, 8), rng.randint(2, 6)
     per_day = r * h
     prompt = (
-        f"{name} packs {r} {good} per hour and works {h} hours a day. "
-        f"How many {good} does {name} pack in {d} days?"
+        f"{name} packs {r} {good} per hour and works {h} hours a day. How many {good} does {name} pack in {d} days?"
     )
     lines = [
         f"Each day {name} packs {r} * {h} = {per_day} {good}.",
@@ -150,10 +148,7 @@ def _ages_sum(rng: random.Random) -> Problem:
     a, b = _names(rng, 2)
     x, k, y = rng.randint(3, 15), rng.randint(2, 4), rng.randint(2, 10)
     bx = k * x
-    prompt = (
-        f"{a} is {x} years old. {b} is {k} times as old as {a}. "
-        f"What will the sum of their ages be in {y} years?"
-    )
+    prompt = f"{a} is {x} years old. {b} is {k} times as old as {a}. What will the sum of their ages be in {y} years?"
     lines = [
         f"{b} is {k} * {x} = {bx} years old.",
         f"In {y} years {a} will be {x} + {y} = {x + y} and {b} will be {bx} + {y} = {bx + y}.",
@@ -283,9 +278,7 @@ def _recipe(rng: random.Random) -> Problem:
 def _legs(rng: random.Random) -> Problem:
     name = _names(rng, 1)[0]
     d, c = rng.randint(2, 12), rng.randint(2, 20)
-    prompt = (
-        f"On {name}'s farm there are {d} dogs and {c} chickens. How many legs do the animals have altogether?"
-    )
+    prompt = f"On {name}'s farm there are {d} dogs and {c} chickens. How many legs do the animals have altogether?"
     lines = [
         f"The dogs have {d} * 4 = {4 * d} legs.",
         f"The chickens have {c} * 2 = {2 * c} legs.",
@@ -315,10 +308,7 @@ def _minutes_to_hours(rng: random.Random) -> Problem:
     x = rng.choice([15, 20, 30, 40, 45, 60, 90])
     d = rng.randint(2, 12) * (60 // _gcd(60, x))
     total = x * d
-    prompt = (
-        f"{name} practices the piano for {x} minutes every day. "
-        f"How many hours does {name} practice in {d} days?"
-    )
+    prompt = f"{name} practices the piano for {x} minutes every day. How many hours does {name} practice in {d} days?"
     lines = [
         f"{name} practices {x} * {d} = {total} minutes.",
         f"That is {total} / 60 = {total // 60} hours.",
@@ -370,9 +360,7 @@ def _boxes(rng: random.Random) -> Problem:
     k, full = rng.randint(4, 24), rng.randint(3, 30)
     left = rng.randint(0, k - 1)
     n = k * full + left
-    prompt = (
-        f"{name} has {n} {good} and puts {k} {good} in each {cs}. How many {cp} can {name} fill completely?"
-    )
+    prompt = f"{name} has {n} {good} and puts {k} {good} in each {cs}. How many {cp} can {name} fill completely?"
     lines = [
         f"{k} * {full} = {k * full} and {n} - {k * full} = {left}, which is less than {k}.",
         f"So {name} can fill {full} {cp}.",

@@ -264,9 +264,7 @@ def _percent_mass(rng: random.Random) -> Question:
     m = molar_mass(formula)
     part = counts[el] * Decimal(ELEMENTS[el][2])
     ans = _round(100 * part / m, 1)
-    prompt = (
-        f"What is the percent by mass of {ELEMENTS[el][1]} in {name} ({formula})? Round to one decimal place."
-    )
+    prompt = f"What is the percent by mass of {ELEMENTS[el][1]} in {name} ({formula})? Round to one decimal place."
     lines = [
         *_mass_lines(formula),
         f"{ELEMENTS[el][1].capitalize()} contributes {counts[el]} * {ELEMENTS[el][2]} = {part} g/mol.",

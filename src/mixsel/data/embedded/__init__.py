@@ -14,7 +14,7 @@ The files next to this module are built by ``scripts/build_corpus.py`` (provenan
 * ``stats.json``: examples and tokens per domain and split.
 
 Example:
-    >>> from mixsel.data.embedded import load_embedded_records, load_embedded_tokenizer
+    >>> from mixsel.data.embedded import load_embedded_records, load_embedded_tokenizer, record_text
     >>> val = load_embedded_records("validation")
     >>> tok = load_embedded_tokenizer()
     >>> ids = tok(record_text(val[0]))["input_ids"]  # doctest: +SKIP
