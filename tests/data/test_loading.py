@@ -79,6 +79,7 @@ def test_csv_round_trip_keeps_strings(tmp_path):
     assert [r["text"] for r in records] == [r["text"] for r in EXPECTED]
     assert records[3]["answer"] == "007"
     assert records[4]["answer"] == "8"
+    assert "answer" not in records[0]  # an empty CSV cell is no answer
 
 
 def test_folder_and_glob_read_files_in_sorted_order(tmp_path):
@@ -191,6 +192,20 @@ def test_default_columns_are_detected(tmp_path):
     assert load_records(str(path)) == rows
 
 
+def test_one_file_may_mix_plain_text_and_instruction_rows(tmp_path):
+    rows = [
+        {"domain": "prose", "text": "a b", "split": "train"},
+        {"domain": "math", "prompt": "1+1?", "response": "2", "answer": "2", "split": "test"},
+        {"domain": "math", "prompt": "", "response": "3", "text": "ignored", "split": "train"},
+    ]
+    records = load_records(str(write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert records == [
+        {"domain": "prose", "text": "a b", "split": "train"},
+        {"domain": "math", "prompt": "1+1?", "response": "2", "answer": "2", "split": "test"},
+        {"domain": "math", "prompt": "", "response": "3", "split": "train"},
+    ]
+
+
 def test_integer_domains_become_strings(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"domain": 3, "text": "a"}, {"domain": 10, "text": "b"}])
     records = load_records(str(path))
@@ -201,7 +216,7 @@ def test_integer_domains_become_strings(tmp_path):
 def test_empty_texts_are_dropped_with_a_count(tmp_path):
     rows = [{"domain": "a", "text": "x"}, {"domain": "a", "text": "  "}, {"domain": "b", "text": "y"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    with pytest.warns(UserWarning, match=r"dropped 1 rows with an empty text \(per domain: \{'a': 1\}\)"):
+    with pytest.warns(UserWarning, match=r"dropped 1 rows with an empty text \('text'\) \(per domain: \{'a': 1\}\)"):
         records = load_records(str(path))
     assert [r["text"] for r in records] == ["x", "y"]
 
@@ -345,7 +360,9 @@ def test_split_respects_given_split():
 
 
 def test_split_errors():
-    with pytest.raises(ValueError, match=r"domain 'b' has 3 examples: too few for test_per_domain=2 \+ val_per_domain=1"):
+    with pytest.raises(
+        ValueError, match=r"domain 'b' has 3 examples: too few for test_per_domain=2 \+ val_per_domain=1"
+    ):
         split_records(_corpus({"a": 10, "b": 3}), val_per_domain=1, test_per_domain=2, seed=0)
     with pytest.raises(ValueError, match=r"val_per_domain must be a non-negative integer"):
         split_records(_corpus({"a": 10}), val_per_domain=-1, test_per_domain=0, seed=0)
@@ -368,3 +385,10 @@ def test_invalid_jsonl_line_names_file_and_line(tmp_path):
     path.write_text('{"domain": "a", "text": "x"}\n{"domain": "a", "text": \n')
     with pytest.raises(ValueError, match=r"d\.jsonl:2 is not valid JSON"):
         load_records(str(path))
+
+
+def test_columns_that_appear_only_late_in_the_file_are_seen(tmp_path):
+    rows = [{"domain": "prose", "text": f"t{i}"} for i in range(1500)]
+    rows.append({"domain": "math", "prompt": "1+1?", "response": "2"})
+    records = load_records(str(write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert records[-1] == {"domain": "math", "prompt": "1+1?", "response": "2"}

@@ -267,7 +267,7 @@ def _as_text(value: Any) -> str:
 
 def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     seen: dict[str, None] = {}
-    for row in rows[:1000]:
+    for row in rows:  # every row: a file may mix schemas (plain text rows, then instruction rows)
         for key in row:
             seen.setdefault(key, None)
     return list(seen)
@@ -298,17 +298,18 @@ def normalize_records(
 
     * ``domain_column`` must exist (``None`` puts every row in one domain named ``default_domain``);
       values are converted to ``str``; an empty or missing value is an error.
-    * With ``prompt_column`` and ``response_column`` the data is instruction data. Without them,
-      ``text_column`` is used; if it is absent but ``prompt`` and ``response`` columns exist, those
-      are used as instruction data.
+    * Instruction columns are ``prompt_column`` + ``response_column`` when given (both or neither),
+      else columns literally named ``prompt`` and ``response`` when both exist. A row whose response
+      is non-empty becomes instruction data (``prompt`` + ``response``); any other row becomes plain
+      text from ``text_column``. So one file may mix both kinds, as the embedded corpus does.
     * ``answer_column`` (or, when not given, a column literally named ``answer``) fills ``answer``.
     * ``split_column`` (or, when not given, a column literally named ``split``) fills ``split``;
       values may be train/validation/test or the aliases training/valid/val/dev/testing.
-    * Rows whose text (or response) is empty are dropped with a warning that counts them.
+    * Rows without a non-empty text or response are dropped with a warning that counts them.
 
     Raises:
         ValueError: a named column is missing, only one of prompt/response columns is given, a
-            domain value is empty, a split value is unknown, or nothing is left.
+            domain value is empty, a split value is unknown, or a domain is left with no rows.
     """
     if not rows:
         raise ValueError("the data source holds no rows; check data.source (and data.hf_split)")
@@ -323,12 +324,13 @@ def normalize_records(
             f"instruction data needs both data.prompt_column and data.response_column (got prompt_column="
             f"{prompt_column!r}, response_column={response_column!r}); set both, or neither for plain text"
         )
-    if prompt_column is None and text_column not in columns and {"prompt", "response"} <= set(columns):
-        prompt_column, response_column = "prompt", "response"
     if prompt_column is not None:
         _require(prompt_column, columns, "data.prompt_column", "prompt")
         _require(response_column, columns, "data.response_column", "response")  # type: ignore[arg-type]
-    elif text_column not in columns:
+    elif {"prompt", "response"} <= set(columns):
+        prompt_column, response_column = "prompt", "response"
+    has_text = text_column in columns
+    if prompt_column is None and not has_text:
         raise ValueError(
             f"the data has no text column {text_column!r} (columns found: {columns}); set "
             "data.text_column=<name> for plain text, or data.prompt_column=<name> and "
@@ -352,20 +354,21 @@ def normalize_records(
             empty_domain += 1
             continue
         rec: dict[str, Any] = {"domain": domain}
-        if prompt_column is not None:
-            rec["prompt"] = _as_text(row.get(prompt_column))
-            rec["response"] = _as_text(row.get(response_column))  # type: ignore[arg-type]
-            body = rec["response"]
+        response = _as_text(row.get(response_column)) if response_column is not None else ""
+        text = _as_text(row.get(text_column)) if has_text else ""
+        if response.strip():
+            rec["prompt"] = _as_text(row.get(prompt_column))  # type: ignore[arg-type]
+            rec["response"] = response
+        elif text.strip():
+            rec["text"] = text
         else:
-            rec["text"] = _as_text(row.get(text_column))
-            body = rec["text"]
-        if not body.strip():
             dropped[domain] += 1
             continue
-        if answer_column is not None and not _is_missing(row.get(answer_column)):
-            rec["answer"] = _as_text(row.get(answer_column))
-        if split_column is not None and not _is_missing(row.get(split_column)):
-            raw = _as_text(row.get(split_column)).strip()
+        answer = _as_text(row.get(answer_column)).strip() if answer_column is not None else ""
+        if answer:  # missing, null and "" (an empty CSV cell) all mean "no answer"
+            rec["answer"] = answer
+        raw = _as_text(row.get(split_column)).strip() if split_column is not None else ""
+        if raw:
             split = _SPLIT_ALIASES.get(raw.lower())
             if split is None:
                 raise ValueError(
@@ -380,7 +383,11 @@ def normalize_records(
             "fill in their domain or remove those rows"
         )
     if dropped:
-        what = "response" if prompt_column is not None else "text"
+        what = " or ".join(
+            f"{kind} ({col!r})"
+            for kind, col in (("text", text_column if has_text else None), ("response", response_column))
+            if col
+        )
         warnings.warn(
             f"dropped {sum(dropped.values())} rows with an empty {what} (per domain: {dict(sorted(dropped.items()))})",
             stacklevel=2,

@@ -264,7 +264,7 @@ def tokenize_records(
                 f"its keys are {sorted(rec)}"
             )
 
-    ids: list[list[int] | None] = [None] * len(records)
+    ids: list[list[int]] = [[] for _ in records]
     prompt_len = [0] * len(records)
     plain = _encode(
         tokenizer,
@@ -291,12 +291,13 @@ def tokenize_records(
     input_ids, labels, dom, prompt_text, answers = [], [], [], [], []
     dropped = 0
     for i, rec in enumerate(records):
-        seq = torch.tensor(ids[i], dtype=torch.long)
-        lab = seq.clone()
-        lab[: prompt_len[i]] = IGNORE_INDEX
-        if int((lab[1:] != IGNORE_INDEX).sum()) == 0:
+        seq_ids = ids[i]
+        if len(seq_ids) - max(prompt_len[i], 1) <= 0:  # target positions are t >= max(1, prompt length)
             dropped += 1
             continue
+        seq = torch.tensor(seq_ids, dtype=torch.long)
+        lab = seq.clone()
+        lab[: prompt_len[i]] = IGNORE_INDEX
         input_ids.append(seq)
         labels.append(lab)
         dom.append(domain_id[rec["domain"]])
