@@ -124,9 +124,8 @@ def test_hf_local_data_files_use_load_dataset_builder(tmp_path, monkeypatch):
 
 
 def test_hf_local_data_files_real_builder(tmp_path, monkeypatch):
-    pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # keep ~/.cache clean
     path = write_parquet(tmp_path / "d.parquet", ROWS)
     assert load_records(str(path), format="hf", **MAPPING) == EXPECTED
 
