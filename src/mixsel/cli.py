@@ -38,6 +38,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mixsel.train import train
 
     result = train(load_config(args.config, args.overrides), progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    if "stopped_at" in result:
+        print(f"stopped after step {result['stopped_at']} (train.stop_after); resume with train.resume=true")
+        return 0
     keys = [k for k in result if k.startswith(("test/", "val/loss_mean", "val/loss_worst"))]
     for key in sorted(keys):
         print(f"{key:40s} {result[key]:.4f}")
