@@ -143,7 +143,7 @@ class EvalConfig:
     every: int = 50
     max_per_domain: int = 32
     exact_match: int = 32
-    max_new_tokens: int = 24
+    max_new_tokens: int = 96
 
 
 @dataclass

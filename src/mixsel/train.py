@@ -2,7 +2,7 @@
 
 Launch::
 
-    mixsel train                                            # the embedded default (tiny Llama, 6 domains)
+    mixsel train                                            # the embedded default (tiny Llama, 7 domains)
     mixsel train --config configs/default.yaml train.max_steps=50 selection.method=partitionsel
     python -m mixsel.train --config configs/default.yaml    # the same without the console script
     torchrun --nproc_per_node=2 $(which mixsel) train --config configs/default.yaml
@@ -209,11 +209,11 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             )
         barrier()
 
-    def evaluate(split: Any, prefix: str) -> dict[str, float]:
+    def evaluate(split: Any, prefix: str, generate: bool = False) -> dict[str, float]:
         metrics = domain_losses(
             model, split, pad_token_id=pad_id, max_per_domain=cfg.eval.max_per_domain, prefix=prefix
         )
-        if cfg.eval.exact_match > 0:
+        if generate and cfg.eval.exact_match > 0:
             metrics.update(
                 exact_match(
                     model,
@@ -356,7 +356,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
 
     # ---- final evaluation on the test split and result.json ----------------------------------
     wall = time.perf_counter() - t_start
-    test = evaluate(mixture.test, "test")
+    test = evaluate(mixture.test, "test", generate=True)  # exact match by generation: final test only
     final_val = evaluate(val_split, "val")
     result = {
         "name": cfg.name,
