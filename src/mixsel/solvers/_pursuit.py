@@ -6,13 +6,15 @@ All of them grow a support S greedily and refit weights on it by solving the sma
 
 in Gram form: A = K_SS + ridge * I, b = mu_S, where K = G G^T and mu = G t. Equivalently they
 maximise U(w) = <w, b> - 1/2 w^T A w. The refit keeps a Cholesky factor of A restricted to the
-"passive" set P (the coordinates allowed to be non-zero), extended in O(|P|^2) per new column.
+"passive" set P (the coordinates allowed to be non-zero) -- stored as its inverse L^{-1}, so a new
+column costs two matrix-vector products, O(|P|^2), and each solve two more.
 
-* Signed weights: P = S, so each step is one Cholesky append and two triangular solves.
+* Signed weights: P = S, so each step is one factor append and one solve.
 * Non-negative weights: Lawson & Hanson's active-set NNLS on the support, warm-started from the
   previous solution (which already satisfies the KKT conditions on the old support, so usually a
   single append suffices). When a passive weight would turn negative the method steps back to
-  the boundary, moves that coordinate out of P and refactors A_PP from scratch (O(|P|^3), rare).
+  the boundary, moves that coordinate out of P and re-appends the passive columns that followed it
+(rows of L^{-1} before the removed one stay valid).
   The result is the exact NNLS solution on S (up to floating-point tolerance).
 
 Everything on the k x k system runs in float64.
@@ -39,7 +41,8 @@ class SupportSolver:
         self.A = torch.zeros(capacity, capacity, dtype=f64, device=device)
         self.b = torch.zeros(capacity, dtype=f64, device=device)
         self.w = torch.zeros(capacity, dtype=f64, device=device)
-        self.L = torch.zeros(capacity, capacity, dtype=f64, device=device)
+        self.Li = torch.zeros(capacity, capacity, dtype=f64, device=device)  # inverse Cholesky of A_PP
+        self.pbuf = torch.zeros(capacity, dtype=torch.long, device=device)  # passive positions, Li order
         self.s = 0  # support size
         self.passive: list[int] = []  # support positions with free (non-zero) weights, in L order
         self.refactors = 0
@@ -75,39 +78,46 @@ class SupportSolver:
         quad = float(w @ (self.A[:s, :s] @ w)) - self.ridge * float(w @ w)
         return max(0.0, target_sqnorm - 2.0 * float(w @ self.b[:s]) + quad)
 
-    # ------------------------------------------------------------------ Cholesky of A_PP
+    # ------------------------------------------------------------------ inverse Cholesky of A_PP
+    def _pidx(self) -> torch.Tensor:
+        return self.pbuf[: len(self.passive)]
+
     def _passive_append(self, pos: int) -> bool:
+        """Extend the inverse factor Li = L^{-1} of A_PP by one row (two matrix-vector products)."""
         p = len(self.passive)
-        idx = torch.tensor(self.passive, dtype=torch.long, device=self.A.device)
         ajj = float(self.A[pos, pos])
         if p:
-            a = self.A[pos].index_select(0, idx)
-            l = torch.linalg.solve_triangular(self.L[:p, :p], a.unsqueeze(1), upper=False).squeeze(1)
+            Li = self.Li[:p, :p]
+            l = Li @ self.A[pos].index_select(0, self._pidx())  # new row of L: L l = A[P, pos]
             d2 = ajj - float(l @ l)
         else:
-            l, d2 = None, ajj
+            d2 = ajj
         if not d2 > _PIVOT_RTOL * max(abs(ajj), 1e-300):
             return False  # (numerically) dependent on the passive columns
-        if l is not None:
-            self.L[p, :p] = l
-        self.L[p, p] = math.sqrt(d2)
+        delta = math.sqrt(d2)
+        if p:
+            self.Li[p, :p] = (Li.T @ l) / -delta
+        self.Li[p, p] = 1.0 / delta
+        self.pbuf[p] = pos
         self.passive.append(pos)
         return True
 
-    def _refactor(self) -> None:
-        p = len(self.passive)
+    def _truncate_passive(self, keep: list[int]) -> None:
+        """Shrink P to ``keep`` (a sub-sequence): rows of Li before the first removal stay valid."""
+        first = 0
+        while first < len(keep) and keep[first] == self.passive[first]:
+            first += 1
+        rest = keep[first:]
+        self.passive = self.passive[:first]
         self.refactors += 1
-        if p == 0:
-            return
-        idx = torch.tensor(self.passive, dtype=torch.long, device=self.A.device)
-        self.L[:p, :p] = torch.linalg.cholesky(self.A[idx][:, idx])
+        for pos in rest:
+            if not self._passive_append(pos):  # cannot happen in exact arithmetic (sub-block of a PD block)
+                raise RuntimeError("NNLS refactorisation lost positive definiteness")
 
     def _solve_passive(self) -> torch.Tensor:
         p = len(self.passive)
-        idx = torch.tensor(self.passive, dtype=torch.long, device=self.A.device)
-        rhs = self.b.index_select(0, idx).unsqueeze(1)
-        z = torch.linalg.solve_triangular(self.L[:p, :p], rhs, upper=False)
-        return torch.linalg.solve_triangular(self.L[:p, :p].T, z, upper=True).squeeze(1)
+        Li = self.Li[:p, :p]
+        return Li.T @ (Li @ self.b.index_select(0, self._pidx()))
 
     # ------------------------------------------------------------------ refits
     def refit(self) -> bool:
@@ -117,8 +127,7 @@ class SupportSolver:
             if not self._passive_append(last):
                 return False
             self.w[: self.s].zero_()
-            idx = torch.tensor(self.passive, dtype=torch.long, device=self.A.device)
-            self.w[idx] = self._solve_passive()
+            self.w[self._pidx()] = self._solve_passive()
             return True
         self._lawson_hanson()
         return last in self.passive
@@ -142,7 +151,7 @@ class SupportSolver:
                 blocked.add(i)
                 continue
             for _ in range(3 * s + 10):
-                idx = torch.tensor(self.passive, dtype=torch.long, device=A.device)
+                idx = self._pidx().clone()
                 z = self._solve_passive()
                 if bool((z > 0).all()):
                     w[idx] = z
@@ -162,5 +171,4 @@ class SupportSolver:
                 keep = [pos for pos, h in zip(self.passive, hit.tolist()) if not h]
                 if i not in keep and len(keep) == len(self.passive) - 1 and alpha == 0.0:
                     blocked.add(i)  # numerically stuck: the entering column cannot move
-                self.passive = keep
-                self._refactor()
+                self._truncate_passive(keep)
