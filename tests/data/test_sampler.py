@@ -188,3 +188,31 @@ def test_shard_partitions_the_pool(mode):
         CandidateSampler.shard(pool, 4, 4, mode=mode)
     with pytest.raises(ValueError, match=r"world_size must be a positive integer"):
         CandidateSampler.shard(pool, 0, 0, mode=mode)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(
+    sizes=st.lists(st.integers(1, 12), min_size=1, max_size=5),
+    raw=st.lists(st.integers(0, 5), min_size=5, max_size=5),
+    pool_size=st.integers(1, 40),
+    seed=st.integers(0, 2**31),
+)
+def test_property_proportional_counts_within_one_of_the_share(sizes, raw, pool_size, seed):
+    raw = raw[: len(sizes)]
+    hypothesis.assume(sum(raw) > 0)
+    domain_ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    w = torch.tensor(raw, dtype=torch.float64)
+    s = CandidateSampler(domain_ids, pool_size, seed=seed, allocation="proportional")
+    pool = s.draw(w)
+    got = torch.bincount(domain_ids[pool], minlength=len(sizes))
+    share = w / w.sum() * pool_size
+    assert pool.numel() == pool_size
+    assert ((got - share).abs() < 1 + 1e-9).all()
+    assert (got[w == 0] == 0).all()
+    for d, size in enumerate(sizes):  # no repeats unless the domain is smaller than its count
+        members = pool[domain_ids[pool] == d]
+        assert members.unique().numel() == min(size, int(got[d]))

@@ -118,8 +118,9 @@ def test_collate_pads_right_and_masks_padding(tok):
     assert wide["labels"][0, 4:].tolist() == [M] * 4
     empty = split.collate([], pad_token_id=PAD)
     assert empty["input_ids"].shape == (0, 0)
-    with pytest.raises(ValueError, match=r"must lie in \[0, 2\)"):
-        split.collate([2], pad_token_id=PAD)
+    for bad in ([2], [-1]):
+        with pytest.raises(ValueError, match=r"must lie in \[0, 2\)"):
+            split.collate(bad, pad_token_id=PAD)
     with pytest.raises(ValueError, match="pad token"):
         split.collate([0], pad_token_id=None)  # type: ignore[arg-type]
 
@@ -160,6 +161,13 @@ def test_mixture_checks_domains(tok):
     assert mix.train is split
     with pytest.raises(ValueError, match="differ from the mixture"):
         Mixture(domains=["x", "y"], train=split, validation=split, test=split)
+
+
+def test_empty_records_give_an_empty_split(tok):
+    split = tokenize_records([], tok, domains=["x", "y"], max_length=8)
+    assert len(split) == 0
+    assert split.domain_counts().tolist() == [0, 0]
+    assert split.indices_of(1).tolist() == []
 
 
 def test_tokenized_split_validates_lengths():

@@ -117,11 +117,10 @@ class TokenizedSplit:
             )
         index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         n = len(self)
-        if index.numel() and (int(index.min()) < -n or int(index.max()) >= n):
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
             raise ValueError(
                 f"collate indices must lie in [0, {n}); got min {int(index.min())}, max {int(index.max())}"
             )
-        index = index % max(n, 1)
         seqs = [self.input_ids[i] for i in index.tolist()]
         labs = [self.labels[i] for i in index.tolist()]
         length = max((s.numel() for s in seqs), default=0)
