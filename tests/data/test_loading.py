@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -350,12 +351,25 @@ def test_split_respects_given_split():
         {"domain": "a", "text": "2", "split": "test"},
         {"domain": "b", "text": "3", "split": "train"},
     ]
-    splits = split_records(records, val_per_domain=5, test_per_domain=5, seed=0)
+    splits = split_records(records, val_per_domain=0, test_per_domain=5, seed=0)
     assert [r["text"] for r in splits["train"]] == ["1", "3"]
     assert [r["text"] for r in splits["test"]] == ["2"]
     assert splits["validation"] == []
     resplit = split_records(records, val_per_domain=0, test_per_domain=0, seed=0, split_column_present=False)
     assert [r["text"] for r in resplit["train"]] == ["1", "2", "3"]
+
+
+def test_absent_split_is_carved_from_train_per_domain():
+    records = [{"domain": d, "text": f"{d}{i}", "split": "train"} for d in "ab" for i in range(6)]
+    records += [{"domain": "a", "text": "t", "split": "test"}]
+    splits = split_records(records, val_per_domain=2, test_per_domain=3, seed=0)
+    assert [r["text"] for r in splits["test"]] == ["t"]  # the given test split is kept as it is
+    assert Counter(r["domain"] for r in splits["validation"]) == {"a": 2, "b": 2}
+    assert Counter(r["domain"] for r in splits["train"]) == {"a": 4, "b": 4}
+    assert all(r["split"] == "validation" for r in splits["validation"])
+    given = {r["text"] for r in records}
+    assert {r["text"] for recs in splits.values() for r in recs} == given
+    assert split_records(records, val_per_domain=2, test_per_domain=3, seed=0) == splits
 
 
 def test_split_errors():

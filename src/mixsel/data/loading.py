@@ -529,13 +529,15 @@ def split_records(
     """Split records into train / validation / test.
 
     If the records carry ``split`` (``split_column_present=None`` detects this; ``True`` requires
-    it; ``False`` ignores it), that assignment is kept. Otherwise each domain is split on its own:
-    its records are permuted by ``torch.randperm`` with a generator seeded from a hash of
-    ``(seed, domain)``; the first ``test_per_domain`` go to test, the next ``val_per_domain`` to
-    validation, the rest to train. The permutation depends only on the seed, the domain name and that
-    domain's records, so adding or removing another domain leaves this domain's split unchanged.
-    Within each split, records keep their original order, and each returned record is a shallow copy
-    with ``split`` set.
+    it; ``False`` ignores it), that assignment is kept; a split that is absent altogether (say a
+    dataset with only train and test) is carved out of train per domain as below.
+
+    Otherwise each domain is split on its own: its records are permuted by ``torch.randperm`` with a
+    generator seeded from a hash of ``(seed, domain)``; the first ``test_per_domain`` go to test, the
+    next ``val_per_domain`` to validation, the rest to train. The permutation depends only on the seed,
+    the domain name and that domain's records, so adding or removing another domain leaves this domain's
+    split unchanged. Within each split, records keep their original order, and each returned record is a
+    shallow copy with ``split`` set.
 
     Raises:
         ValueError: negative sizes, records with and without ``split`` mixed, or a domain left
@@ -560,6 +562,22 @@ def split_records(
             if rec["split"] not in out:
                 raise ValueError(f"unknown split {rec['split']!r}; use one of {list(SPLITS)}")
             out[rec["split"]].append(rec)
+        missing = [name for name in ("validation", "test") if not out[name]]
+        if missing and (val_per_domain if "validation" in missing else 0) + (
+            test_per_domain if "test" in missing else 0
+        ):
+            # e.g. a hub dataset with only train/test: carve the absent split(s) out of train, per domain
+            log.info("the data has no %s split; taking it from train per domain", " / ".join(missing))
+            carved = split_records(
+                out["train"],
+                val_per_domain=val_per_domain if "validation" in missing else 0,
+                test_per_domain=test_per_domain if "test" in missing else 0,
+                seed=seed,
+                split_column_present=False,
+            )
+            out["train"] = carved["train"]
+            for name in missing:
+                out[name] = carved[name]
         have_train = Counter(r["domain"] for r in out["train"])
         missing = [d for d in domain_names(records) if have_train[d] == 0]
         if missing:
