@@ -169,6 +169,7 @@ class OnlineSelector:
             lr=lr,
             seed=self.seed,
             domain_names=self.domain_names,
+            val_domains=val_batch["domain_ids"].cpu() if val_batch is not None and "domain_ids" in val_batch else None,
         )
         selection = self.selector.select(pool, k)
         t2 = time.perf_counter()

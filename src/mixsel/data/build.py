@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import os
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from mixsel.config import DataConfig
 
@@ -46,8 +53,52 @@ def load_mixture_records(cfg: DataConfig, seed: int = 0) -> dict[str, list[dict]
     return splits
 
 
-def load_mixture(cfg: DataConfig, tokenizer: Any, seed: int = 0) -> Any:
-    """Load, split and tokenise the data described by ``cfg`` into a :class:`mixsel.data.Mixture`."""
+_MEMO: dict[str, Any] = {}
+
+
+def _cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
+    # the vocabulary and special tokens identify the tokenizer (its backend state changes with use)
+    tok_id = json.dumps([sorted(tokenizer.get_vocab().items()), str(tokenizer.all_special_tokens)])
+    source = cfg.source
+    if cfg.source != "embedded" and os.path.exists(cfg.source):
+        st = os.stat(cfg.source)
+        source = f"{os.path.abspath(cfg.source)}:{st.st_size}:{st.st_mtime_ns}"
+    elif cfg.source == "embedded":
+        from mixsel.data.embedded import EMBEDDED_DIR
+
+        st = os.stat(Path(EMBEDDED_DIR) / "corpus.jsonl.gz")
+        source = f"embedded:{st.st_size}:{st.st_mtime_ns}"
+    blob = json.dumps([dataclasses.asdict(cfg), source, seed, hashlib.sha256(tok_id.encode()).hexdigest()])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def load_mixture(cfg: DataConfig, tokenizer: Any, seed: int = 0, *, cache_dir: str | None = None) -> Any:
+    """Load, split and tokenise the data described by ``cfg`` into a :class:`mixsel.data.Mixture`.
+
+    Tokenised mixtures are memoised in-process and, with ``cache_dir`` (or ``$MIXSEL_CACHE``), on disk,
+    keyed by the data config, the source file's size and time stamp, the seed and the tokenizer.
+    """
+    key = _cache_key(cfg, tokenizer, seed)
+    if key in _MEMO:
+        return _MEMO[key]
+    cache_dir = cache_dir or os.environ.get("MIXSEL_CACHE")
+    path = Path(cache_dir) / f"mixture-{key}.pt" if cache_dir else None
+    if path is not None and path.exists():
+        mixture = torch.load(path, weights_only=False)
+        log.info("loaded the tokenised mixture from %s", path)
+    else:
+        mixture = _load_mixture(cfg, tokenizer, seed)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(mixture, tmp)
+            os.replace(tmp, path)
+    _MEMO.clear()  # keep one mixture in memory
+    _MEMO[key] = mixture
+    return mixture
+
+
+def _load_mixture(cfg: DataConfig, tokenizer: Any, seed: int) -> Any:
     from mixsel.data.loading import domain_names
     from mixsel.data.tokenize import Mixture, tokenize_records
 

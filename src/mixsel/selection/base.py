@@ -65,6 +65,8 @@ class Pool:
         lr: current learning rate (PartitionSel and GREATS scale their utility by it).
         seed: base seed; selectors derive their per-step randomness from (seed, step).
         domain_names: optional names, for messages.
+        val_domains: optional LongTensor[m] domain id of each validation anchor (for domain-balanced
+            validation targets).
     """
 
     domains: torch.Tensor
@@ -75,6 +77,7 @@ class Pool:
     lr: float = 1.0
     seed: int = 0
     domain_names: list[str] | None = None
+    val_domains: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
