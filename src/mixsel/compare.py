@@ -9,9 +9,12 @@ A compare file is YAML::
     runs:                          # name -> overrides of that run
       random: [selection.method=random]
       stratified: [selection.method=stratified]
+      doremi: [reweighting.method=doremi, "reweighting.reference_model={run:random}/final"]
 
-Each run writes its own folder ``<output_dir>/<name>/seed<s>/`` (config, metrics, result); the
-summary goes to ``<output_dir>/summary.json`` and ``summary.md``, plots to ``<output_dir>/plots/``.
+``{run:NAME}`` stands for the folder of an earlier run with the same seed (e.g. DoReMi's reference
+model is the random-selection run trained on the natural mixture). Each run writes its own folder
+``<output_dir>/<name>/seed<s>/`` (config, metrics, result); the summary goes to
+``<output_dir>/summary.json`` and ``summary.md``, plots to ``<output_dir>/plots/``.
 A run whose ``result.json`` exists is skipped, so an interrupted comparison continues.
 """
 
@@ -78,6 +81,18 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _substitute(override: str, out: Path, seed: int, done: dict[str, list[dict[str, Any]]]) -> str:
+    """Replace ``{run:NAME}`` by the folder of run NAME with the same seed (it must come earlier)."""
+    while "{run:" in override:
+        start = override.index("{run:")
+        end = override.index("}", start)
+        name = override[start + 5 : end]
+        if name not in done:
+            raise ValueError(f"override {override!r} refers to run {name!r}, which must be listed before it")
+        override = override[:start] + str(out / name / f"seed{seed}") + override[end + 1 :]
+    return override
+
+
 def run_compare(path: str | Path, extra_overrides: list[str] | None = None, *, progress: bool = True) -> dict[str, Any]:
     """Run every (run, seed) of the compare file ``path``; return the summary."""
     from mixsel.train import train
@@ -106,9 +121,9 @@ def run_compare(path: str | Path, extra_overrides: list[str] | None = None, *, p
             if done.exists():
                 results[name].append(json.loads(done.read_text()))
                 continue
+            run_overrides = [_substitute(o, out, seed, results) for o in overrides or []]
             cfg = load_config(
-                base_path,
-                [*common, *list(overrides or []), f"seed={seed}", f"train.output_dir={run_dir}", f"name={name}"],
+                base_path, [*common, *run_overrides, f"seed={seed}", f"train.output_dir={run_dir}", f"name={name}"]
             )
             results[name].append(train(cfg, progress=progress))
     summary = summarize(results)

@@ -103,6 +103,7 @@ class SelectionConfig:
     options: dict[str, Any] = field(default_factory=dict)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     use_weights: bool = False
+    diagnostics: bool = False
 
 
 @dataclass

@@ -154,7 +154,14 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     if k > pool_size:
         raise ValueError(f"train.batch_size={k} exceeds train.pool_size={pool_size}; the pool must be at least k")
     selector = get_selector(cfg.selection.method, **cfg.selection.options)
-    online = OnlineSelector(selector, cfg.selection.features, num_domains, seed=cfg.seed, domain_names=domains)
+    online = OnlineSelector(
+        selector,
+        cfg.selection.features,
+        num_domains,
+        seed=cfg.seed,
+        diagnostics=cfg.selection.diagnostics,
+        domain_names=domains,
+    )
     reweighter = get_reweighter(
         cfg.reweighting.method, domains=domains, update_every=cfg.reweighting.update_every, **cfg.reweighting.options
     )

@@ -1,0 +1,102 @@
+"""``mixsel compare`` end to end on a tiny budget, and the CLI entry points."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from mixsel.cli import main
+from mixsel.compare import format_table, summarize
+
+from _fast import FAST
+
+pytest.importorskip("transformers")
+
+
+def test_summarize_and_table():
+    results = {
+        "a": [{"val/loss_mean": 2.0, "test/exact_match/x": 0.5}, {"val/loss_mean": 4.0, "test/exact_match/x": 1.0}],
+        "b": [{"val/loss_mean": 3.0}],
+    }
+    summary = summarize(results)
+    assert summary["a"]["val/loss_mean"] == {"mean": 3.0, "std": 1.0}
+    assert summary["a"]["exact_match"]["mean"] == 0.75
+    table = format_table(summary)
+    assert "| a | 3.000 ± 1.000 |" in table
+    assert "| b | 3.000 |" in table
+
+
+def test_compare_runs_methods_and_chains_reference(tmp_path, capsys):
+    spec = {
+        "overrides": [*FAST, "train.max_steps=2", "eval.exact_match=1", "eval.max_new_tokens=2"],
+        "seeds": [0],
+        "output_dir": str(tmp_path / "cmp"),
+        "runs": {
+            "random": ["selection.method=random"],
+            "big_loss": ["selection.method=big_loss"],
+            "doremi": ["reweighting.method=doremi", "reweighting.reference_model={run:random}/final"],
+        },
+    }
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert main(["compare", "--config", str(path), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("random", "big_loss", "doremi"):
+        assert f"| {name} |" in printed
+        assert (tmp_path / "cmp" / name / "seed0" / "result.json").exists()
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert set(summary) == {"random", "big_loss", "doremi"}
+    doremi = json.loads((tmp_path / "cmp" / "doremi" / "seed0" / "result.json").read_text())
+    assert doremi["config"]["reweighting"]["reference_model"].endswith("random/seed0/final")
+    assert abs(sum(doremi["final_weights"]) - 1) < 1e-9
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["train", "--quiet", "selection.method=nope"]) == 2
+    assert "unknown selector 'nope'" in capsys.readouterr().err
+    assert main(["train", "--quiet", "train.max_stepz=1"]) == 2
+    assert "valid keys" in capsys.readouterr().err
+
+
+def test_cli_methods_lists_all(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "partitionsel",
+        "colm",
+        "greats",
+        "gradmatch",
+        "craig",
+        "per_domain",
+        "hidden_fl",
+        "dograph",
+        "doremi",
+    ):
+        assert name in out
+
+
+def test_cli_offline_select(tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "feats.pt"
+    torch.save({"domains": torch.tensor([0, 0, 1, 1]), "loss": torch.tensor([0.1, 0.9, 0.5, 0.2])}, path)
+    assert (
+        main(
+            [
+                "select",
+                "--features",
+                str(path),
+                "--method",
+                "big_loss",
+                "--k",
+                "2",
+                "--option",
+                "per_domain_budgets=false",
+            ]
+        )
+        == 0
+    )
+    record = json.loads(capsys.readouterr().out)
+    assert sorted(record["indices"]) == [1, 2]
