@@ -12,9 +12,10 @@ datasets = pytest.importorskip("datasets")
 
 from transformers import TrainerCallback  # noqa: E402
 
-from conftest import make_tiny_llama  # noqa: E402
 from mixsel.integrations.hf import ReweightingCallback, SelectionConfig, SelectionTrainer  # noqa: E402
 from mixsel.selection.budgets import budgets_from_weights, proportional_budgets  # noqa: E402
+
+from conftest import make_tiny_llama  # noqa: E402
 
 DOMAINS = ["a", "b", "c"]
 SEQ = 10
