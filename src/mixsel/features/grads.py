@@ -142,25 +142,24 @@ def materialize_grads(f: GradFactors, *, chunk: int | None = None) -> torch.Tens
     return out
 
 
-def factor_sq_norms(f: GradFactors) -> torch.Tensor:
+def factor_sq_norms(f: GradFactors, *, chunk: int = 16) -> torch.Tensor:
     """Tensor[n]: squared norms ``||G_i||^2`` (the diagonal of the self-Gram), without the n x n Gram.
 
-    Per example, the cheaper of the ghost form ``sum((A A^T) * (B B^T))`` (cost ``T_i^2 (P + Q)``) and
-    the materialised ``||A^T B||^2`` (cost ``T_i P Q``) is used.
+    Batched over ``chunk`` examples; the cheaper of the ghost form ``sum((A A^T) * (B B^T))`` (cost
+    ``T^2 (P + Q)`` per example) and the materialised ``||A^T B||^2`` (cost ``T P Q``) is used. Positions
+    outside the mask hold zeros in both factors, so they add nothing.
     """
     p, q = f.shape
-    out = f.out_grads.new_zeros(f.n)
     inputs = f.inputs_with_bias()
-    for i in range(f.n):
-        rows = f.mask[i].nonzero().squeeze(1)
-        t = rows.numel()
-        if t == 0:
-            continue
-        a, b = f.out_grads[i, rows], inputs[i, rows]
-        if t * t * (p + q) <= t * p * q:
-            out[i] = ((a @ a.T) * (b @ b.T)).sum()
+    t = f.mask.shape[1]
+    ghost = t * (p + q + 1) <= p * inputs.shape[-1]
+    out = f.out_grads.new_zeros(f.n)
+    for i0 in range(0, f.n, chunk):
+        a, b = f.out_grads[i0 : i0 + chunk], inputs[i0 : i0 + chunk]
+        if ghost:
+            out[i0 : i0 + chunk] = ((a @ a.transpose(1, 2)) * (b @ b.transpose(1, 2))).sum((1, 2))
         else:
-            out[i] = (a.T @ b).square().sum()
+            out[i0 : i0 + chunk] = (a.transpose(1, 2) @ b).square().sum((1, 2))
     return out
 
 
