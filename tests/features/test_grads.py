@@ -8,7 +8,6 @@ import pytest
 import torch
 from features_oracle import per_sample_grads, rel_err
 
-from conftest import make_batch, make_tiny_llama
 from mixsel.features import (
     find_last_module,
     last_layer_grad_norm,
@@ -20,6 +19,8 @@ from mixsel.features import (
 )
 from mixsel.features.grads import factor_gram, ghost_gram
 from mixsel.features.loss import GradFactors
+
+from conftest import make_batch, make_tiny_llama
 
 TOL = 1e-6
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_batch, make_tiny_llama
 from mixsel.features import forward_stats, mean_pool, per_example_loss, pooled_hidden
+
+from conftest import make_batch, make_tiny_llama
 
 
 def test_per_example_loss_matches_loop():

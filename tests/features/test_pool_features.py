@@ -6,8 +6,9 @@ import pytest
 import torch
 from features_oracle import per_sample_grads, rel_err
 
-from conftest import make_batch, make_tiny_llama
 from mixsel.features import KroneckerProjector, forward_stats, pool_gradient_features
+
+from conftest import make_batch, make_tiny_llama
 
 ALL = ("grads", "gram", "val_scores", "val_gram", "grad_norm")
 

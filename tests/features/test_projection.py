@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_batch, make_tiny_llama
 from mixsel.features import (
     KroneckerProjector,
     RandomProjector,
@@ -13,6 +12,8 @@ from mixsel.features import (
     kronecker_dims,
     last_layer_grads,
 )
+
+from conftest import make_batch, make_tiny_llama
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])

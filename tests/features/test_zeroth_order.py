@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_batch, make_tiny_llama
 from mixsel.features import (
     AdamNormalizer,
     find_last_module,
@@ -16,6 +15,8 @@ from mixsel.features import (
     spsa_features,
     topk_source_mask,
 )
+
+from conftest import make_batch, make_tiny_llama
 
 
 @pytest.fixture(scope="module")
