@@ -37,7 +37,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mixsel.config import load_config
     from mixsel.train import train
 
-    result = train(load_config(args.config, args.overrides), progress=not args.quiet)
+    overrides = [*args.overrides, *(["train.resume=true"] if args.resume else [])]
+    result = train(load_config(args.config, overrides), progress=not args.quiet)
     if os.environ.get("RANK", "0") != "0":
         return 0
     if "stopped_at" in result:
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="experiment YAML (default: the embedded default experiment)")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. train.max_steps=20")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoint (train.resume=true)")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("compare", help="compare several methods on the same data and seeds")
     p.add_argument("--config", default=None, help=f"compare YAML (default: {DEFAULT_COMPARE})")
