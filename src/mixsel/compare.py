@@ -37,6 +37,7 @@ _COLUMNS = [
     ("val/loss_worst", "worst domain", "{:.3f}"),
     ("test/loss_mean", "test loss", "{:.3f}"),
     ("exact_match", "exact match", "{:.3f}"),
+    ("conflicts", "conflicts/step", "{:.1f}"),
     ("wall_time_s", "time (s)", "{:.0f}"),
     ("peak_memory_mb", "peak MB", "{:.0f}"),
 ]
@@ -81,6 +82,17 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _with_run_means(result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Add the per-step mean of conflicting gradient pairs (when the run logged them) to ``result``."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        vals = [r["select/conflicts"] for r in rows if isinstance(r.get("select/conflicts"), (int, float))]
+        if vals:
+            result = {**result, "conflicts": statistics.fmean(vals)}
+    return result
+
+
 def _substitute(override: str, out: Path, seed: int, done: dict[str, list[dict[str, Any]]]) -> str:
     """Replace ``{run:NAME}`` by the folder of run NAME with the same seed (it must come earlier)."""
     while "{run:" in override:
@@ -119,13 +131,13 @@ def run_compare(path: str | Path, extra_overrides: list[str] | None = None, *, p
             run_dir = out / name / f"seed{seed}"
             done = run_dir / "result.json"
             if done.exists():
-                results[name].append(json.loads(done.read_text()))
+                results[name].append(_with_run_means(json.loads(done.read_text()), run_dir))
                 continue
             run_overrides = [_substitute(o, out, seed, results) for o in overrides or []]
             cfg = load_config(
                 base_path, [*common, *run_overrides, f"seed={seed}", f"train.output_dir={run_dir}", f"name={name}"]
             )
-            results[name].append(train(cfg, progress=progress))
+            results[name].append(_with_run_means(train(cfg, progress=progress), run_dir))
     summary = summarize(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
