@@ -1,0 +1,304 @@
+"""Regenerate every evidence experiment of ``docs/results.md`` with one command.
+
+    python benchmarks/run_experiments.py                  # everything (hours of CPU on 2 cores)
+    python benchmarks/run_experiments.py --quick          # 1 seed, 20 steps: a smoke pass
+    python benchmarks/run_experiments.py --only exp4_reweighting --budget-minutes 30
+    python benchmarks/run_experiments.py --plots-only     # re-draw plots and summaries from results
+
+Each experiment is a folder of ``benchmarks/experiments/`` holding one or more ``mixsel compare``
+YAML files that share one output folder (each file is also runnable on its own with
+``mixsel compare --config FILE``). This script splits the files into (run, seed) tasks, runs up to
+``--jobs`` of them at once as ``mixsel compare`` subprocesses (a run referring to ``{run:NAME}``
+waits for NAME), in the order of ``PLAN`` (the headline runs first, so a time budget cuts the least
+important work), and copies the light files of every finished run (``result.json``,
+``metrics.jsonl``, ``config.yaml``; never checkpoints) from the work folder to
+``benchmarks/results/experiments/<experiment>/<run>/seed<s>/``. Then it writes per experiment
+``summary.json`` / ``summary.md`` (mean ± std over the seeds that finished) and calls
+``plot_experiments.py``, which reads those results only. Finished runs are skipped, so an
+interrupted pass continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "benchmarks" / "experiments"
+RESULTS = ROOT / "benchmarks" / "results" / "experiments"
+LIGHT_FILES = ("result.json", "metrics.jsonl", "config.yaml")
+
+# (compare file relative to EXPERIMENTS, seeds to run in this phase); earlier phases run first.
+PLAN: list[tuple[str, list[int]]] = [
+    ("exp1_equal_batch/compare.yaml", [0]),
+    ("exp1_equal_batch/compare_more.yaml", [0]),
+    ("exp1_equal_batch/compare.yaml", [1]),
+    ("exp4_reweighting/compare.yaml", [0]),
+    ("exp1_equal_batch/compare.yaml", [2]),
+    ("exp3_colm_ablation/compare.yaml", [0]),
+    ("exp6_finetune/compare.yaml", [0]),
+    ("exp1b_pool_2b/compare.yaml", [0]),
+]
+
+TIME_KEYS = ("time/features", "time/solver", "time/train", "time/step")
+
+
+@dataclass
+class Task:
+    """One (run, seed) of one compare file."""
+
+    spec_path: Path
+    experiment: str
+    run: str
+    seed: int
+    deps: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.experiment, self.run, self.seed)
+
+
+def _refs(overrides: list[str]) -> list[str]:
+    names = []
+    for item in overrides:
+        rest = str(item)
+        while "{run:" in rest:
+            start = rest.index("{run:") + 5
+            end = rest.index("}", start)
+            names.append(rest[start:end])
+            rest = rest[end + 1 :]
+    return names
+
+
+def plan_tasks(plan: list[tuple[str, list[int]]], experiments: Path, only: set[str] | None) -> list[Task]:
+    """The (run, seed) tasks of ``plan`` in priority order (a task appears once)."""
+    tasks: list[Task] = []
+    seen: set[tuple[str, str, int]] = set()
+    for rel, seeds in plan:
+        path = experiments / rel
+        experiment = Path(rel).parent.name
+        if only and experiment not in only:
+            continue
+        spec = yaml.safe_load(path.read_text())
+        for seed in seeds:
+            if seed not in (spec.get("seeds") or [0]):
+                continue
+            for run, overrides in spec["runs"].items():
+                task = Task(path, experiment, run, seed, _refs(overrides or []))
+                if task.key not in seen:
+                    seen.add(task.key)
+                    tasks.append(task)
+    return tasks
+
+
+def _task_yaml(task: Task, work: Path, extra: list[str]) -> Path:
+    """A one-run compare file for ``task`` (its dependencies listed first, already finished).
+
+    ``extra`` overrides come after each run's own, so they win (e.g. the steps of ``--quick``).
+    """
+    spec = yaml.safe_load(task.spec_path.read_text())
+    runs = {name: list(spec["runs"][name] or []) + list(extra) for name in [*task.deps, task.run]}
+    base = spec.get("base")
+    out = {
+        "base": str((task.spec_path.parent / base).resolve()) if base else None,
+        "overrides": list(spec.get("overrides") or []),
+        "seeds": [task.seed],
+        "output_dir": str(work / task.experiment),
+        "runs": runs,
+    }
+    if out["base"] is None:
+        del out["base"]
+    target = work / "tasks" / f"{task.experiment}__{task.run}__seed{task.seed}.yaml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(out, sort_keys=False))
+    return target
+
+
+def copy_light(work: Path, results: Path, task: Task) -> bool:
+    """Copy the light files of a finished run to the results folder; False if it did not finish."""
+    src = work / task.experiment / task.run / f"seed{task.seed}"
+    if not (src / "result.json").exists():
+        return False
+    dst = results / task.experiment / task.run / f"seed{task.seed}"
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in LIGHT_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+    return True
+
+
+def run_tasks(tasks: list[Task], args: argparse.Namespace, extra: list[str]) -> dict[str, list[str]]:
+    """Run ``tasks`` with up to ``args.jobs`` subprocesses; return finished / failed / cut keys."""
+    work = Path(args.work)
+    results = Path(args.results)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.setdefault("MIXSEL_CACHE", str(work / "cache"))
+    deadline = time.monotonic() + 60 * args.budget_minutes if args.budget_minutes else None
+    pending = [
+        t
+        for t in tasks
+        if not copy_light(work, results, t)
+        and not (results / t.experiment / t.run / f"seed{t.seed}" / "result.json").exists()
+    ]
+    done = {t.key for t in tasks if t not in pending}
+    failed: set[tuple[str, str, int]] = set()
+    running: dict[tuple[str, str, int], tuple[subprocess.Popen, Task, float]] = {}
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    report: dict[str, list[str]] = {"finished": [], "failed": [], "cut": []}
+    while pending or running:
+        for key, (proc, task, start) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[key]
+            ok = proc.returncode == 0 and copy_light(work, results, task)
+            (done if ok else failed).add(key)
+            report["finished" if ok else "failed"].append("/".join(map(str, key)))
+            print(
+                f"[{'done' if ok else 'FAILED'}] {'/'.join(map(str, key))} in {time.monotonic() - start:.0f} s",
+                flush=True,
+            )
+        out_of_time = deadline is not None and time.monotonic() > deadline
+        while pending and len(running) < args.jobs and not out_of_time:
+            ready = [t for t in pending if all((t.experiment, d, t.seed) in done for d in t.deps)]
+            blocked = [t for t in pending if any((t.experiment, d, t.seed) in failed for d in t.deps)]
+            for t in blocked:
+                pending.remove(t)
+                failed.add(t.key)
+                report["failed"].append("/".join(map(str, t.key)) + " (dependency failed)")
+            if not ready:
+                break
+            task = ready[0]
+            pending.remove(task)
+            cfg = _task_yaml(task, work, extra)
+            log = open(work / "logs" / f"{cfg.stem}.log", "w")  # noqa: SIM115 - closed with the process
+            cmd = [sys.executable, "-m", "mixsel", "compare", "--config", str(cfg), "--quiet"]
+            print(f"[start] {'/'.join(map(str, task.key))}", flush=True)
+            running[task.key] = (
+                subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+                task,
+                time.monotonic(),
+            )
+        if out_of_time and pending:
+            report["cut"].extend("/".join(map(str, t.key)) for t in pending)
+            pending = []
+        time.sleep(2)
+    return report
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _overhead(rows: list[dict]) -> dict[str, float]:
+    """Mean seconds per step of each ``time/*`` split (steps after the first, which warms up)."""
+    out = {}
+    for key in TIME_KEYS:
+        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and r.get("step", 0) > 1]
+        if vals:
+            out[key] = statistics.fmean(vals)
+    conf = [r["select/conflicts_random"] for r in rows if isinstance(r.get("select/conflicts_random"), (int, float))]
+    if conf:
+        out["conflicts_random"] = statistics.fmean(conf)
+    return out
+
+
+def summarize_results(results: Path, experiments: Path) -> dict[str, dict]:
+    """Write ``summary.json`` / ``summary.md`` of every experiment from the copied results."""
+    from mixsel.compare import _with_run_means, format_table, summarize
+
+    summaries = {}
+    for folder in sorted(p for p in experiments.iterdir() if p.is_dir()):
+        order: list[str] = []
+        for spec_path in sorted(folder.glob("*.yaml")):
+            for run in yaml.safe_load(spec_path.read_text())["runs"]:
+                if run not in order:
+                    order.append(run)
+        by_run: dict[str, list[dict]] = {}
+        extras: dict[str, dict[str, dict[str, float]]] = {}
+        for run in order:
+            seeds = sorted((results / folder.name / run).glob("seed*/result.json"))
+            if not seeds:
+                continue
+            by_run[run] = [_with_run_means(json.loads(p.read_text()), p.parent) for p in seeds]
+            per_seed = [_overhead(_metrics(p.parent)) for p in seeds]
+            keys = {k for d in per_seed for k in d}
+            extras[run] = {
+                k: {"mean": statistics.fmean(v), "std": statistics.pstdev(v) if len(v) > 1 else 0.0}
+                for k in sorted(keys)
+                if (v := [d[k] for d in per_seed if k in d])
+            }
+        if not by_run:
+            continue
+        summary = summarize(by_run)
+        for run, row in summary.items():
+            row.update(extras.get(run, {}))
+            row["per_domain_val"] = {
+                k.split("/", 2)[2]: statistics.fmean(r[k] for r in by_run[run])
+                for k in by_run[run][0]
+                if k.startswith("val/loss/") and all(k in r for r in by_run[run])
+            }
+        out = results / folder.name
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "summary.md").write_text(format_table(summary) + "\n")
+        summaries[folder.name] = summary
+    return summaries
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="a.b=c overrides applied to every run (after its own)")
+    parser.add_argument("--quick", action="store_true", help="seed 0 only, 20 steps, eval every 10")
+    parser.add_argument("--only", nargs="*", default=None, help="experiment folder names to run")
+    parser.add_argument("--jobs", type=int, default=2, help="training processes at once (default 2)")
+    parser.add_argument("--budget-minutes", type=float, default=None, help="start no task after this")
+    parser.add_argument("--work", default="/tmp/mixsel-experiments", help="run folders (with checkpoints)")
+    parser.add_argument("--results", default=str(RESULTS), help="where the light results are copied")
+    parser.add_argument("--experiments", default=str(EXPERIMENTS), help="folder of experiment folders")
+    parser.add_argument("--plots-only", action="store_true", help="only summaries and plots from results")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs={args.jobs} must be >= 1")
+    extra = list(args.overrides)
+    plan = PLAN
+    if args.quick:
+        extra += ["train.max_steps=20", "eval.every=10", "train.warmup_steps=2"]
+        plan = [(rel, [s for s in seeds if s == 0]) for rel, seeds in PLAN]
+    experiments = Path(args.experiments)
+    if experiments.resolve() != EXPERIMENTS.resolve():  # a custom folder: every file, its own seeds
+        plan = []
+        for p in sorted(experiments.glob("*/*.yaml")):
+            seeds = yaml.safe_load(p.read_text()).get("seeds") or [0]
+            plan.append((str(p.relative_to(experiments)), [0] if args.quick else list(seeds)))
+    t0 = time.monotonic()
+    if not args.plots_only:
+        tasks = plan_tasks(plan, experiments, set(args.only) if args.only else None)
+        report = run_tasks(tasks, args, extra)
+        print(json.dumps({k: v for k, v in report.items() if v}, indent=2))
+    summarize_results(Path(args.results), experiments)
+    if not args.no_plots:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from plot_experiments import plot_all
+
+        for path in plot_all(Path(args.results)):
+            print(f"plot: {path}")
+    print(f"total {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""benchmarks/run_experiments.py: task planning, dependencies, light copies, summaries and plots."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from _fast import FAST
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+runner = _load("run_experiments")
+
+
+def test_refs_finds_every_run_reference():
+    assert runner._refs(["a=1", "b={run:x}/final", "c={run:y}/f+{run:z}"]) == ["x", "y", "z"]
+    assert runner._refs([]) == []
+
+
+def test_plan_orders_by_phase_dedups_and_filters(tmp_path):
+    exp = tmp_path / "exps" / "e1"
+    exp.mkdir(parents=True)
+    (exp / "c.yaml").write_text(
+        yaml.safe_dump({"seeds": [0, 1], "runs": {"a": [], "b": ["r={run:a}/final"]}}, sort_keys=False)
+    )
+    plan = [("e1/c.yaml", [0]), ("e1/c.yaml", [1]), ("e1/c.yaml", [0, 7])]  # seed 7 is not in the file
+    tasks = runner.plan_tasks(plan, tmp_path / "exps", None)
+    assert [t.key for t in tasks] == [("e1", "a", 0), ("e1", "b", 0), ("e1", "a", 1), ("e1", "b", 1)]
+    assert tasks[1].deps == ["a"]
+    assert runner.plan_tasks(plan, tmp_path / "exps", {"other"}) == []
+
+
+def test_overhead_skips_first_step_and_averages():
+    rows = [{"step": 1, "time/step": 100.0}, {"step": 2, "time/step": 1.0}, {"step": 3, "time/step": 3.0}]
+    assert runner._overhead(rows) == {"time/step": 2.0}
+
+
+def test_runner_end_to_end_two_steps(tmp_path):
+    exps = tmp_path / "exps"
+    (exps / "tiny").mkdir(parents=True)
+    spec = {
+        "overrides": [*FAST, "train.max_steps=2", "eval.exact_match=1", "eval.max_new_tokens=2"],
+        "seeds": [0],
+        "output_dir": "ignored",
+        "runs": {
+            "random": ["selection.method=random"],
+            "doremi": ["reweighting.method=doremi", "reweighting.reference_model={run:random}/final"],
+        },
+    }
+    (exps / "tiny" / "compare.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    work, results = tmp_path / "work", tmp_path / "results"
+    args = ["--experiments", str(exps), "--work", str(work), "--results", str(results), "--jobs", "2"]
+    assert runner.main(args) == 0
+    for name in ("random", "doremi"):
+        run = results / "tiny" / name / "seed0"
+        assert (run / "result.json").exists() and (run / "metrics.jsonl").exists()
+        assert not (run / "final").exists()  # checkpoints stay in the work folder
+        assert (work / "tiny" / name / "seed0" / "final").exists()
+    summary = json.loads((results / "tiny" / "summary.json").read_text())
+    assert list(summary) == ["random", "doremi"]
+    assert summary["random"]["seeds"] == 1 and "time/step" in summary["random"]
+    assert (results / "tiny" / "plots" / "val_loss_mean.png").exists()
+    assert (results / "tiny" / "plots" / "weights_doremi.png").exists()  # DoReMi's weights move
