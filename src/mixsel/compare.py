@@ -38,6 +38,8 @@ _COLUMNS = [
     ("test/loss_mean", "test loss", "{:.3f}"),
     ("exact_match", "exact match", "{:.3f}"),
     ("conflicts", "conflicts/step", "{:.1f}"),
+    ("step_time", "s/step", "{:.2f}"),
+    ("select_time", "select s/step", "{:.2f}"),
     ("wall_time_s", "time (s)", "{:.0f}"),
     ("peak_memory_mb", "peak MB", "{:.0f}"),
 ]
@@ -83,13 +85,15 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
 
 
 def _with_run_means(result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """Add the per-step mean of conflicting gradient pairs (when the run logged them) to ``result``."""
+    """Add per-step means from ``metrics.jsonl`` to ``result``: conflicting gradient pairs (when a Gram
+    was computed), seconds per step and seconds of selection (pool features + solver) per step."""
     path = run_dir / "metrics.jsonl"
     if path.exists():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        vals = [r["select/conflicts"] for r in rows if isinstance(r.get("select/conflicts"), (int, float))]
-        if vals:
-            result = {**result, "conflicts": statistics.fmean(vals)}
+        for key, name in (("select/conflicts", "conflicts"), ("time/step", "step_time"), ("time/select", "select_time")):
+            vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+            if vals:
+                result = {**result, name: statistics.fmean(vals)}
     return result
 
 

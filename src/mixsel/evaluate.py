@@ -58,26 +58,39 @@ def domain_losses(
 
 
 @torch.no_grad()
+def _prompt_ids(split: Any, i: int) -> torch.Tensor:
+    """The prompt tokens of example ``i`` exactly as trained on: its leading label=-100 positions."""
+    labels = split.labels[i]
+    targets = torch.nonzero(labels != -100).flatten()
+    end = int(targets[0]) if targets.numel() else labels.numel()
+    return split.input_ids[i][:end]
+
+
+@torch.no_grad()
 def exact_match(
     model: torch.nn.Module,
     tokenizer: Any,
     split: Any,
     *,
     limit: int = 32,
-    max_new_tokens: int = 24,
+    max_new_tokens: int = 96,
+    batch_size: int = 16,
     prefix: str = "val",
 ) -> dict[str, float]:
     """Greedy-decode the response to each prompt that has an ``answer`` and score exact match.
 
-    The arithmetic domain's answers are checkable numbers (GSM8K-style ``#### N``); scoring uses
-    :func:`mixsel.data.arithmetic.is_correct`. Returns ``{f"{prefix}/exact_match/<domain>": acc}``
-    for every domain with answers (first ``limit`` examples of each).
+    The arithmetic and chemistry answers are checkable numbers (GSM8K-style ``#### N``); scoring uses
+    :func:`mixsel.data.arithmetic.is_correct`. Prompts are the tokenised prompts of the split (the
+    same ids the model trained on), left-padded and decoded in batches. Returns
+    ``{f"{prefix}/exact_match/<domain>": accuracy}`` for every domain with answers (first ``limit``
+    examples of each).
     """
     from mixsel.data.arithmetic import is_correct
 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    pad = tokenizer.pad_token_id
     out: dict[str, float] = {}
     for d, name in enumerate(split.domains):
         idx = [int(i) for i in split.indices_of(d) if split.answers[int(i)] is not None and split.prompts[int(i)]]
@@ -85,18 +98,26 @@ def exact_match(
         if not idx:
             continue
         correct = 0
-        for i in idx:
-            enc = tokenizer(split.prompts[i], return_tensors="pt")
+        for start in range(0, len(idx), batch_size):
+            rows = idx[start : start + batch_size]
+            prompts = [_prompt_ids(split, i) for i in rows]
+            width = max(p.numel() for p in prompts)
+            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, p in enumerate(prompts):  # left padding: every prompt ends at the last column
+                input_ids[r, width - p.numel() :] = p
+                attention[r, width - p.numel() :] = 1
             gen = model.generate(
-                input_ids=enc["input_ids"].to(device),
-                attention_mask=enc["attention_mask"].to(device),
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            text = tokenizer.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            correct += bool(is_correct(text, split.answers[i]))
+            for r, i in enumerate(rows):
+                text = tokenizer.decode(gen[r, width:], skip_special_tokens=True)
+                correct += bool(is_correct(text, split.answers[i]))
         out[f"{prefix}/exact_match/{name}"] = correct / len(idx)
     model.train(was_training)
     return out
