@@ -90,7 +90,8 @@ def _with_run_means(result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     path = run_dir / "metrics.jsonl"
     if path.exists():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        for key, name in (("select/conflicts", "conflicts"), ("time/step", "step_time"), ("time/select", "select_time")):
+        means = (("select/conflicts", "conflicts"), ("time/step", "step_time"), ("time/select", "select_time"))
+        for key, name in means:
             vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
             if vals:
                 result = {**result, name: statistics.fmean(vals)}
