@@ -137,6 +137,7 @@ class TrainConfig:
     threads: int | None = None
     compile: bool = False
     distributed_selection: str = "global"
+    autocast: str | None = None
 
 
 @dataclass

@@ -1,17 +1,20 @@
 """World info and collectives; every function is a no-op in a single process.
 
 Detects ``torchrun`` from the ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` environment (as nanoGPT).
+Collectives carry only small tensors (per-example features, per-domain statistics); ranks may hold
+different numbers of rows (:func:`all_gather_cat` pads to the largest share and trims).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "all_gather_cat", "all_reduce_sum", "barrier", "init_world"]
+__all__ = ["World", "all_gather_cat", "all_gather_object", "all_reduce_sum", "barrier", "init_world"]
 
 
 @dataclass(frozen=True)
@@ -51,12 +54,36 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate equally-shaped ``tensor`` from every rank along dim 0, in rank order."""
+    """Concatenate ``tensor`` from every rank along dim 0, in rank order.
+
+    Ranks may contribute different numbers of rows (dim 0); the trailing shape and dtype must agree.
+    Sizes are exchanged first, every share is padded to the largest one for ``all_gather`` and the
+    padding is dropped again, so the result is bit-identical on every rank.
+    """
     if not _active():
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
+    world = dist.get_world_size()
+    tensor = tensor.contiguous()
+    size = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s) for s in sizes]
+    longest = max(counts)
+    if tensor.shape[0] < longest:
+        pad = tensor.new_zeros((longest - tensor.shape[0], *tensor.shape[1:]))
+        tensor = torch.cat([tensor, pad], dim=0)
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)], dim=0)
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` on one process)."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

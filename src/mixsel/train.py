@@ -6,16 +6,23 @@ Launch::
     mixsel train --config configs/default.yaml train.max_steps=50 selection.method=partitionsel
     python -m mixsel.train --config configs/default.yaml    # the same without the console script
     torchrun --nproc_per_node=2 $(which mixsel) train --config configs/default.yaml
+    torchrun --nproc_per_node=2 $(which mixsel) train train.distributed_selection=gather \
+        selection.method=partitionsel selection.features.projection_dim=256
 
 Each step:
 
 1. a :class:`~mixsel.data.CandidateSampler` draws ``train.pool_size`` example ids following the
    domain weights (natural proportions, or a reweighter's weights in ``sampling`` mode);
 2. an :class:`~mixsel.step.OnlineSelector` computes the features the selector needs and picks
-   ``train.batch_size`` of them (a :class:`mixsel.Selection`, identical on every rank);
+   ``train.batch_size`` of them (a :class:`mixsel.Selection`, identical on every rank). Under
+   torchrun, ``train.distributed_selection`` says who computes the features: ``global`` (every rank,
+   the whole pool), ``gather`` (each rank its shard, then all-gathered) or ``local`` (each rank
+   selects its share from its own shard); see ``docs/distributed.md``;
 3. the model takes one optimiser step on the selected examples: the loss is the weighted mean of
    per-example losses (selection weights if ``selection.use_weights``, times per-domain weights if the
-   reweighter acts on the ``loss``), accumulated over micro-batches;
+   reweighter acts on the ``loss``), accumulated over micro-batches. Each rank runs its own share of
+   the selection and the loss is normalised by the global selected weight, so shares may differ in
+   size; ``train.autocast=bf16`` runs this forward under ``torch.autocast``;
 4. per-domain statistics (:class:`mixsel.DomainStats`, all-reduced) update the reweighter;
 5. every ``eval.every`` steps: per-domain validation loss and exact match; metrics go to
    ``<output_dir>/metrics.jsonl``; checkpoints are atomic and ``train.resume=true`` continues exactly.
@@ -37,7 +44,7 @@ import torch
 
 from mixsel.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mixsel.config import ExperimentConfig, config_to_dict, load_config, save_config
-from mixsel.distributed import all_reduce_sum, barrier, init_world
+from mixsel.distributed import all_gather_object, all_reduce_sum, barrier, init_world
 from mixsel.registry import get_reweighter, get_selector
 from mixsel.step import OnlineSelector
 from mixsel.types import DomainStats
@@ -74,6 +81,32 @@ def _peak_memory_mb(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except ImportError:  # pragma: no cover - non-Unix
         return float("nan")
+
+
+def _autocast(name: str | None, device: torch.device) -> Any:
+    """``torch.autocast`` for ``train.autocast`` (``"bf16"``), or a no-op context for ``None``."""
+    import contextlib
+
+    if name is None or name in ("none", "false"):
+        return contextlib.nullcontext()
+    if name not in ("bf16", "bfloat16"):
+        raise ValueError(
+            f"train.autocast={name!r} is not supported; use 'bf16' (fp16 would need a loss scaler) or null"
+        )
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _selector_state(state: dict[str, Any], world: Any) -> dict[str, Any]:
+    """This rank's selector state from a checkpoint (``local`` selection saves one per rank)."""
+    ranks = state.get("selector_ranks")
+    if ranks is None:
+        return state["selector"]
+    if len(ranks) != world.world_size:
+        raise ValueError(
+            f"the checkpoint holds {len(ranks)} per-rank selector states (distributed_selection='local') but "
+            f"this run has {world.world_size} ranks: resume with --nproc_per_node={len(ranks)}"
+        )
+    return ranks[world.rank]
 
 
 def _domain_gradients(
@@ -161,6 +194,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         seed=cfg.seed,
         diagnostics=cfg.selection.diagnostics,
         domain_names=domains,
+        mode=cfg.train.distributed_selection,
+        world=world,
     )
     reweighter = get_reweighter(
         cfg.reweighting.method, domains=domains, update_every=cfg.reweighting.update_every, **cfg.reweighting.options
@@ -178,6 +213,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             "mixture (mixsel train selection.method=random) and set reweighting.reference_model=<run>/final"
         )
     sampler = CandidateSampler(train_split.domain_ids, pool_size, seed=cfg.seed, num_domains=num_domains)
+    autocast = _autocast(cfg.train.autocast, device)
 
     # ---- resume ------------------------------------------------------------------------------
     start = 0
@@ -187,7 +223,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
-        selector.load_state_dict(state["selector"])
+        selector.load_state_dict(_selector_state(state, world))
         reweighter.load_state_dict(state["reweighter"])
         set_rng_state(state["rng"])
         start = state["step"]
@@ -200,6 +236,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             logger.log(metrics, step)
 
     def checkpoint(step: int) -> None:
+        # "local" selection: every rank's selector has its own state (a collective, on all ranks)
+        selectors = all_gather_object(selector.state_dict()) if online.mode == "local" else None
         if world.is_main:
             save_checkpoint(
                 out,
@@ -210,6 +248,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                     "scheduler": scheduler.state_dict(),
                     "sampler": sampler.state_dict(),
                     "selector": selector.state_dict(),
+                    **({"selector_ranks": selectors} if selectors is not None else {}),
                     "reweighter": reweighter.state_dict(),
                     "rng": rng_state(),
                 },
@@ -263,9 +302,9 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         t1 = time.perf_counter()
 
         # 3. weighted train step on this rank's share of the selection
-        chosen = sel.indices[world.rank :: world.world_size]
-        w = sel.weights.to(torch.float32) if cfg.selection.use_weights else torch.ones(len(sel))
-        w = w[world.rank :: world.world_size]
+        mine = result.local if result.local is not None else sel
+        chosen = mine.indices
+        w = mine.weights.to(torch.float32) if cfg.selection.use_weights else torch.ones(len(mine))
         chosen_domains = pool["domain_ids"][chosen]
         if loss_w is not None:
             w = w * loss_w.to(torch.float32)[chosen_domains]
@@ -276,7 +315,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         for s in range(0, len(chosen), mb):
             rows = chosen[s : s + mb]
             batch = {key: pool[key][rows].to(device) for key in ("input_ids", "attention_mask", "labels")}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            with autocast:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             per_ex = per_example_loss(logits.float(), batch["labels"])
             if not torch.isfinite(per_ex).all():
                 raise FloatingPointError(
@@ -286,9 +326,10 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             (per_ex * w[s : s + mb].to(device)).sum().div(total_w.to(device)).mul(world.world_size).backward()
             losses.append(per_ex.detach().cpu())
         if world.distributed:
-            for p in params:
-                if p.grad is not None:
-                    all_reduce_sum(p.grad).div_(world.world_size)
+            for p in params:  # a rank with no selected example still joins the all-reduce, with zeros
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                all_reduce_sum(p.grad).div_(world.world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip) if cfg.train.grad_clip else None
         optimizer.step()
         scheduler.step()
@@ -347,7 +388,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         if world.is_main and cfg.train.log_selections:
             with open(out / "selections.jsonl", "a") as fh:
                 ids = pool_ids[sel.indices].tolist()
-                fh.write(json.dumps({"step": step + 1, "examples": ids, "weights": sel.weights.tolist()}) + "\n")
+                row = {"step": step + 1, "examples": ids, "pool_index": sel.indices.tolist()}
+                fh.write(json.dumps({**row, "weights": sel.weights.tolist()}) + "\n")
         if world.is_main and ((step + 1) % cfg.train.log_every == 0 or "val/loss_mean" in metrics):
             log_metrics(metrics, step + 1)
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
@@ -386,8 +428,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         final_dir = out / "final"
         model.save_pretrained(final_dir)
         tokenizer.save_pretrained(final_dir)
-        if cfg.train.save_every:
-            checkpoint(cfg.train.max_steps)
+    if cfg.train.save_every:  # on every rank: checkpoint() is a collective
+        checkpoint(cfg.train.max_steps)
     barrier()
     return result
 
