@@ -30,7 +30,8 @@ TWO_RANKS = {
     "global": ["train.max_steps=4", "selection.method=stratified"],
     "global_resumed": ["train.max_steps=4", "selection.method=stratified", "train.stop_after=2"],
     "global_resumed/2": ["train.max_steps=4", "selection.method=stratified", "train.resume=true"],
-    "gather_big_loss": [*GATHER, "selection.method=big_loss"],
+    # a pool of 7: shards of 4 and 3 rows, so the all-gather pads and trims
+    "gather_big_loss": [*GATHER, "selection.method=big_loss", "train.pool_size=7"],
     "gather_partitionsel": [*GATHER, "selection.method=partitionsel", "selection.features.projection_dim=64"],
     # CoLM keeps per-rank state in local mode (its Adam normaliser): resume must restore each rank's
     "local": [*LOCAL, "selection.method=colm"],

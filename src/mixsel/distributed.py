@@ -2,7 +2,8 @@
 
 Detects ``torchrun`` from the ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` environment (as nanoGPT).
 Collectives carry only small tensors (per-example features, per-domain statistics); ranks may hold
-different numbers of rows (:func:`all_gather_cat` pads to the largest share and trims).
+different numbers of rows (:func:`all_gather_cat` pads to the largest share and trims). Under NCCL,
+CPU tensors are staged through this rank's GPU and the results come back on the caller's device.
 """
 
 from __future__ import annotations
@@ -33,23 +34,40 @@ class World:
 
 
 def init_world(device: str = "cpu") -> World:
-    """Initialise the process group when launched by torchrun; else a 1-process world."""
+    """Initialise the process group when launched by torchrun; else a 1-process world.
+
+    ``device`` is ``train.device``: ``"auto"`` or ``"cuda..."`` with CUDA available gives NCCL (and
+    binds this process to GPU ``LOCAL_RANK``), anything else gloo.
+    """
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return World()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        cuda = (device == "auto" or device.startswith("cuda")) and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _comm_device(tensor: torch.Tensor) -> torch.device:
+    """Where the backend can reduce ``tensor``: this rank's GPU for NCCL, else where it is."""
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks (in place and returned); identity on one process."""
     if _active():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        staged = tensor.to(_comm_device(tensor))
+        dist.all_reduce(staged, op=dist.ReduceOp.SUM)
+        if staged is not tensor:
+            tensor.copy_(staged)
     return tensor
 
 
@@ -63,7 +81,8 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     if not _active():
         return tensor
     world = dist.get_world_size()
-    tensor = tensor.contiguous()
+    home = tensor.device
+    tensor = tensor.to(_comm_device(tensor)).contiguous()
     size = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
     sizes = [torch.empty_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)
@@ -74,7 +93,7 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
         tensor = torch.cat([tensor, pad], dim=0)
     parts = [torch.empty_like(tensor) for _ in range(world)]
     dist.all_gather(parts, tensor)
-    return torch.cat([part[:count] for part, count in zip(parts, counts)], dim=0)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)], dim=0).to(home)
 
 
 def all_gather_object(obj: Any) -> list[Any]:
