@@ -38,16 +38,21 @@ EXPERIMENTS = ROOT / "benchmarks" / "experiments"
 RESULTS = ROOT / "benchmarks" / "results" / "experiments"
 LIGHT_FILES = ("result.json", "metrics.jsonl", "config.yaml")
 
-# (compare file relative to EXPERIMENTS, seeds to run in this phase); earlier phases run first.
-PLAN: list[tuple[str, list[int]]] = [
-    ("exp1_equal_batch/compare.yaml", [0]),
-    ("exp1_equal_batch/compare_more.yaml", [0]),
-    ("exp1_equal_batch/compare.yaml", [1]),
-    ("exp4_reweighting/compare.yaml", [0]),
-    ("exp1_equal_batch/compare.yaml", [2]),
-    ("exp3_colm_ablation/compare.yaml", [0]),
-    ("exp6_finetune/compare.yaml", [0]),
-    ("exp1b_pool_2b/compare.yaml", [0]),
+# (compare file relative to EXPERIMENTS, seeds, runs or None for all) in priority order: the cheap
+# and headline runs first, so that a time budget (--budget-minutes) cuts the least important work.
+PLAN: list[tuple[str, list[int], list[str] | None]] = [
+    ("exp1_equal_batch/compare.yaml", [0], None),
+    ("exp1_equal_batch/compare.yaml", [1, 2], ["random", "stratified", "big_loss"]),
+    ("exp4_reweighting/compare.yaml", [0], ["uniform", "doremi", "dograph"]),
+    ("exp1_equal_batch/compare_more.yaml", [0], ["middle_ppl", "least_confidence", "completion_length"]),
+    ("exp1_equal_batch/compare.yaml", [1], ["partitionsel", "colm", "greats", "random_4b"]),
+    ("exp4_reweighting/compare.yaml", [0], None),
+    ("exp6_finetune/compare.yaml", [0], None),
+    ("exp1_equal_batch/compare_more.yaml", [0], None),
+    ("exp1c_natural_mixture/compare.yaml", [0], None),
+    ("exp3_colm_ablation/compare.yaml", [0], None),
+    ("exp1_equal_batch/compare.yaml", [2], None),
+    ("exp1b_pool_2b/compare.yaml", [0], None),
 ]
 
 TIME_KEYS = ("time/features", "time/solver", "time/train", "time/step")
@@ -80,11 +85,13 @@ def _refs(overrides: list[str]) -> list[str]:
     return names
 
 
-def plan_tasks(plan: list[tuple[str, list[int]]], experiments: Path, only: set[str] | None) -> list[Task]:
+def plan_tasks(
+    plan: list[tuple[str, list[int], list[str] | None]], experiments: Path, only: set[str] | None
+) -> list[Task]:
     """The (run, seed) tasks of ``plan`` in priority order (a task appears once)."""
     tasks: list[Task] = []
     seen: set[tuple[str, str, int]] = set()
-    for rel, seeds in plan:
+    for rel, seeds, names in plan:
         path = experiments / rel
         experiment = Path(rel).parent.name
         if only and experiment not in only:
@@ -94,6 +101,8 @@ def plan_tasks(plan: list[tuple[str, list[int]]], experiments: Path, only: set[s
             if seed not in (spec.get("seeds") or [0]):
                 continue
             for run, overrides in spec["runs"].items():
+                if names is not None and run not in names:
+                    continue
                 task = Task(path, experiment, run, seed, _refs(overrides or []))
                 if task.key not in seen:
                     seen.add(task.key)
@@ -215,6 +224,47 @@ def _overhead(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def _cell(row: dict, key: str, fmt: str) -> str:
+    cell = row.get(key)
+    if not isinstance(cell, dict):
+        return "-"
+    if row.get("seeds", 1) > 1:
+        return f"{fmt.format(cell['mean'])} ± {fmt.format(cell['std'])}"
+    return fmt.format(cell["mean"])
+
+
+def format_extra_tables(summary: dict[str, dict]) -> str:
+    """Markdown tables of the per-step time split, conflicts (selected vs random) and per-domain loss."""
+    parts = []
+    timed = [n for n in summary if "time/step" in summary[n]]
+    if timed:
+        lines = [
+            "| run | features (s/step) | solver (s/step) | train (s/step) | total (s/step) |",
+            "|---|---|---|---|---|",
+        ]
+        for n in timed:
+            cells = [_cell(summary[n], k, "{:.3f}") for k in TIME_KEYS]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    conf = [n for n in summary if "conflicts_random" in summary[n]]
+    if conf:
+        lines = ["| run | conflicts, selected | conflicts, random batch of the same pool |", "|---|---|---|"]
+        for n in conf:
+            lines.append(
+                f"| {n} | {_cell(summary[n], 'conflicts', '{:.1f}')} | "
+                f"{_cell(summary[n], 'conflicts_random', '{:.1f}')} |"
+            )
+        parts.append("\n".join(lines))
+    doms = sorted({d for n in summary for d in summary[n].get("per_domain_val", {})})
+    if doms:
+        lines = ["| run | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
+        for n in summary:
+            vals = summary[n].get("per_domain_val", {})
+            lines.append(f"| {n} | " + " | ".join(f"{vals[d]:.3f}" if d in vals else "-" for d in doms) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
 def summarize_results(results: Path, experiments: Path) -> dict[str, dict]:
     """Write ``summary.json`` / ``summary.md`` of every experiment from the copied results."""
     from mixsel.compare import _with_run_means, format_table, summarize
@@ -253,7 +303,7 @@ def summarize_results(results: Path, experiments: Path) -> dict[str, dict]:
         out = results / folder.name
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (out / "summary.md").write_text(format_table(summary) + "\n")
+        (out / "summary.md").write_text(format_table(summary) + "\n\n" + format_extra_tables(summary))
         summaries[folder.name] = summary
     return summaries
 
@@ -277,13 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     plan = PLAN
     if args.quick:
         extra += ["train.max_steps=20", "eval.every=10", "train.warmup_steps=2"]
-        plan = [(rel, [s for s in seeds if s == 0]) for rel, seeds in PLAN]
+        plan = [(rel, [s for s in seeds if s == 0], names) for rel, seeds, names in PLAN]
     experiments = Path(args.experiments)
     if experiments.resolve() != EXPERIMENTS.resolve():  # a custom folder: every file, its own seeds
         plan = []
         for p in sorted(experiments.glob("*/*.yaml")):
             seeds = yaml.safe_load(p.read_text()).get("seeds") or [0]
-            plan.append((str(p.relative_to(experiments)), [0] if args.quick else list(seeds)))
+            plan.append((str(p.relative_to(experiments)), [0] if args.quick else list(seeds), None))
     t0 = time.monotonic()
     if not args.plots_only:
         tasks = plan_tasks(plan, experiments, set(args.only) if args.only else None)

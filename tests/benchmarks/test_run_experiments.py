@@ -39,9 +39,9 @@ def test_plan_orders_by_phase_dedups_and_filters(tmp_path):
     (exp / "c.yaml").write_text(
         yaml.safe_dump({"seeds": [0, 1], "runs": {"a": [], "b": ["r={run:a}/final"]}}, sort_keys=False)
     )
-    plan = [("e1/c.yaml", [0]), ("e1/c.yaml", [1]), ("e1/c.yaml", [0, 7])]  # seed 7 is not in the file
+    plan = [("e1/c.yaml", [0], None), ("e1/c.yaml", [1], ["b"]), ("e1/c.yaml", [0, 1, 7], None)]  # no seed 7
     tasks = runner.plan_tasks(plan, tmp_path / "exps", None)
-    assert [t.key for t in tasks] == [("e1", "a", 0), ("e1", "b", 0), ("e1", "a", 1), ("e1", "b", 1)]
+    assert [t.key for t in tasks] == [("e1", "a", 0), ("e1", "b", 0), ("e1", "b", 1), ("e1", "a", 1)]
     assert tasks[1].deps == ["a"]
     assert runner.plan_tasks(plan, tmp_path / "exps", {"other"}) == []
 
