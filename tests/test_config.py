@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from mixsel.config import ExperimentConfig, apply_overrides, from_dict, load_config, save_config
@@ -52,3 +54,26 @@ def test_repo_default_yaml_loads():
 def test_missing_file():
     with pytest.raises(FileNotFoundError, match="--config"):
         load_config("/nonexistent.yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("eval.every=0", "eval.every"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.lr=0", "train.lr"),
+        ("train.lr=-0.001", "train.lr"),
+        ("train.min_lr_ratio=1.5", "train.min_lr_ratio"),
+        ("train.batch_size=128", "train.batch_size=128 exceeds train.pool_size=64"),
+        ("reweighting.update_every=0", "reweighting.update_every"),
+    ],
+)
+def test_out_of_range_values_name_the_field(override, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        load_config(None, [override])
+
+
+def test_edge_values_are_accepted():
+    cfg = load_config(None, ["eval.exact_match=0", "train.warmup_steps=0", "train.batch_size=64", "train.pool_size=64"])
+    assert cfg.train.batch_size == cfg.train.pool_size == 64

@@ -35,6 +35,7 @@ __all__ = [
     "from_dict",
     "load_config",
     "save_config",
+    "validate",
 ]
 
 
@@ -279,7 +280,51 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ValueError(f"config file {path} must hold a mapping at the top level")
         tree = loaded
     tree = apply_overrides(tree, list(overrides or []))
-    return from_dict(ExperimentConfig, tree)
+    return validate(from_dict(ExperimentConfig, tree))
+
+
+# (dotted field, smallest allowed value, what the field means): checked by ``validate``
+_MINIMA: tuple[tuple[str, float, str], ...] = (
+    ("train.max_steps", 1, "the number of optimizer steps"),
+    ("train.batch_size", 1, "examples trained on per step"),
+    ("train.pool_size", 1, "candidates drawn per step"),
+    ("train.micro_batch_size", 1, "examples per forward/backward"),
+    ("train.warmup_steps", 0, "learning-rate warm-up steps"),
+    ("train.log_every", 1, "steps between metric rows"),
+    ("train.save_every", 0, "steps between checkpoints (0 = only the final one)"),
+    ("train.weight_decay", 0, "AdamW weight decay"),
+    ("eval.every", 1, "steps between evaluations (the last step is always evaluated)"),
+    ("eval.max_per_domain", 1, "validation examples per domain"),
+    ("eval.exact_match", 0, "exact-match prompts per scored domain (0 = off)"),
+    ("eval.max_new_tokens", 1, "generated tokens per exact-match prompt"),
+    ("reweighting.update_every", 1, "steps between reweighting updates"),
+    ("reweighting.projection_dim", 1, "dimension of the projected domain gradients"),
+    ("selection.features.val_anchors", 0, "validation examples per domain for the target gradient"),
+)
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Check value ranges that the types cannot express; return ``cfg`` unchanged.
+
+    Raises:
+        ValueError: naming the field, its value and the allowed range.
+    """
+    for dotted, low, meaning in _MINIMA:
+        node: Any = cfg
+        for key in dotted.split("."):
+            node = getattr(node, key)
+        if node < low:
+            raise ValueError(f"{dotted}={node} is {meaning} and must be >= {low}: set {dotted}=<a value >= {low}>")
+    if not cfg.train.lr > 0:
+        raise ValueError(f"train.lr={cfg.train.lr} must be > 0 (e.g. train.lr=3e-4)")
+    if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
+        raise ValueError(f"train.min_lr_ratio={cfg.train.min_lr_ratio} must lie in [0, 1]")
+    if cfg.train.batch_size > cfg.train.pool_size:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} exceeds train.pool_size={cfg.train.pool_size}: the batch is "
+            "selected from the pool, so set train.pool_size >= train.batch_size"
+        )
+    return cfg
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -9,7 +9,10 @@ pool for scalar signals and LM-head factors; gradient kernels from ``mixsel.feat
   whenever a Gram matrix is available, and ``select/conflicts_random`` for a random subset of the
   same size as a reference;
 * ``select/grad_mismatch``: relative error of the selected batch gradient against the pool's;
-* ``time/features``, ``time/solver``: seconds spent computing features and selecting.
+* ``time/features``, ``time/solver``: seconds spent computing features and selecting;
+  ``time/forward``: the part of ``time/features`` spent in the plain pool (and validation-anchor)
+  forward passes that capture activations and logits (CoLM's SPSA perturbed forwards count as
+  feature work, not here).
 
 Under ``torchrun`` every rank holds the same global pool (the same seeded sampler) and
 ``mode`` says who computes what (see ``docs/distributed.md``):
@@ -127,6 +130,7 @@ class OnlineSelector:
         self.world = world or World()
         self.step = 0
         self.last_info: dict[str, Any] = {}
+        self.forward_seconds = 0.0  # the plain pool forward inside time/features, reset every step
         if mode == "gather" and self.needed() & (_GRAM | {"grads"}) and features.projection_dim is None:
             why = "diagnostics" if not selector.requires & (_GRAM | {"grads"}) else f"selector {selector.name!r}"
             raise ValueError(
@@ -181,12 +185,15 @@ class OnlineSelector:
                     return_info=True,
                 )
                 self.last_info = info
+                self.forward_seconds += info.get("time_forward", 0.0)
                 out.update({k: v.detach().cpu() for k, v in feats.items()})
                 scalar_need = scalar_need - both
             if scalar_need:
                 from mixsel.features import forward_stats
 
+                t0 = time.perf_counter()
                 stats = forward_stats(model, _to(batch, device), hidden="hidden" in scalar_need)
+                self.forward_seconds += time.perf_counter() - t0
                 out.update({k: v.detach().cpu() for k, v in stats.items() if k in scalar_need and torch.is_tensor(v)})
             if "zo_grads" in need:
                 from mixsel.features import spsa_features
@@ -310,6 +317,7 @@ class OnlineSelector:
     ) -> StepResult:
         t0 = time.perf_counter()
         self.step = step
+        self.forward_seconds = 0.0
         rank, world = self.world.rank, self.world.world_size
         n = batch["input_ids"].shape[0]
         if self.mode != "global" and n < world:
@@ -348,7 +356,11 @@ class OnlineSelector:
             else:  # "global": a strided share of the selection
                 local = _take(chosen, slice(rank, None, world))
         t2 = time.perf_counter()
-        metrics: dict[str, float] = {"time/features": t1 - t0, "time/solver": t2 - t1}
+        metrics: dict[str, float] = {
+            "time/features": t1 - t0,
+            "time/forward": self.forward_seconds,
+            "time/solver": t2 - t1,
+        }
         metrics.update(self._diagnostics(feats, chosen, pool))
         return StepResult(selection, metrics, local)
 

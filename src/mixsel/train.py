@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from mixsel.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from mixsel.config import ExperimentConfig, config_to_dict, load_config, save_config
+from mixsel.config import ExperimentConfig, config_to_dict, load_config, save_config, validate
 from mixsel.distributed import all_gather_object, all_reduce_sum, barrier, init_world
 from mixsel.registry import get_reweighter, get_selector
 from mixsel.step import OnlineSelector
@@ -160,6 +160,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     from mixsel.model import build_model, build_tokenizer
 
     # ---- set-up: world, seeds, output folder -------------------------------------------------
+    validate(cfg)  # value ranges, also for configs built in Python rather than loaded
     world = init_world(cfg.train.device)
     device = _device(cfg.train.device, world.local_rank)
     if cfg.train.threads:

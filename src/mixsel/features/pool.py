@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -101,7 +102,10 @@ def pool_gradient_features(
             ``grad_norm`` [n], and the free by-products of the same forward ``loss``, ``confidence``,
             ``perplexity``, ``completion_length``, ``hidden`` [n, H] (``hidden`` with ``lm_head`` only).
         method: exact Gram backend, ``"auto"`` | ``"ghost"`` | ``"materialize"``.
-        return_info: also return which backends ran.
+        return_info: also return an info dict: which backends ran, and ``time_forward``, the seconds
+            of the passes that capture the factors (the pool and validation forwards; with
+            ``source="linear"`` also the backward to the chosen layers). The rest of the call is
+            the feature arithmetic (Grams, projections).
 
     Returns:
         dict of the requested tensors (and an info dict when ``return_info``).
@@ -128,12 +132,16 @@ def pool_gradient_features(
         else:
             mods = list(modules)
 
+    t0 = time.perf_counter()
     fs, stats = _factors(model, pool_batch, source, mods, "hidden" in need)
     out: dict[str, torch.Tensor] = {k: stats[k] for k in need & SCALAR_NEEDS}
     info: dict[str, Any] = {"source": source, "projection_dim": projection_dim, "gram": []}
+    info["time_forward"] = time.perf_counter() - t0
     if not need & GRADIENT_NEEDS:
         return (out, info) if return_info else out
+    t0 = time.perf_counter()
     gs = _factors(model, val_batch, source, mods, False)[0] if wants_val and val_batch is not None else None
+    info["time_forward"] += time.perf_counter() - t0
 
     if projection_dim is not None or "grads" in need:
         # explicit features: exact (materialised) or Kronecker-projected; everything else follows
