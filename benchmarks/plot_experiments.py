@@ -105,12 +105,18 @@ def _plot_overhead(summary: dict, target: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(names)), 4.5))
     bottom = [0.0] * len(names)
-    for key, label in [
-        ("time/features", "pool forward + features"),
-        ("time/solver", "solver"),
-        ("time/train", "train step"),
-    ]:
-        vals = [summary[n].get(key, {}).get("mean", 0.0) for n in names]
+
+    def mean(name: str, key: str) -> float:
+        return summary[name].get(key, {}).get("mean", 0.0)
+
+    # runs logged before time/forward existed show their whole feature time as "features"
+    split = {
+        "pool forward": [mean(n, "time/forward") for n in names],
+        "features (beyond the forward)": [mean(n, "time/features") - mean(n, "time/forward") for n in names],
+        "solver": [mean(n, "time/solver") for n in names],
+        "train step": [mean(n, "time/train") for n in names],
+    }
+    for label, vals in split.items():
         ax.bar(names, vals, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set_ylabel("seconds per step")

@@ -51,6 +51,58 @@ def test_overhead_skips_first_step_and_averages():
     assert runner._overhead(rows) == {"time/step": 2.0}
 
 
+def test_timing_experiments_run_alone(tmp_path, monkeypatch):
+    """A run of an EXCLUSIVE experiment never overlaps another run, in either direction."""
+    import argparse
+
+    exps = tmp_path / "exps"
+    for name in ("timing", "other"):
+        (exps / name).mkdir(parents=True)
+        (exps / name / "c.yaml").write_text(yaml.safe_dump({"runs": {"a": [], "b": [], "c": []}}))
+    monkeypatch.setattr(runner, "EXCLUSIVE", {"timing"})
+    running: set[str] = set()
+    overlaps: list[tuple[str, ...]] = []
+
+    class FakeProc:
+        """Finishes on its second poll; records which runs were alive together."""
+
+        def __init__(self, cmd, **kwargs):
+            self.name = Path(cmd[cmd.index("--config") + 1]).stem
+            self.polls, self.returncode = 0, None
+            running.add(self.name)
+            if len(running) > 1 and any(n.startswith("timing") for n in running):
+                overlaps.append(tuple(sorted(running)))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 2:
+                return None
+            running.discard(self.name)
+            self.returncode = 0
+            return 0
+
+    monkeypatch.setattr(runner.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    monkeypatch.setattr(runner, "copy_light", lambda work, results, task: task.key in finished)
+    finished: set[tuple[str, str, int]] = set()
+    real_poll = FakeProc.poll
+
+    def poll(self):
+        code = real_poll(self)
+        if code == 0:
+            exp, run, seed = self.name.split("__")
+            finished.add((exp, run, int(seed.removeprefix("seed"))))
+        return code
+
+    monkeypatch.setattr(FakeProc, "poll", poll)
+    plan = [("other/c.yaml", [0], ["a"]), ("timing/c.yaml", [0], None), ("other/c.yaml", [0], None)]
+    tasks = runner.plan_tasks(plan, exps, None)
+    args = argparse.Namespace(work=str(tmp_path / "work"), results=str(tmp_path / "res"), jobs=2, budget_minutes=None)
+    report = runner.run_tasks(tasks, args, [])
+    assert len(report["finished"]) == 6 and not report["failed"]
+    assert overlaps == []
+
+
 def test_runner_end_to_end_two_steps(tmp_path):
     exps = tmp_path / "exps"
     (exps / "tiny").mkdir(parents=True)
