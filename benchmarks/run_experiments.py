@@ -53,6 +53,7 @@ PLAN: list[tuple[str, list[int], list[str] | None]] = [
     ("exp3_colm_ablation/compare.yaml", [0], None),
     ("exp1_equal_batch/compare.yaml", [2], None),
     ("exp1b_pool_2b/compare.yaml", [0], None),
+    ("exp5_overhead/compare.yaml", [0], None),
     # seeds 1 and 2 of everything else, in the same priority order
     ("exp4_reweighting/compare.yaml", [1, 2], None),
     ("exp1_equal_batch/compare_more.yaml", [1, 2], None),
@@ -60,7 +61,6 @@ PLAN: list[tuple[str, list[int], list[str] | None]] = [
     ("exp6_finetune/compare.yaml", [1, 2], None),
     ("exp3_colm_ablation/compare.yaml", [1, 2], None),
     ("exp1b_pool_2b/compare.yaml", [1, 2], None),
-    ("exp5_overhead/compare.yaml", [0], None),
 ]
 
 # Experiments whose point is timing: each of their runs starts only when nothing else is running, and
