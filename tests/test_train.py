@@ -173,3 +173,43 @@ def test_reweighters_compose_with_selection(tmp_path, method):
     if method == "dograph":
         # the weights moved away from uniform after the gradient-driven updates
         assert float((weights - 1 / 7).abs().max()) > 1e-6
+
+
+def test_two_stage_doremi_weights_from_a_proxy_run(tmp_path):
+    """Stage one writes average_weights; stage two samples with them through static weights_from."""
+    from mixsel.train import train
+
+    proxy_dir, ref_dir, main_dir = tmp_path / "proxy", tmp_path / "ref", tmp_path / "main"
+    train(_cfg(ref_dir, "train.max_steps=2", "eval.exact_match=0"), progress=False)
+    proxy = train(
+        _cfg(
+            proxy_dir,
+            "train.max_steps=3",
+            "eval.exact_match=0",
+            "reweighting.method=doremi",
+            f"reweighting.reference_model={ref_dir / 'final'}",
+        ),
+        progress=False,
+    )
+    avg = torch.tensor(proxy["average_weights"], dtype=torch.float64)
+    assert abs(float(avg.sum()) - 1) < 1e-9
+    assert float((avg - 1 / 7).abs().max()) > 1e-6  # the proxy moved the weights
+    main = train(
+        _cfg(
+            main_dir,
+            "train.max_steps=1",
+            "eval.exact_match=0",
+            "reweighting.method=static",
+            f"reweighting.options={{weights_from: {proxy_dir}}}",
+        ),
+        progress=False,
+    )
+    assert torch.allclose(torch.tensor(main["final_weights"], dtype=torch.float64), avg, atol=1e-6)
+
+    with pytest.raises(FileNotFoundError, match="weights_from"):
+        train(
+            _cfg(
+                tmp_path / "bad", "reweighting.method=static", f"reweighting.options={{weights_from: {tmp_path}/nope}}"
+            ),
+            progress=False,
+        )

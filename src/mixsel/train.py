@@ -109,6 +109,38 @@ def _selector_state(state: dict[str, Any], world: Any) -> dict[str, Any]:
     return ranks[world.rank]
 
 
+def _weights_from(options: dict[str, Any], domains: list[str]) -> dict[str, Any]:
+    """Resolve ``reweighting.options.weights_from`` (the two-stage DoReMi recipe) into ``weights``.
+
+    ``weights_from`` names a finished run's ``result.json`` (or its folder): its ``average_weights``
+    (DoReMi's stage-one output, Xie et al. 2023 Sec. 2) or else its ``final_weights`` become the
+    ``weights`` option, as a ``{domain: weight}`` mapping, so a domain missing from the file fails
+    loudly in the reweighter instead of being silently misaligned.
+    """
+    source = options.pop("weights_from", None)
+    if source is None:
+        return options
+    if "weights" in options:
+        raise ValueError("reweighting.options has both weights and weights_from: keep one")
+    path = Path(source)
+    if path.is_dir():
+        path = path / "result.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"reweighting.options.weights_from={source!r}: {path} not found; point it at a finished run's "
+            "result.json (e.g. runs/doremi_proxy/result.json)"
+        )
+    result = json.loads(path.read_text())
+    values = result.get("average_weights") or result.get("final_weights")
+    if values is None or "domains" not in result:
+        raise ValueError(f"{path} has no domains / average_weights / final_weights: is it a mixsel result.json?")
+    loaded = dict(zip(result["domains"], values, strict=True))
+    missing = [d for d in domains if d not in loaded]
+    if missing:
+        raise ValueError(f"{path} has no weights for domains {missing} of this run (it has {sorted(loaded)})")
+    return {**options, "weights": {d: float(loaded[d]) for d in domains}}
+
+
 def _domain_gradients(
     cfg: ExperimentConfig,
     model: torch.nn.Module,
@@ -198,8 +230,9 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         mode=cfg.train.distributed_selection,
         world=world,
     )
+    rw_options = _weights_from(dict(cfg.reweighting.options), domains)
     reweighter = get_reweighter(
-        cfg.reweighting.method, domains=domains, update_every=cfg.reweighting.update_every, **cfg.reweighting.options
+        cfg.reweighting.method, domains=domains, update_every=cfg.reweighting.update_every, **rw_options
     )
     needs_grad = getattr(reweighter, "needs_grad", False)
     reference = None
@@ -418,6 +451,11 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         "peak_memory_mb": _peak_memory_mb(device),
         "domains": domains,
         "final_weights": [float(x) for x in reweighter.weights],
+        **(
+            {"average_weights": [float(x) for x in reweighter.average_weights]}
+            if hasattr(reweighter, "average_weights")
+            else {}
+        ),
         **final_val,
         **test,
         "config": config_to_dict(cfg),
