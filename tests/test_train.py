@@ -213,3 +213,24 @@ def test_two_stage_doremi_weights_from_a_proxy_run(tmp_path):
             ),
             progress=False,
         )
+
+
+def test_ignored_selection_weights_are_reported(tmp_path, caplog):
+    from mixsel.train import train
+
+    with caplog.at_level("WARNING", logger="mixsel.train"):
+        train(_cfg(tmp_path / "a", "train.max_steps=1", "eval.exact_match=0", "selection.method=craig"), progress=False)
+    assert any("selection.use_weights=true" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mixsel.train"):
+        train(
+            _cfg(
+                tmp_path / "b",
+                "train.max_steps=1",
+                "eval.exact_match=0",
+                "selection.method=craig",
+                "selection.use_weights=true",
+            ),
+            progress=False,
+        )
+    assert not any("use_weights" in r.getMessage() for r in caplog.records)

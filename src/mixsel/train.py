@@ -339,6 +339,12 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         mine = result.local if result.local is not None else sel
         chosen = mine.indices
         w = mine.weights.to(torch.float32) if cfg.selection.use_weights else torch.ones(len(mine))
+        if step == start and not cfg.selection.use_weights and bool((sel.weights != sel.weights[0]).any()):
+            log.warning(
+                "selector %r returned non-uniform example weights (e.g. CRAIG cluster sizes), which the loss "
+                "ignores: set selection.use_weights=true to train on the weighted coreset",
+                cfg.selection.method,
+            )
         chosen_domains = pool["domain_ids"][chosen]
         if loss_w is not None:
             w = w * loss_w.to(torch.float32)[chosen_domains]
