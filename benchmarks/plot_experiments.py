@@ -115,6 +115,7 @@ def _plot_overhead(summary: dict, target: Path) -> Path | None:
         "features (beyond the forward)": [mean(n, "time/features") - mean(n, "time/forward") for n in names],
         "solver": [mean(n, "time/solver") for n in names],
         "train step": [mean(n, "time/train") for n in names],
+        "reweighting": [mean(n, "time/reweight") for n in names],
     }
     for label, vals in split.items():
         ax.bar(names, vals, bottom=bottom, label=label)

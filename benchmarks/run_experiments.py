@@ -68,7 +68,7 @@ PLAN: list[tuple[str, list[int], list[str] | None]] = [
 # comparable within a seed but carry the contention of a neighbour).
 EXCLUSIVE = {"exp5_overhead"}
 
-TIME_KEYS = ("time/forward", "time/features", "time/solver", "time/train", "time/step")
+TIME_KEYS = ("time/forward", "time/features", "time/solver", "time/train", "time/reweight", "time/step")
 
 
 @dataclass
@@ -256,8 +256,8 @@ def format_extra_tables(summary: dict[str, dict]) -> str:
     if timed:
         lines = [
             "| run | pool forward (s/step) | features, incl. forward (s/step) | solver (s/step) "
-            "| train (s/step) | total (s/step) |",
-            "|---|---|---|---|---|---|",
+            "| train (s/step) | reweighting (s/step) | total (s/step) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for n in timed:
             cells = [_cell(summary[n], k, "{:.3f}") for k in TIME_KEYS]

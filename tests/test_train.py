@@ -173,6 +173,8 @@ def test_reweighters_compose_with_selection(tmp_path, method):
     if method == "dograph":
         # the weights moved away from uniform after the gradient-driven updates
         assert float((weights - 1 / 7).abs().max()) > 1e-6
+        # the domain-gradient pass is timed apart from the train step, and inside the step time
+        assert all(0 < r["time/reweight"] < r["time/step"] for r in rows)
 
 
 def test_two_stage_doremi_weights_from_a_proxy_run(tmp_path):
