@@ -48,7 +48,7 @@ def _plot_curves(runs: dict[str, list[list[dict]]], key: str, title: str, target
         if not steps:
             continue
         mean = [statistics.fmean(c[s] for c in curves) for s in steps]
-        std = [statistics.pstdev([c[s] for c in curves]) for s in steps]
+        std = [statistics.stdev([c[s] for c in curves]) if len(curves) > 1 else 0.0 for s in steps]
         (line,) = ax.plot(steps, mean, marker="o", ms=3, label=f"{name} (n={len(curves)})")
         if len(curves) > 1:
             ax.fill_between(

@@ -13,7 +13,8 @@ waits for NAME), in the order of ``PLAN`` (the headline runs first, so a time bu
 important work), and copies the light files of every finished run (``result.json``,
 ``metrics.jsonl``, ``config.yaml``; never checkpoints) from the work folder to
 ``benchmarks/results/experiments/<experiment>/<run>/seed<s>/``. Then it writes per experiment
-``summary.json`` / ``summary.md`` (mean ± std over the seeds that finished) and calls
+``summary.json`` / ``summary.md`` (mean ± sample std over the seeds that finished), refills the
+marked table blocks of ``docs/results.md`` from them (``fill_doc``; the prose is left alone) and calls
 ``plot_experiments.py``, which reads those results only. Finished runs are skipped, so an
 interrupted pass continues.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -37,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "benchmarks" / "experiments"
 RESULTS = ROOT / "benchmarks" / "results" / "experiments"
 LIGHT_FILES = ("result.json", "metrics.jsonl", "config.yaml")
+DOC = ROOT / "docs" / "results.md"  # its marked table blocks are refilled from the summaries
 
 # (compare file relative to EXPERIMENTS, seeds, runs or None for all) in priority order: the cheap
 # and headline runs first, so that a time budget (--budget-minutes) cuts the least important work.
@@ -249,37 +252,75 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return fmt.format(cell["mean"])
 
 
+def time_table(summary: dict[str, dict]) -> str:
+    """Seconds per step split into pool forward / features / solver / train / reweighting."""
+    timed = [n for n in summary if "time/step" in summary[n]]
+    lines = [
+        "| run | pool forward (s/step) | features, incl. forward (s/step) | solver (s/step) "
+        "| train (s/step) | reweighting (s/step) | total (s/step) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in timed:
+        cells = [_cell(summary[n], k, "{:.3f}") for k in TIME_KEYS]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if timed else ""
+
+
+def conflicts_table(summary: dict[str, dict]) -> str:
+    """Conflicting pairs per step in the selected batch vs a random batch of the same pool."""
+    conf = [n for n in summary if "conflicts_random" in summary[n]]
+    lines = ["| run | conflicts, selected | conflicts, random batch of the same pool |", "|---|---|---|"]
+    for n in conf:
+        lines.append(
+            f"| {n} | {_cell(summary[n], 'conflicts', '{:.1f}')} | {_cell(summary[n], 'conflicts_random', '{:.1f}')} |"
+        )
+    return "\n".join(lines) if conf else ""
+
+
+def domain_table(summary: dict[str, dict]) -> str:
+    """Final validation loss per domain (mean over seeds)."""
+    doms = sorted({d for n in summary for d in summary[n].get("per_domain_val", {})})
+    lines = ["| run | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
+    for n in summary:
+        vals = summary[n].get("per_domain_val", {})
+        lines.append(f"| {n} | " + " | ".join(f"{vals[d]:.3f}" if d in vals else "-" for d in doms) + " |")
+    return "\n".join(lines) if doms else ""
+
+
 def format_extra_tables(summary: dict[str, dict]) -> str:
     """Markdown tables of the per-step time split, conflicts (selected vs random) and per-domain loss."""
-    parts = []
-    timed = [n for n in summary if "time/step" in summary[n]]
-    if timed:
-        lines = [
-            "| run | pool forward (s/step) | features, incl. forward (s/step) | solver (s/step) "
-            "| train (s/step) | reweighting (s/step) | total (s/step) |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for n in timed:
-            cells = [_cell(summary[n], k, "{:.3f}") for k in TIME_KEYS]
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
-        parts.append("\n".join(lines))
-    conf = [n for n in summary if "conflicts_random" in summary[n]]
-    if conf:
-        lines = ["| run | conflicts, selected | conflicts, random batch of the same pool |", "|---|---|---|"]
-        for n in conf:
-            lines.append(
-                f"| {n} | {_cell(summary[n], 'conflicts', '{:.1f}')} | "
-                f"{_cell(summary[n], 'conflicts_random', '{:.1f}')} |"
-            )
-        parts.append("\n".join(lines))
-    doms = sorted({d for n in summary for d in summary[n].get("per_domain_val", {})})
-    if doms:
-        lines = ["| run | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
-        for n in summary:
-            vals = summary[n].get("per_domain_val", {})
-            lines.append(f"| {n} | " + " | ".join(f"{vals[d]:.3f}" if d in vals else "-" for d in doms) + " |")
-        parts.append("\n".join(lines))
+    parts = [t for t in (time_table(summary), conflicts_table(summary), domain_table(summary)) if t]
     return "\n\n".join(parts) + "\n"
+
+
+TABLES = {"main": None, "time": time_table, "conflicts": conflicts_table, "domains": domain_table}
+_MARK = re.compile(r"(<!-- table (\S+?)/(\w+) -->\n)(.*?)(<!-- end table -->)", re.S)
+
+
+def fill_doc(text: str, summaries: dict[str, dict]) -> str:
+    """Replace every ``<!-- table EXPERIMENT/KIND -->`` ... ``<!-- end table -->`` block of ``text``.
+
+    KIND is one of ``main`` (the compare table), ``time``, ``conflicts``, ``domains``. The prose
+    around the blocks is left alone, so ``docs/results.md`` keeps its analysis while its tables
+    always come from the results.
+    """
+    from mixsel.compare import format_table
+
+    def table(match: re.Match) -> str:
+        experiment, kind = match.group(2), match.group(3)
+        if kind not in TABLES:
+            raise ValueError(f"unknown table kind {kind!r} in {match.group(1).strip()}; valid: {sorted(TABLES)}")
+        summary = summaries.get(experiment)
+        if summary is None:
+            body = (
+                f"*(no results for {experiment} yet: run `python benchmarks/run_experiments.py --only {experiment}`)*"
+            )
+        else:
+            fn = TABLES[kind]
+            body = format_table(summary) if fn is None else fn(summary)
+        return f"{match.group(1)}{body.rstrip()}\n{match.group(5)}"
+
+    return _MARK.sub(table, text)
 
 
 def summarize_results(results: Path, experiments: Path) -> dict[str, dict]:
@@ -303,7 +344,7 @@ def summarize_results(results: Path, experiments: Path) -> dict[str, dict]:
             per_seed = [_overhead(_metrics(p.parent)) for p in seeds]
             keys = {k for d in per_seed for k in d}
             extras[run] = {
-                k: {"mean": statistics.fmean(v), "std": statistics.pstdev(v) if len(v) > 1 else 0.0}
+                k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
                 for k in sorted(keys)
                 if (v := [d[k] for d in per_seed if k in d])
             }
@@ -356,7 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         tasks = plan_tasks(plan, experiments, set(args.only) if args.only else None)
         report = run_tasks(tasks, args, extra)
         print(json.dumps({k: v for k, v in report.items() if v}, indent=2))
-    summarize_results(Path(args.results), experiments)
+    summaries = summarize_results(Path(args.results), experiments)
+    if DOC.exists() and Path(args.results).resolve() == RESULTS.resolve():
+        DOC.write_text(fill_doc(DOC.read_text(), summaries))
+        print(f"tables: {DOC}")
     if not args.no_plots:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from plot_experiments import plot_all

@@ -21,10 +21,10 @@ def test_summarize_and_table():
         "b": [{"val/loss_mean": 3.0}],
     }
     summary = summarize(results)
-    assert summary["a"]["val/loss_mean"] == {"mean": 3.0, "std": 1.0}
+    assert summary["a"]["val/loss_mean"] == {"mean": 3.0, "std": 2**0.5}  # sample std (n - 1)
     assert summary["a"]["exact_match"]["mean"] == 0.75
     table = format_table(summary)
-    assert "| a | 3.000 ± 1.000 |" in table
+    assert "| a | 3.000 ± 1.414 |" in table
     assert "| b | 3.000 |" in table
 
 

@@ -54,14 +54,14 @@ def _metric(result: dict[str, Any], key: str) -> float | None:
 
 
 def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Mean and std over seeds of each table column, per run name."""
+    """Mean and sample standard deviation (n - 1) over seeds of each table column, per run name."""
     summary: dict[str, dict[str, Any]] = {}
     for name, runs in results.items():
         row: dict[str, Any] = {"seeds": len(runs)}
         for key, _, _ in _COLUMNS:
             vals = [v for v in (_metric(r, key) for r in runs) if v is not None and math.isfinite(v)]
             if vals:
-                row[key] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0}
+                row[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
         summary[name] = row
     return summary
 

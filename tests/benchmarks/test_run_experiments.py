@@ -129,3 +129,22 @@ def test_runner_end_to_end_two_steps(tmp_path):
     assert summary["random"]["seeds"] == 1 and "time/step" in summary["random"]
     assert (results / "tiny" / "plots" / "val_loss_mean.png").exists()
     assert (results / "tiny" / "plots" / "weights_doremi.png").exists()  # DoReMi's weights move
+
+
+def test_fill_doc_replaces_only_marked_tables():
+    summary = {
+        "random": {"seeds": 2, "val/loss_mean": {"mean": 6.5, "std": 0.25}, "per_domain_val": {"x": 1.0, "y": 2.0}},
+    }
+    doc = (
+        "intro\n<!-- table e1/main -->\nold\n<!-- end table -->\nmiddle prose\n"
+        "<!-- table e1/domains -->\n<!-- end table -->\n<!-- table e9/main -->\nstale\n<!-- end table -->\nend\n"
+    )
+    out = runner.fill_doc(doc, {"e1": summary})
+    assert "old" not in out and "stale" not in out
+    assert out.startswith("intro\n") and "middle prose" in out and out.endswith("end\n")
+    assert "| random | 6.500 ± 0.250 |" in out
+    assert "| random | 1.000 | 2.000 |" in out
+    assert "no results for e9 yet" in out
+    assert runner.fill_doc(out, {"e1": summary}) == out  # idempotent
+    with pytest.raises(ValueError, match="unknown table kind"):
+        runner.fill_doc("<!-- table e1/bogus -->\n<!-- end table -->", {"e1": summary})
