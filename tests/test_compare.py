@@ -24,8 +24,11 @@ def test_summarize_and_table():
     assert summary["a"]["val/loss_mean"] == {"mean": 3.0, "std": 2**0.5}  # sample std (n - 1)
     assert summary["a"]["exact_match"]["mean"] == 0.75
     table = format_table(summary)
-    assert "| a | 3.000 ± 1.414 |" in table
-    assert "| b | 3.000 |" in table
+    assert "| run | seeds | val loss |" in table
+    assert "| a | 2 | 3.000 ± 1.414 |" in table
+    assert "| b | 1 | 3.000 |" in table
+    single = format_table(summarize({"b": results["b"]}))
+    assert single.startswith("| run | val loss |") and "| b | 3.000 |" in single
 
 
 def test_compare_runs_methods_and_chains_reference(tmp_path, capsys):

@@ -67,11 +67,12 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
 
 
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table of the summary (mean ± std over seeds)."""
-    header = "| run | " + " | ".join(title for _, title, _ in _COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(_COLUMNS) + 1)]
+    """A Markdown table of the summary (mean ± std over seeds; a ``seeds`` column when some run has several)."""
+    many = any(row["seeds"] > 1 for row in summary.values())
+    titles = (["seeds"] if many else []) + [title for _, title, _ in _COLUMNS]
+    lines = ["| run | " + " | ".join(titles) + " |", "|" + "---|" * (len(titles) + 1)]
     for name, row in summary.items():
-        cells = []
+        cells = [str(row["seeds"])] if many else []
         for key, _, fmt in _COLUMNS:
             cell = row.get(key)
             if cell is None:

@@ -142,7 +142,7 @@ def test_fill_doc_replaces_only_marked_tables():
     out = runner.fill_doc(doc, {"e1": summary})
     assert "old" not in out and "stale" not in out
     assert out.startswith("intro\n") and "middle prose" in out and out.endswith("end\n")
-    assert "| random | 6.500 ± 0.250 |" in out
+    assert "| random | 2 | 6.500 ± 0.250 |" in out
     assert "| random | 1.000 | 2.000 |" in out
     assert "no results for e9 yet" in out
     assert runner.fill_doc(out, {"e1": summary}) == out  # idempotent
