@@ -319,7 +319,9 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     for step in bar:
         t0 = time.perf_counter()
         weights = reweighter.weights
-        sample_w = weights if reweighter.mode in ("sampling", "both") else None
+        # loss-mode weights leave the pool to the sampler: natural proportions, or the reweighter's
+        # proposal (DoReMi's proxy draws from the uniform mixture, Algorithm 1)
+        sample_w = weights if reweighter.mode in ("sampling", "both") else getattr(reweighter, "proposal_weights", None)
         loss_w = weights * num_domains if reweighter.mode in ("loss", "both") else None
 
         # 1. candidate pool (the same global pool on every rank)

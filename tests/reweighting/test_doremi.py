@@ -146,3 +146,48 @@ def test_weights_stay_on_simplex_for_extreme_inputs(steps, step_size, smoothing)
         assert float(w.min()) >= smoothing / 3 * (1 - 1e-12)
     avg = r.average_weights
     assert bool(torch.isfinite(avg).all()) and math.isclose(float(avg.sum()), 1.0, rel_tol=1e-12)
+
+
+def test_proposal_is_uniform_by_default_and_natural_on_request():
+    rw = get_reweighter("doremi", domains=["a", "b", "c", "d"])
+    assert torch.equal(rw.proposal_weights, torch.full((4,), 0.25, dtype=torch.float64))
+    assert get_reweighter("doremi", domains=["a", "b"], proposal="natural").proposal_weights is None
+    with pytest.raises(ValueError, match="proposal"):
+        get_reweighter("doremi", domains=["a", "b"], proposal="zipf")
+
+
+def test_train_draws_doremi_pools_from_the_proposal(tmp_path, monkeypatch):
+    """Loss-mode DoReMi: the pools come from the uniform proposal, not the natural mixture."""
+    pytest.importorskip("transformers")
+    from mixsel.config import load_config
+    from mixsel.data.sampler import CandidateSampler
+    from mixsel.train import train
+
+    from _fast import FAST
+
+    drawn = []
+    real_draw = CandidateSampler.draw
+
+    def draw(self, weights=None):
+        drawn.append(None if weights is None else weights.clone())
+        return real_draw(self, weights)
+
+    monkeypatch.setattr(CandidateSampler, "draw", draw)
+    ref = tmp_path / "ref"
+    train(
+        load_config(None, [*FAST, f"train.output_dir={ref}", "train.max_steps=1", "eval.exact_match=0"]), progress=False
+    )
+    drawn.clear()
+    cfg = [*FAST, f"train.output_dir={tmp_path / 'p'}", "train.max_steps=2", "eval.exact_match=0"]
+    train(
+        load_config(None, [*cfg, "reweighting.method=doremi", f"reweighting.reference_model={ref}/final"]),
+        progress=False,
+    )
+    assert len(drawn) == 2 and all(torch.allclose(w, torch.full((7,), 1 / 7, dtype=w.dtype)) for w in drawn)
+    drawn.clear()
+    natural = "reweighting.options={proposal: natural}"
+    train(
+        load_config(None, [*cfg, "reweighting.method=doremi", f"reweighting.reference_model={ref}/final", natural]),
+        progress=False,
+    )
+    assert drawn == [None, None]

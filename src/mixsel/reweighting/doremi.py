@@ -77,6 +77,10 @@ class DoReMiReweighter(ScheduledReweighter):
             weight then only drifts by renormalisation) or ``"previous"`` (reuse its last excess).
         mode: where the weights act; default ``"loss"`` (the proxy run of the paper weights the
             per-domain losses with α_t). Use :attr:`average_weights` with ``static`` for stage two.
+        proposal: in ``"loss"`` mode, the domain mixture the candidates are drawn from
+            (:attr:`proposal_weights`): ``"uniform"`` (default; Algorithm 1 samples the proxy's
+            minibatches from the uniform mixture u = 1/k) or ``"natural"`` (the sampler's default,
+            the domains' sizes). Train the reference model on the same mixture.
         update_every: the rule runs once every this many ``update`` calls on the summed window.
     """
 
@@ -94,8 +98,12 @@ class DoReMiReweighter(ScheduledReweighter):
         absent: Absent = "zero",
         mode: Mode | None = None,
         update_every: int = 1,
+        proposal: str = "uniform",
     ) -> None:
         super().__init__(domains, mode=mode, update_every=update_every)
+        if proposal not in ("uniform", "natural"):
+            raise ValueError(f"proposal={proposal!r} must be 'uniform' (Algorithm 1) or 'natural'.")
+        self.proposal = proposal
         if not step_size >= 0 or step_size == float("inf"):
             raise ValueError(f"step_size={step_size} must be a finite number >= 0 (paper: 1.0).")
         if not 0.0 <= smoothing <= 1.0:
@@ -112,6 +120,13 @@ class DoReMiReweighter(ScheduledReweighter):
         self._initial = self._weights.clone()
         self._weight_sum = torch.zeros(self.num_domains, dtype=DTYPE)
         self._excess = torch.zeros(self.num_domains, dtype=DTYPE)
+
+    @property
+    def proposal_weights(self) -> torch.Tensor | None:
+        """Tensor[D] the candidates are drawn from when the weights act on the loss; None = natural."""
+        if self.proposal == "natural":
+            return None
+        return torch.full((self.num_domains,), 1.0 / self.num_domains, dtype=DTYPE)
 
     @property
     def average_weights(self) -> torch.Tensor:
