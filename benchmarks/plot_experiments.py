@@ -40,16 +40,26 @@ def _runs(folder: Path, summary: dict) -> dict[str, list[list[dict]]]:
 
 
 def _plot_curves(runs: dict[str, list[list[dict]]], key: str, title: str, target: Path) -> Path | None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     drawn = False
-    for name, seeds in runs.items():
+    colors = plt.get_cmap("tab20")  # 20 distinct colours: experiment 1 has 16 runs
+    for i, (name, seeds) in enumerate(runs.items()):
         curves = [_curve(rows, key) for rows in seeds]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if not steps:
             continue
         mean = [statistics.fmean(c[s] for c in curves) for s in steps]
         std = [statistics.stdev([c[s] for c in curves]) if len(curves) > 1 else 0.0 for s in steps]
-        (line,) = ax.plot(steps, mean, marker="o", ms=3, label=f"{name} (n={len(curves)})")
+        dashed = "random" in name or name in ("uniform", "stratified")  # the baselines
+        (line,) = ax.plot(
+            steps,
+            mean,
+            marker="o",
+            ms=3,
+            ls="--" if dashed else "-",
+            color=colors(i % 20),
+            label=f"{name} (n={len(curves)})",
+        )
         if len(curves) > 1:
             ax.fill_between(
                 steps,
@@ -65,7 +75,7 @@ def _plot_curves(runs: dict[str, list[list[dict]]], key: str, title: str, target
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.set_title(title)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(target, dpi=100)
     plt.close(fig)

@@ -293,21 +293,55 @@ def format_extra_tables(summary: dict[str, dict]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-TABLES = {"main": None, "time": time_table, "conflicts": conflicts_table, "domains": domain_table}
-_MARK = re.compile(r"(<!-- table (\S+?)/(\w+) -->\n)(.*?)(<!-- end table -->)", re.S)
+def paired_table(summary: dict[str, dict], base: str) -> str:
+    """Per-seed differences of the final mean validation loss against run ``base`` (same seed).
+
+    Pairing by seed removes what the runs of one seed share (the initialisation, the pools, in
+    fine-tuning the pre-trained checkpoint), so small but consistent effects show.
+    """
+    ref = summary.get(base, {}).get("per_seed_val", {})
+    lines = [
+        f"| run | Δ val loss vs {base} (mean ± std over seeds) | lower than {base} in | per seed |",
+        "|---|---|---|---|",
+    ]
+    for name, row in summary.items():
+        mine = row.get("per_seed_val", {})
+        seeds = sorted(set(mine) & set(ref))
+        if name == base or not seeds:
+            continue
+        diffs = [mine[s] - ref[s] for s in seeds]
+        spread = f" ± {statistics.stdev(diffs):.3f}" if len(diffs) > 1 else ""
+        wins = sum(d < 0 for d in diffs)
+        lines.append(
+            f"| {name} | {statistics.fmean(diffs):+.3f}{spread} | {wins} of {len(diffs)} seeds | "
+            + ", ".join(f"{d:+.3f}" for d in diffs)
+            + " |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+TABLES = {
+    "main": None,
+    "time": time_table,
+    "conflicts": conflicts_table,
+    "domains": domain_table,
+    "paired": paired_table,
+}
+_MARK = re.compile(r"(<!-- table (\S+?)/(\w+)(?::(\w+))? -->\n)(.*?)(<!-- end table -->)", re.S)
 
 
 def fill_doc(text: str, summaries: dict[str, dict]) -> str:
     """Replace every ``<!-- table EXPERIMENT/KIND -->`` ... ``<!-- end table -->`` block of ``text``.
 
-    KIND is one of ``main`` (the compare table), ``time``, ``conflicts``, ``domains``. The prose
+    KIND is one of ``main`` (the compare table), ``time``, ``conflicts``, ``domains`` or
+    ``paired:BASE`` (per-seed differences against run BASE). The prose
     around the blocks is left alone, so ``docs/results.md`` keeps its analysis while its tables
     always come from the results.
     """
     from mixsel.compare import format_table
 
     def table(match: re.Match) -> str:
-        experiment, kind = match.group(2), match.group(3)
+        experiment, kind, arg = match.group(2), match.group(3), match.group(4)
         if kind not in TABLES:
             raise ValueError(f"unknown table kind {kind!r} in {match.group(1).strip()}; valid: {sorted(TABLES)}")
         summary = summaries.get(experiment)
@@ -317,8 +351,13 @@ def fill_doc(text: str, summaries: dict[str, dict]) -> str:
             )
         else:
             fn = TABLES[kind]
-            body = format_table(summary) if fn is None else fn(summary)
-        return f"{match.group(1)}{body.rstrip()}\n{match.group(5)}"
+            if kind == "paired":
+                if not arg:
+                    raise ValueError(f"{match.group(1).strip()}: a paired table names its baseline, e.g. paired:random")
+                body = fn(summary, arg)
+            else:
+                body = format_table(summary) if fn is None else fn(summary)
+        return f"{match.group(1)}{body.rstrip()}\n{match.group(6)}"
 
     return _MARK.sub(table, text)
 
@@ -353,6 +392,9 @@ def summarize_results(results: Path, experiments: Path) -> dict[str, dict]:
         summary = summarize(by_run)
         for run, row in summary.items():
             row.update(extras.get(run, {}))
+            row["per_seed_val"] = {
+                str(r.get("seed", i)): r["val/loss_mean"] for i, r in enumerate(by_run[run]) if "val/loss_mean" in r
+            }
             row["per_domain_val"] = {
                 k.split("/", 2)[2]: statistics.fmean(r[k] for r in by_run[run])
                 for k in by_run[run][0]

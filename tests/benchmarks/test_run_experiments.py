@@ -148,3 +148,19 @@ def test_fill_doc_replaces_only_marked_tables():
     assert runner.fill_doc(out, {"e1": summary}) == out  # idempotent
     with pytest.raises(ValueError, match="unknown table kind"):
         runner.fill_doc("<!-- table e1/bogus -->\n<!-- end table -->", {"e1": summary})
+
+
+def test_paired_table_differences_by_seed():
+    summary = {
+        "random": {"seeds": 3, "per_seed_val": {"0": 6.0, "1": 6.5, "2": 7.0}},
+        "m": {"seeds": 3, "per_seed_val": {"0": 5.9, "1": 6.4, "2": 7.1}},
+        "short": {"seeds": 1, "per_seed_val": {"1": 6.2}},
+    }
+    table = runner.paired_table(summary, "random")
+    assert "| m | -0.033 ± 0.115 | 2 of 3 seeds | -0.100, -0.100, +0.100 |" in table
+    assert "| short | -0.300 | 1 of 1 seeds | -0.300 |" in table
+    assert "| random |" not in table
+    doc = runner.fill_doc("<!-- table e/paired:random -->\n<!-- end table -->", {"e": summary})
+    assert "| m | -0.033" in doc
+    with pytest.raises(ValueError, match="names its baseline"):
+        runner.fill_doc("<!-- table e/paired -->\n<!-- end table -->", {"e": summary})
