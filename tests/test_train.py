@@ -236,3 +236,20 @@ def test_ignored_selection_weights_are_reported(tmp_path, caplog):
             progress=False,
         )
     assert not any("use_weights" in r.getMessage() for r in caplog.records)
+
+
+def test_selections_log_starts_fresh_and_resumes_without_duplicates(tmp_path):
+    from mixsel.train import train
+
+    args = ["eval.exact_match=0", "train.log_selections=true", "selection.method=stratified"]
+    train(_cfg(tmp_path, "train.max_steps=3", *args), progress=False)
+    train(_cfg(tmp_path, "train.max_steps=3", *args), progress=False)  # a fresh run into the same folder
+    steps = [json.loads(line)["step"] for line in (tmp_path / "selections.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+    straight = tmp_path / "straight"
+    train(_cfg(straight, "train.max_steps=4", *args), progress=False)
+    cut = tmp_path / "cut"
+    train(_cfg(cut, "train.max_steps=4", "train.stop_after=2", *args), progress=False)
+    train(_cfg(cut, "train.max_steps=4", "train.resume=true", *args), progress=False)
+    assert (cut / "selections.jsonl").read_text() == (straight / "selections.jsonl").read_text()

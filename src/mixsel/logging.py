@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["JsonlLogger", "MetricLogger", "TensorBoardLogger", "build_loggers"]
+__all__ = ["JsonlLogger", "MetricLogger", "TensorBoardLogger", "build_loggers", "truncate_jsonl"]
 
 
 class MetricLogger(Protocol):
@@ -26,6 +26,22 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def truncate_jsonl(path: str | Path, truncate_from: int) -> None:
+    """Drop the lines of a ``{"step": s, ...}`` JSONL file with ``s >= truncate_from`` (and unreadable
+    ones), so a resumed run does not duplicate steps and a fresh one (``truncate_from=0``) starts empty."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", -1) < truncate_from:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(k + "\n" for k in kept))
+
+
 class JsonlLogger:
     """Appends one JSON object per ``log`` call to ``path`` (``{"step": s, ...metrics}``).
 
@@ -35,15 +51,8 @@ class JsonlLogger:
     def __init__(self, path: str | Path, truncate_from: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if truncate_from is not None and self.path.exists():
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", -1) < truncate_from:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue
-            self.path.write_text("".join(k + "\n" for k in kept))
+        if truncate_from is not None:
+            truncate_jsonl(self.path, truncate_from)
         self._fh = self.path.open("a")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

@@ -188,7 +188,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     from mixsel.data.sampler import CandidateSampler
     from mixsel.evaluate import domain_losses, exact_match
     from mixsel.features.loss import per_example_loss
-    from mixsel.logging import build_loggers
+    from mixsel.logging import build_loggers, truncate_jsonl
     from mixsel.model import build_model, build_tokenizer
 
     # ---- set-up: world, seeds, output folder -------------------------------------------------
@@ -264,6 +264,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         log.info("resumed from step %d", start)
     # metrics.jsonl keeps the lines up to the resumed step (all of them are dropped on a fresh start)
     loggers = build_loggers(out, [], truncate_from=start + 1 if start else 0) if world.is_main else []
+    if world.is_main and cfg.train.log_selections:  # the same for the selections log
+        truncate_jsonl(out / "selections.jsonl", start + 1 if start else 0)
 
     def log_metrics(metrics: dict[str, Any], step: int) -> None:
         for logger in loggers:
