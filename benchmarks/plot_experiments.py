@@ -26,6 +26,14 @@ from mixsel.plots import plot_weights, read_metrics
 __all__ = ["plot_all", "plot_experiment"]
 
 
+def _save(fig: plt.Figure, target: Path) -> Path:
+    """Lay out, write (100 dpi) and close ``fig``; return ``target``."""
+    fig.tight_layout()
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    return target
+
+
 def _curve(rows: list[dict], key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in rows if isinstance(r.get(key), (int, float))}
 
@@ -76,10 +84,7 @@ def _plot_curves(runs: dict[str, list[list[dict]]], key: str, title: str, target
     ax.set_ylabel(key)
     ax.set_title(title)
     ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
-    return target
+    return _save(fig, target)
 
 
 def _plot_final(summary: dict, target: Path) -> Path | None:
@@ -103,10 +108,7 @@ def _plot_final(summary: dict, target: Path) -> Path | None:
     ax.set_xticks(list(xs), names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("final validation loss")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
-    return target
+    return _save(fig, target)
 
 
 def _plot_overhead(summary: dict, target: Path) -> Path | None:
@@ -135,10 +137,7 @@ def _plot_overhead(summary: dict, target: Path) -> Path | None:
     for lab in ax.get_xticklabels():
         lab.set_ha("right")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
-    return target
+    return _save(fig, target)
 
 
 def _plot_conflicts(summary: dict, target: Path) -> Path | None:
@@ -166,10 +165,7 @@ def _plot_conflicts(summary: dict, target: Path) -> Path | None:
     ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("conflicting pairs per step (of 120)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
-    return target
+    return _save(fig, target)
 
 
 def _plot_domains(summary: dict, target: Path) -> Path | None:
@@ -189,10 +185,7 @@ def _plot_domains(summary: dict, target: Path) -> Path | None:
     ax.set_xticks(range(len(domains)), domains, rotation=20, fontsize=8)
     ax.set_ylabel("final validation loss")
     ax.legend(fontsize=6, ncol=3)
-    fig.tight_layout()
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
-    return target
+    return _save(fig, target)
 
 
 def plot_experiment(folder: Path) -> list[Path]:

@@ -243,17 +243,10 @@ def _overhead(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def _cell(row: dict, key: str, fmt: str) -> str:
-    cell = row.get(key)
-    if not isinstance(cell, dict):
-        return "-"
-    if row.get("seeds", 1) > 1:
-        return f"{fmt.format(cell['mean'])} ± {fmt.format(cell['std'])}"
-    return fmt.format(cell["mean"])
-
-
 def time_table(summary: dict[str, dict]) -> str:
     """Seconds per step split into pool forward / features / solver / train / reweighting."""
+    from mixsel.compare import format_cell
+
     timed = [n for n in summary if "time/step" in summary[n]]
     lines = [
         "| run | pool forward (s/step) | features, incl. forward (s/step) | solver (s/step) "
@@ -261,19 +254,20 @@ def time_table(summary: dict[str, dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for n in timed:
-        cells = [_cell(summary[n], k, "{:.3f}") for k in TIME_KEYS]
+        cells = [format_cell(summary[n], k, "{:.3f}") for k in TIME_KEYS]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if timed else ""
 
 
 def conflicts_table(summary: dict[str, dict]) -> str:
     """Conflicting pairs per step in the selected batch vs a random batch of the same pool."""
+    from mixsel.compare import format_cell
+
     conf = [n for n in summary if "conflicts_random" in summary[n]]
     lines = ["| run | conflicts, selected | conflicts, random batch of the same pool |", "|---|---|---|"]
     for n in conf:
-        lines.append(
-            f"| {n} | {_cell(summary[n], 'conflicts', '{:.1f}')} | {_cell(summary[n], 'conflicts_random', '{:.1f}')} |"
-        )
+        selected, rand = (format_cell(summary[n], key, "{:.1f}") for key in ("conflicts", "conflicts_random"))
+        lines.append(f"| {n} | {selected} | {rand} |")
     return "\n".join(lines) if conf else ""
 
 

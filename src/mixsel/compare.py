@@ -66,21 +66,23 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
     return summary
 
 
+def format_cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    """One summary cell: ``mean ± std`` when the row has several seeds, ``mean`` for one, ``-`` if absent."""
+    cell = row.get(key)
+    if not isinstance(cell, dict):
+        return "-"
+    if row.get("seeds", 1) > 1:
+        return f"{fmt.format(cell['mean'])} ± {fmt.format(cell['std'])}"
+    return fmt.format(cell["mean"])
+
+
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
     """A Markdown table of the summary (mean ± std over seeds; a ``seeds`` column when some run has several)."""
     many = any(row["seeds"] > 1 for row in summary.values())
     titles = (["seeds"] if many else []) + [title for _, title, _ in _COLUMNS]
     lines = ["| run | " + " | ".join(titles) + " |", "|" + "---|" * (len(titles) + 1)]
     for name, row in summary.items():
-        cells = [str(row["seeds"])] if many else []
-        for key, _, fmt in _COLUMNS:
-            cell = row.get(key)
-            if cell is None:
-                cells.append("-")
-            elif row["seeds"] > 1:
-                cells.append(f"{fmt.format(cell['mean'])} ± {fmt.format(cell['std'])}")
-            else:
-                cells.append(fmt.format(cell["mean"]))
+        cells = ([str(row["seeds"])] if many else []) + [format_cell(row, key, fmt) for key, _, fmt in _COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -216,9 +216,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
 
     # ---- selection and reweighting -----------------------------------------------------------
-    k, pool_size = cfg.train.batch_size, cfg.train.pool_size
-    if k > pool_size:
-        raise ValueError(f"train.batch_size={k} exceeds train.pool_size={pool_size}; the pool must be at least k")
+    k, pool_size = cfg.train.batch_size, cfg.train.pool_size  # validate(cfg) checked k <= pool_size
     selector = get_selector(cfg.selection.method, **cfg.selection.options)
     online = OnlineSelector(
         selector,
