@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     from mixsel.config import LoraConfig, ModelConfig
     from mixsel.data.embedded import EMBEDDED_DOMAINS, load_embedded_tokenizer
-    from mixsel.integrations.hf import SelectionConfig, SelectionTrainer
+    from mixsel.integrations.hf import SelectionTrainer, SelectionTrainingArguments
     from mixsel.model import build_model
 
     torch.manual_seed(args.seed)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tokenizer,
     )
 
-    config = SelectionConfig(
+    config = SelectionTrainingArguments(
         output_dir=args.output_dir,
         selector=args.selector,
         selector_options=json.loads(args.selector_options),

@@ -1,6 +1,6 @@
 import torch
 
-from mixsel.metrics import conflicting_pairs, domain_composition, gradient_mismatch
+from mixsel.metrics import conflicting_pairs, gradient_mismatch
 
 
 def test_conflicting_pairs_hand_counted():
@@ -18,7 +18,3 @@ def test_gradient_mismatch():
     assert abs(gradient_mismatch(gram, torch.tensor([0, 1, 2]))) < 1e-12
     # selecting row 2 alone: mean (2/3, 2/3) vs (1, 1): err = 2*(1/3)^2 = 2/9, ref = 8/9 -> 0.25
     assert abs(gradient_mismatch(gram, torch.tensor([2])) - 0.25) < 1e-12
-
-
-def test_domain_composition():
-    assert domain_composition(torch.tensor([0, 0, 2, 2]), 3).tolist() == [0.5, 0.0, 0.5]

@@ -96,6 +96,8 @@ class FeatureConfig:
     projection_dim: int | None = None
     normalize: bool = False
     val_anchors: int = 2
+    zo_module: str | None = None
+    zo_eps: float = 1e-3
 
 
 @dataclass
@@ -136,7 +138,6 @@ class TrainConfig:
     log_selections: bool = False
     device: str = "auto"
     threads: int | None = None
-    compile: bool = False
     distributed_selection: str = "global"
     autocast: str | None = None
 

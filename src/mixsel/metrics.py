@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["conflicting_pairs", "domain_composition", "gradient_mismatch"]
+__all__ = ["conflicting_pairs", "gradient_mismatch"]
 
 
 def conflicting_pairs(gram: torch.Tensor, indices: torch.Tensor | None = None) -> int:
@@ -42,9 +42,3 @@ def gradient_mismatch(gram: torch.Tensor, indices: torch.Tensor, weights: torch.
     err = float(diff @ gram @ diff)
     ref = float(u @ gram @ u)
     return err / ref if ref > 0 else float("nan")
-
-
-def domain_composition(domains: torch.Tensor, num_domains: int) -> torch.Tensor:
-    """Fraction of each domain in a set of domain ids."""
-    counts = torch.bincount(domains, minlength=num_domains).to(torch.float64)
-    return counts / counts.sum().clamp_min(1)

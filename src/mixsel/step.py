@@ -107,9 +107,6 @@ class OnlineSelector:
         *,
         seed: int = 0,
         diagnostics: bool = False,
-        domain_names: list[str] | None = None,
-        zo_module: str | None = None,
-        zo_eps: float = 1e-3,
         mode: str = "global",
         world: World | None = None,
     ) -> None:
@@ -123,13 +120,9 @@ class OnlineSelector:
         self.num_domains = num_domains
         self.seed = seed
         self.diagnostics = diagnostics
-        self.domain_names = domain_names
-        self.zo_module = zo_module
-        self.zo_eps = zo_eps
         self.mode = mode
         self.world = world or World()
         self.step = 0
-        self.last_info: dict[str, Any] = {}
         self.forward_seconds = 0.0  # the plain pool forward inside time/features, reset every step
         if mode == "gather" and self.needed() & (_GRAM | {"grads"}) and features.projection_dim is None:
             why = "diagnostics" if not selector.requires & (_GRAM | {"grads"}) else f"selector {selector.name!r}"
@@ -184,7 +177,6 @@ class OnlineSelector:
                     need=tuple(sorted(grad_need | both)),
                     return_info=True,
                 )
-                self.last_info = info
                 self.forward_seconds += info.get("time_forward", 0.0)
                 out.update({k: v.detach().cpu() for k, v in feats.items()})
                 scalar_need = scalar_need - both
@@ -201,7 +193,11 @@ class OnlineSelector:
                 # a fresh direction every step: CoLM's smoothed zeroth-order estimate (seed 004, Eq. 6);
                 # the seed is the same on every rank, so the directions are too
                 spsa = spsa_features(
-                    model, _to(batch, device), module=self.zo_module, eps=self.zo_eps, seed=self.seed * 7919 + self.step
+                    model,
+                    _to(batch, device),
+                    module=self.features.zo_module,
+                    eps=self.features.zo_eps,
+                    seed=self.seed * 7919 + self.step,
                 )
                 spsa = dataclasses.replace(spsa, coefficients=spsa.coefficients.detach().cpu())
         finally:
@@ -299,7 +295,6 @@ class OnlineSelector:
             step=step,
             lr=lr,
             seed=seed,
-            domain_names=self.domain_names,
             val_domains=val_batch["domain_ids"].cpu() if val_batch is not None and "domain_ids" in val_batch else None,
         )
         return self.selector.select(pool, k), pool

@@ -42,12 +42,12 @@ from typing import Any
 
 import torch
 
+from mixsel import bookkeeping
 from mixsel.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mixsel.config import ExperimentConfig, config_to_dict, load_config, save_config, validate
 from mixsel.distributed import all_gather_object, all_reduce_sum, barrier, init_world
 from mixsel.registry import get_reweighter, get_selector
 from mixsel.step import OnlineSelector
-from mixsel.types import DomainStats
 
 __all__ = ["main", "train"]
 
@@ -141,45 +141,6 @@ def _weights_from(options: dict[str, Any], domains: list[str]) -> dict[str, Any]
     return {**options, "weights": {d: float(loaded[d]) for d in domains}}
 
 
-def _domain_gradients(
-    cfg: ExperimentConfig,
-    model: torch.nn.Module,
-    pool: dict[str, torch.Tensor],
-    val_split: Any,
-    pad_id: int,
-    world: Any,
-    num_domains: int,
-    step: int,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed per-domain gradient features of this rank's pool share, and (on update steps) the
-    validation gradient: projected LM-head / layer gradients (``reweighting.projection_dim``)."""
-    from mixsel.features import pool_gradient_features
-
-    device = next(model.parameters()).device
-    keys = ("input_ids", "attention_mask", "labels")
-    rows = torch.arange(pool["input_ids"].shape[0])[world.rank :: world.world_size]
-    kwargs = {
-        "source": cfg.selection.features.source,
-        "modules": cfg.selection.features.modules,
-        "projection_dim": cfg.reweighting.projection_dim,
-        "seed": cfg.seed,
-        "need": ("grads",),
-    }
-    was_training = model.training
-    model.eval()
-    grads = pool_gradient_features(model, {k: pool[k][rows].to(device) for k in keys}, **kwargs)["grads"].cpu()
-    doms = pool["domain_ids"][rows]
-    summed = torch.zeros(num_domains, grads.shape[1], dtype=torch.float64).index_add_(0, doms, grads.double())
-    val_grad = None
-    if step == 0 or (step + 1) % cfg.reweighting.update_every == 0:
-        idx = torch.cat([val_split.indices_of(d)[: cfg.reweighting.val_per_domain] for d in range(num_domains)])
-        vb = val_split.collate(idx, pad_id)
-        val_grad = pool_gradient_features(model, {k: vb[k].to(device) for k in keys}, **kwargs)["grads"]
-        val_grad = val_grad.double().mean(0).cpu()
-    model.train(was_training)
-    return summed, val_grad
-
-
 def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run one experiment; returns the content of ``result.json``."""
     from tqdm.auto import tqdm
@@ -224,7 +185,6 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         num_domains,
         seed=cfg.seed,
         diagnostics=cfg.selection.diagnostics,
-        domain_names=domains,
         mode=cfg.train.distributed_selection,
         world=world,
     )
@@ -232,14 +192,13 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     reweighter = get_reweighter(
         cfg.reweighting.method, domains=domains, update_every=cfg.reweighting.update_every, **rw_options
     )
-    needs_grad = getattr(reweighter, "needs_grad", False)
     reference = None
     if cfg.reweighting.reference_model:
         from mixsel.config import ModelConfig
 
         reference = build_model(ModelConfig(name_or_path=cfg.reweighting.reference_model), tokenizer).to(device)
         reference.eval().requires_grad_(False)
-    elif getattr(reweighter, "needs_reference", False):
+    elif reweighter.needs_reference:
         raise ValueError(
             f"reweighting.method={cfg.reweighting.method!r} needs a reference model: train one on the natural "
             "mixture (mixsel train selection.method=random) and set reweighting.reference_model=<run>/final"
@@ -321,16 +280,14 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         weights = reweighter.weights
         # loss-mode weights leave the pool to the sampler: natural proportions, or the reweighter's
         # proposal (DoReMi's proxy draws from the uniform mixture, Algorithm 1)
-        sample_w = weights if reweighter.mode in ("sampling", "both") else getattr(reweighter, "proposal_weights", None)
-        loss_w = weights * num_domains if reweighter.mode in ("loss", "both") else None
+        sample_w, loss_w = bookkeeping.mixture_weights(reweighter)
 
         # 1. candidate pool (the same global pool on every rank)
         pool_ids = sampler.draw(sample_w)
         pool = train_split.collate(pool_ids, pad_id)
 
         # 2. selection (validation anchors drawn per step, identically on every rank)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        anchors = torch.randperm(len(val_split), generator=g)[: cfg.selection.features.val_anchors]
+        anchors = bookkeeping.draw_anchors(len(val_split), cfg.selection.features.val_anchors, seed=cfg.seed, step=step)
         val_batch = val_split.collate(anchors, pad_id)
         lr = scheduler.get_last_lr()[0]
         result = online(model, pool, k, step=step, lr=lr, val_batch=val_batch, domain_weights=weights)
@@ -340,16 +297,12 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         # 3. weighted train step on this rank's share of the selection
         mine = result.local if result.local is not None else sel
         chosen = mine.indices
-        w = mine.weights.to(torch.float32) if cfg.selection.use_weights else torch.ones(len(mine))
-        if step == start and not cfg.selection.use_weights and bool((sel.weights != sel.weights[0]).any()):
-            log.warning(
-                "selector %r returned non-uniform example weights (e.g. CRAIG cluster sizes), which the loss "
-                "ignores: set selection.use_weights=true to train on the weighted coreset",
-                cfg.selection.method,
-            )
         chosen_domains = pool["domain_ids"][chosen]
-        if loss_w is not None:
-            w = w * loss_w.to(torch.float32)[chosen_domains]
+        w = bookkeeping.example_weights(
+            mine, chosen_domains, use_weights=cfg.selection.use_weights, loss_weights=loss_w
+        )
+        if step == start:
+            bookkeeping.warn_unused_weights(sel, use_weights=cfg.selection.use_weights, method=cfg.selection.method)
         total_w = all_reduce_sum(w.sum().clone()).clamp_min(1e-12)
         optimizer.zero_grad(set_to_none=True)
         losses = []
@@ -377,33 +330,32 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         scheduler.step()
         t2 = time.perf_counter()
 
-        # 4. domain statistics -> reweighter
-        per_ex = torch.cat(losses) if losses else torch.zeros(0)
-        stats = DomainStats(
-            counts=torch.bincount(chosen_domains, minlength=num_domains).to(torch.float64),
-            loss_sum=torch.zeros(num_domains, dtype=torch.float64).index_add_(0, chosen_domains, per_ex.double()),
+        # 4. domain statistics (summed over ranks) -> reweighter
+        trained = {key: pool[key][chosen] for key in ("input_ids", "attention_mask", "labels")}
+        stats = bookkeeping.domain_stats(
+            chosen_domains,
+            torch.cat(losses) if losses else torch.zeros(0),
+            num_domains,
             step=step,
+            ref_losses=bookkeeping.reference_losses(reference, trained, mb) if reference is not None else None,
         )
-        if reference is not None:
-            with torch.no_grad():
-                ref = []
-                for s in range(0, len(chosen), mb):
-                    rows = chosen[s : s + mb]
-                    logits = reference(
-                        input_ids=pool["input_ids"][rows].to(device),
-                        attention_mask=pool["attention_mask"][rows].to(device),
-                    ).logits
-                    ref.append(per_example_loss(logits.float(), pool["labels"][rows].to(device)).cpu())
-            stats.ref_loss_sum = torch.zeros(num_domains, dtype=torch.float64).index_add_(
-                0, chosen_domains, torch.cat(ref).double()
+        if reweighter.needs_grad:  # domain gradient statistics (DoGraph): this rank's share of the pool
+            rows = torch.arange(pool["input_ids"].shape[0])[world.rank :: world.world_size]
+            val_rows = bookkeeping.balanced_rows(val_split.domain_ids, num_domains, cfg.reweighting.val_per_domain)
+            stats.grad, stats.val_grad = bookkeeping.domain_gradients(
+                model,
+                {key: pool[key][rows] for key in ("input_ids", "attention_mask", "labels")},
+                pool["domain_ids"][rows],
+                num_domains,
+                val_batch=val_split.collate(val_rows, pad_id)
+                if bookkeeping.is_update_step(step, cfg.reweighting.update_every)
+                else None,
+                source=cfg.selection.features.source,
+                modules=cfg.selection.features.modules,
+                projection_dim=cfg.reweighting.projection_dim,
+                seed=cfg.seed,
             )
-        if needs_grad:  # domain gradient statistics (DoGraph): this rank's share of the pool, then summed
-            stats.grad, stats.val_grad = _domain_gradients(
-                cfg, model, pool, val_split, pad_id, world, num_domains, step
-            )
-        for name in ("counts", "loss_sum", "ref_loss_sum", "grad"):
-            if getattr(stats, name) is not None:
-                all_reduce_sum(getattr(stats, name))
+        bookkeeping.reduce_stats(stats, all_reduce_sum)
         reweighter.update(stats)  # the reweighter accumulates and acts every reweighting.update_every calls
         t3 = time.perf_counter()
 
@@ -421,8 +373,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         )
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
-        if hasattr(reweighter, "log_dict"):
-            metrics.update({k: v for k, v in reweighter.log_dict().items() if not k.startswith("weights/")})
+        metrics.update({k: v for k, v in reweighter.log_dict().items() if not k.startswith("weights/")})
         comp = stats.counts / stats.counts.sum().clamp_min(1)
         for d, name in enumerate(domains):
             metrics[f"select/frac/{name}"] = float(comp[d])
@@ -463,7 +414,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         "final_weights": [float(x) for x in reweighter.weights],
         **(
             {"average_weights": [float(x) for x in reweighter.average_weights]}
-            if hasattr(reweighter, "average_weights")
+            if reweighter.average_weights is not None
             else {}
         ),
         **final_val,

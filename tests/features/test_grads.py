@@ -10,15 +10,14 @@ from features_oracle import per_sample_grads, rel_err
 
 from mixsel.features import (
     find_last_module,
-    last_layer_grad_norm,
     last_layer_grads,
     last_layer_gram,
-    linear_grad_norm,
     linear_grads,
     linear_gram,
 )
 from mixsel.features.grads import factor_gram, ghost_gram
 from mixsel.features.loss import GradFactors
+from mixsel.features.pool import pool_gradient_features
 
 from conftest import make_batch, make_tiny_llama
 
@@ -121,7 +120,7 @@ def test_ghost_gram_hand_value():
 
 def test_grad_norm_is_gram_diagonal(model64, pool, head_oracle):
     ref, _ = head_oracle
-    norms = last_layer_grad_norm(model64, pool)
+    norms = pool_gradient_features(model64, pool, need=("grad_norm",))["grad_norm"]
     assert rel_err(norms, ref.norm(dim=1)) <= TOL
     assert norms[4] == 0
 
@@ -150,7 +149,8 @@ def test_linear_grads_and_gram_match_vmap(model64, pool, val):
         kc, info = linear_gram(model64, pool, names, val, method=method, return_info=True)
         assert info["method"] == method and len(info["modules"]) == 3
         assert rel_err(kc, ref @ ref_val.T) <= TOL
-    assert rel_err(linear_grad_norm(model64, pool, names), ref.norm(dim=1)) <= TOL
+    norms = pool_gradient_features(model64, pool, source="linear", modules=names, need=("grad_norm",))["grad_norm"]
+    assert rel_err(norms, ref.norm(dim=1)) <= TOL
     # parameters' requires_grad and .grad are left as they were
     assert all(p.grad is None for p in model64.parameters())
 

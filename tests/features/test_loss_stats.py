@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixsel.features import forward_stats, mean_pool, per_example_loss, pooled_hidden
+from mixsel.features import forward_stats, mean_pool, per_example_loss
 
 from conftest import make_batch, make_tiny_llama
 
@@ -66,7 +66,6 @@ def test_forward_stats_match_model_loss_and_loops():
         out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     want = mean_pool(out.last_hidden_state, batch["attention_mask"])
     assert torch.allclose(s["hidden"], want, rtol=1e-10, atol=1e-12)
-    assert torch.allclose(pooled_hidden(model, batch), want, rtol=1e-10, atol=1e-12)
     f = s["lm_head"]
     assert f.err.shape[-1] == 97 and f.h.shape[-1] == 32
     assert torch.equal(f.counts, s["completion_length"].long())

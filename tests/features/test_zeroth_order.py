@@ -9,12 +9,12 @@ from mixsel.features import (
     AdamNormalizer,
     find_last_module,
     forward_stats,
-    l1_distances,
     linear_grads,
     spsa_direction,
     spsa_features,
     topk_source_mask,
 )
+from mixsel.solvers import pairwise_l1
 
 from conftest import make_batch, make_tiny_llama
 
@@ -129,6 +129,6 @@ def test_topk_source_mask_and_l1():
     assert topk_source_mask(feats, domains, hidden_size=1)[2].tolist() == [False, False, True, False]
     with pytest.raises(ValueError, match="hidden_size"):
         topk_source_mask(feats, domains)
-    d = l1_distances(feats, mask[0])
+    d = pairwise_l1(feats[:, mask[0]])  # CoLM's distances on source 0's sparsified coordinates
     assert d.tolist() == [[0.0, 4.0, 4.0], [4.0, 0.0, 4.0], [4.0, 4.0, 0.0]]
-    assert l1_distances(feats)[0, 2].item() == 3 + 1 + 5 + 3
+    assert pairwise_l1(feats)[0, 2].item() == 3 + 1 + 5 + 3

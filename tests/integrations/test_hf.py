@@ -12,7 +12,7 @@ datasets = pytest.importorskip("datasets")
 
 from transformers import TrainerCallback  # noqa: E402
 
-from mixsel.integrations.hf import ReweightingCallback, SelectionConfig, SelectionTrainer  # noqa: E402
+from mixsel.integrations.hf import ReweightingCallback, SelectionTrainer, SelectionTrainingArguments  # noqa: E402
 from mixsel.selection.budgets import budgets_from_weights, proportional_budgets  # noqa: E402
 
 from conftest import make_tiny_llama  # noqa: E402
@@ -55,7 +55,7 @@ def make_args(tmp_path, **overrides):
         disable_tqdm=True,
     )
     base.update(overrides)
-    return SelectionConfig(**base)
+    return SelectionTrainingArguments(**base)
 
 
 class Spy:
@@ -193,14 +193,14 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="pool_factor"):
         make_args(tmp_path, pool_factor=0)
     model = make_tiny_llama()
-    with pytest.raises(ValueError, match="not in SelectionConfig.domains"):
+    with pytest.raises(ValueError, match="not in SelectionTrainingArguments.domains"):
         trainer = SelectionTrainer(
             model=model, args=make_args(tmp_path, domains=["a", "b"]), train_dataset=make_dataset()
         )
         trainer.train()
     with pytest.raises(ValueError, match="reference_model"):
         SelectionTrainer(model=model, args=make_args(tmp_path, reweighter="doremi", domains=DOMAINS))
-    with pytest.raises(TypeError, match="SelectionConfig"):
+    with pytest.raises(TypeError, match="SelectionTrainingArguments"):
         from transformers import TrainingArguments
 
         SelectionTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
@@ -301,3 +301,43 @@ def test_gradient_accumulation_selects_per_micro_step(tmp_path):
     assert math.isfinite(out.training_loss)
     # each optimiser step logs the mean of its two micro-batch losses (Trainer divides by 2 and sums)
     assert all(3.0 < h["loss"] < 6.0 for h in trainer.state.log_history if "loss" in h)
+
+
+def test_dograph_runs_in_the_trainer_with_domain_gradients(tmp_path):
+    """DoGraph declares needs_grad: the trainer feeds it projected domain gradients and a validation target."""
+    args = make_args(
+        tmp_path,
+        max_steps=4,
+        selector="random",
+        domains=DOMAINS,
+        reweighter="dograph",
+        reweighter_options={"update_every": 2, "step_size": 5.0},
+        reweighting_projection_dim=16,
+        reweighting_val_per_domain=2,
+        gradient_accumulation_steps=2,
+    )
+    trainer = SelectionTrainer(
+        model=make_tiny_llama(), args=args, train_dataset=make_dataset(), eval_dataset=make_dataset(seed=1)
+    )
+    seen = []
+    update = trainer.reweighting_callback.reweighter.update
+
+    def spy(stats):
+        seen.append(stats)
+        return update(stats)
+
+    trainer.reweighting_callback.reweighter.update = spy
+    trainer.train()
+    rw = trainer.reweighting_callback.reweighter
+    # one update() call per optimiser step (micro-steps accumulated), the rule applied every 2 calls
+    assert len(seen) == 4 and rw.num_calls == 4 and rw.num_updates == 2
+    assert all(s.grad is not None and s.grad.shape == (3, 16) for s in seen)
+    # the validation target is computed on the steps that end an update window (and the first)
+    assert [s.val_grad is not None for s in seen] == [True, True, False, True]
+    assert not torch.allclose(rw.weights, torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-6)
+
+
+def test_dograph_in_the_trainer_needs_validation_rows(tmp_path):
+    args = make_args(tmp_path, selector="random", domains=DOMAINS, reweighter="dograph")
+    with pytest.raises(ValueError, match="reweighter 'dograph' need validation examples"):
+        SelectionTrainer(model=make_tiny_llama(), args=args, train_dataset=make_dataset())

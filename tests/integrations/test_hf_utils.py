@@ -31,9 +31,9 @@ def test_domain_collator_maps_names_and_keeps_ids():
     assert batch["domain"].tolist() == [1, 0] and batch["domain"].dtype == torch.long
     ids = DomainCollator(inner, "domain", None)([{"input_ids": [1], "domain": 2}, {"input_ids": [1], "domain": 0}])
     assert ids["domain"].tolist() == [2, 0]
-    with pytest.raises(ValueError, match="not in SelectionConfig.domains"):
+    with pytest.raises(ValueError, match="not in SelectionTrainingArguments.domains"):
         DomainCollator(inner, "domain", ["code"])(rows)
-    with pytest.raises(ValueError, match="set SelectionConfig.domains"):
+    with pytest.raises(ValueError, match="set SelectionTrainingArguments.domains"):
         domain_id_of("math", None, "domain")
     with pytest.raises(ValueError, match="out of range"):
         domain_id_of(3, ["a", "b"], "domain")

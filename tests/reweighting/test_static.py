@@ -44,11 +44,34 @@ def test_registry_builds_each_by_name(name, cls, config):
     assert math.isclose(float(r.weights.sum()), 1.0)
 
 
+_MINIMAL_OPTIONS = {"static": {"weights": [1, 1, 2]}}
+
+
+@pytest.mark.parametrize("name", available_reweighters())
+def test_every_registered_reweighter_declares_what_it_needs(name):
+    """The loops read these attributes (never probe with getattr): each has the declared type."""
+    r = get_reweighter(name, domains=DOMAINS, **_MINIMAL_OPTIONS.get(name, {}))
+    assert isinstance(r, Reweighter)
+    assert type(r.needs_reference) is bool and type(r.needs_grad) is bool
+    for attr in ("proposal_weights", "average_weights"):
+        value = getattr(r, attr)
+        assert value is None or (torch.is_tensor(value) and value.shape == (len(DOMAINS),))
+    logged = r.log_dict()
+    assert {f"weights/{d}" for d in DOMAINS} <= set(logged)
+    assert all(isinstance(v, float) for v in logged.values())
+
+
 def test_declared_needs_for_the_training_loop():
-    assert get_reweighter("doremi", domains=DOMAINS).needs_reference is True
-    dograph = get_reweighter("dograph", domains=DOMAINS)
-    assert dograph.needs_grad and dograph.needs_val_grad
-    assert not getattr(get_reweighter("uniform", domains=DOMAINS), "needs_reference", False)
+    needs = {
+        name: (r.needs_reference, r.needs_grad)
+        for name in available_reweighters()
+        for r in [get_reweighter(name, domains=DOMAINS, **_MINIMAL_OPTIONS.get(name, {}))]
+    }
+    assert needs["doremi"] == (True, False)
+    assert needs["dograph"] == (False, True)
+    assert needs["uniform"] == needs["static"] == (False, False)
+    assert get_reweighter("doremi", domains=DOMAINS).proposal_weights.tolist() == [1 / 3] * 3
+    assert get_reweighter("uniform", domains=DOMAINS).average_weights is None
 
 
 def test_registry_unknown_name_lists_valid_ones():

@@ -18,16 +18,14 @@ from mixsel.features.grads import (
     factor_sq_norms,
     find_last_module,
     ghost_gram,
-    last_layer_grad_norm,
     last_layer_grads,
     last_layer_gram,
-    linear_grad_norm,
     linear_grads,
     linear_gram,
     materialize_grads,
     resolve_modules,
 )
-from mixsel.features.hidden import mean_pool, pooled_hidden
+from mixsel.features.hidden import mean_pool
 from mixsel.features.loss import (
     GradFactors,
     LMHeadFactors,
@@ -42,7 +40,6 @@ from mixsel.features.projection import PROJECTION_KINDS, KroneckerProjector, Ran
 from mixsel.features.zeroth_order import (
     AdamNormalizer,
     SPSAEstimate,
-    l1_distances,
     spsa_direction,
     spsa_features,
     topk_source_mask,
@@ -66,11 +63,8 @@ __all__ = [
     "forward_stats",
     "ghost_gram",
     "kronecker_dims",
-    "l1_distances",
-    "last_layer_grad_norm",
     "last_layer_grads",
     "last_layer_gram",
-    "linear_grad_norm",
     "linear_grads",
     "linear_gram",
     "lm_head_factors",
@@ -78,7 +72,6 @@ __all__ = [
     "mean_pool",
     "per_example_loss",
     "pool_gradient_features",
-    "pooled_hidden",
     "resolve_modules",
     "spsa_direction",
     "spsa_features",

@@ -46,10 +46,8 @@ __all__ = [
     "factor_sq_norms",
     "find_last_module",
     "ghost_gram",
-    "last_layer_grad_norm",
     "last_layer_grads",
     "last_layer_gram",
-    "linear_grad_norm",
     "linear_grads",
     "linear_gram",
     "materialize_grads",
@@ -303,17 +301,6 @@ def last_layer_gram(
     return (k, info) if return_info else k
 
 
-def last_layer_grad_norm(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor] | None,
-    *,
-    factors: GradFactors | None = None,
-) -> torch.Tensor:
-    """Tensor[n]: norms of the LM-head per-example gradients (ghost diagonal; no n x n Gram)."""
-    f = factors if factors is not None else _lm_factors(model, batch)
-    return factor_sq_norms(f).clamp(min=0).sqrt()
-
-
 # --------------------------------------------------------------------------------------------------
 # Any linear layer (incl. peft LoRA A/B)
 # --------------------------------------------------------------------------------------------------
@@ -495,13 +482,3 @@ def linear_gram(
     log.info("linear_gram: backends %s for %d module(s)", methods, len(infos))
     info = {"method": methods[0] if len(set(methods)) == 1 else "mixed", "modules": infos}
     return (k, info) if return_info else k
-
-
-def linear_grad_norm(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    modules: str | torch.nn.Module | Sequence[str | torch.nn.Module],
-) -> torch.Tensor:
-    """Tensor[n]: norms of the concatenated per-example gradients of ``modules`` (ghost diagonal)."""
-    factors, _ = capture_linear_factors(model, batch, modules)
-    return torch.stack([factor_sq_norms(f) for f in factors]).sum(0).clamp(min=0).sqrt()

@@ -1,10 +1,14 @@
-"""Mean-pooled last hidden states (CoLM clusters SuperGLUE examples into sources by them; ``hidden_fl``)."""
+"""Mean-pooled hidden states (CoLM clusters SuperGLUE examples into sources by them; ``hidden_fl``).
+
+The pooled last hidden state of a pool comes from the same no-grad forward as the scalar signals:
+``forward_stats(model, batch, hidden=True)["hidden"]`` (:mod:`mixsel.features.loss`).
+"""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["mean_pool", "pooled_hidden"]
+__all__ = ["mean_pool"]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -20,11 +24,3 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torc
         )
     w = attention_mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * w).sum(1) / w.sum(1).clamp(min=1)
-
-
-def pooled_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Tensor[n, H]: the LM head's input (last hidden state after the final norm), mean-pooled over
-    attended tokens, from one no-grad forward (see :func:`mixsel.features.loss.forward_stats`)."""
-    from mixsel.features.loss import forward_stats
-
-    return forward_stats(model, batch, hidden=True)["hidden"]

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mixsel.features.hidden import mean_pool
+
 __all__ = [
     "GradFactors",
     "LMHeadFactors",
@@ -248,8 +250,6 @@ def forward_stats(
     dtype = _compute_dtype(logits.dtype)
     result: dict[str, Any] = stats_from_logits(logits, labels)
     if hidden:
-        from mixsel.features.hidden import mean_pool
-
         attn = batch.get("attention_mask")
         result["hidden"] = mean_pool(captured["h"].to(dtype), None if attn is None else attn.to(logits.device))
     if factors:

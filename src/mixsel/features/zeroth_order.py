@@ -32,7 +32,6 @@ from mixsel.features.loss import model_inputs, output_embeddings, per_example_lo
 __all__ = [
     "AdamNormalizer",
     "SPSAEstimate",
-    "l1_distances",
     "spsa_direction",
     "spsa_features",
     "topk_source_mask",
@@ -332,12 +331,3 @@ def topk_source_mask(
         order = torch.argsort(score, descending=True, stable=True)
         mask[q, order[:h]] = True
     return mask
-
-
-def l1_distances(features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Tensor[n, n] of L1 distances between rows of ``features`` restricted to ``mask`` (BoolTensor[d]).
-
-    CoLM's facility-location similarity is ``max(D) - D`` (Eq. 8).
-    """
-    x = features if mask is None else features[:, mask]
-    return torch.cdist(x, x, p=1)

@@ -1,7 +1,7 @@
 """Integrations with other training stacks.
 
 ``mixsel.integrations.hf``: :class:`SelectionTrainer` (a ``transformers.Trainer``),
-:class:`SelectionConfig` (``TrainingArguments``) and :class:`ReweightingCallback`. Importing this
+:class:`SelectionTrainingArguments` (``TrainingArguments``) and :class:`ReweightingCallback`. Importing this
 package is cheap; ``transformers`` is imported on first use of those names.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ReweightingCallback", "SelectionConfig", "SelectionTrainer"]
+__all__ = ["ReweightingCallback", "SelectionTrainer", "SelectionTrainingArguments"]
 
 
 def __getattr__(name: str) -> Any:

@@ -22,7 +22,7 @@ training loop is never copied):
 
 Example::
 
-    args = SelectionConfig(output_dir="runs/hf", selector="stratified", pool_factor=4,
+    args = SelectionTrainingArguments(output_dir="runs/hf", selector="stratified", pool_factor=4,
                            per_device_train_batch_size=8, max_steps=100, report_to=[])
     trainer = SelectionTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
     trainer.train()
@@ -48,19 +48,22 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from mixsel import bookkeeping
 from mixsel.config import FeatureConfig
 from mixsel.integrations.hf_utils import (
     CausalLMCollator,
     DomainCollator,
+    domain_id_of,
     from_jsonable,
     infer_domains,
     to_jsonable,
 )
 from mixsel.registry import get_reweighter, get_selector
+from mixsel.reweighting.common import accumulate_stats
 from mixsel.step import OnlineSelector
 from mixsel.types import DomainStats
 
-__all__ = ["ReweightingCallback", "SelectionConfig", "SelectionTrainer"]
+__all__ = ["ReweightingCallback", "SelectionTrainer", "SelectionTrainingArguments"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ def _options(value: dict[str, Any] | str | None, name: str) -> dict[str, Any]:
 
 
 @dataclass
-class SelectionConfig(TrainingArguments):
+class SelectionTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the online selection and reweighting settings.
 
     The Trainer's batch size is the *selected* batch: each step draws a pool of
@@ -127,6 +130,12 @@ class SelectionConfig(TrainingArguments):
     domain_column: str = field(default="domain", metadata={"help": "dataset column with the domain"})
     domains: list[str] | None = field(default=None, metadata={"help": "domain names in id order"})
     selection_diagnostics: bool = field(default=False, metadata={"help": "log gradient conflicts"})
+    reweighting_projection_dim: int = field(
+        default=512, metadata={"help": "dimension of the projected domain gradients (DoGraph)"}
+    )
+    reweighting_val_per_domain: int = field(
+        default=4, metadata={"help": "validation rows per domain for the target gradient (DoGraph)"}
+    )
     restore_callback_states_from_checkpoint: bool = field(
         default=True, metadata={"help": "restore callback states (the reweighter) on resume"}
     )
@@ -152,21 +161,6 @@ class SelectionConfig(TrainingArguments):
             normalize=self.feature_normalize,
             val_anchors=self.val_anchors,
         )
-
-
-def _add_stats(acc: DomainStats | None, new: DomainStats) -> DomainStats:
-    if acc is None:
-        return DomainStats(
-            counts=new.counts.clone(),
-            loss_sum=new.loss_sum.clone(),
-            ref_loss_sum=None if new.ref_loss_sum is None else new.ref_loss_sum.clone(),
-            step=new.step,
-        )
-    acc.counts += new.counts
-    acc.loss_sum += new.loss_sum
-    if acc.ref_loss_sum is not None and new.ref_loss_sum is not None:
-        acc.ref_loss_sum += new.ref_loss_sum
-    return acc
 
 
 class ReweightingCallback(TrainerCallback, ExportableState):
@@ -198,10 +192,6 @@ class ReweightingCallback(TrainerCallback, ExportableState):
         return self.reweighter.weights
 
     @property
-    def mode(self) -> str:
-        return str(self.reweighter.mode)
-
-    @property
     def reweighter_state(self) -> dict[str, Any]:
         """The reweighter's ``state_dict`` in JSON form (assigning it loads it)."""
         return to_jsonable(self.reweighter.state_dict())
@@ -212,7 +202,7 @@ class ReweightingCallback(TrainerCallback, ExportableState):
 
     def record(self, stats: DomainStats) -> None:
         """Add one micro-step's per-domain statistics to the current optimiser step's window."""
-        self._window = _add_stats(self._window, stats)
+        self._window = accumulate_stats(self._window, stats)
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         if self._window is None:
@@ -238,9 +228,7 @@ class ReweightingCallback(TrainerCallback, ExportableState):
 
     def log_dict(self) -> dict[str, float]:
         """``weights/<domain>`` (and the reweighter's diagnostics) for the Trainer logs."""
-        if hasattr(self.reweighter, "log_dict"):
-            return dict(self.reweighter.log_dict())
-        return {f"weights/{d}": float(w) for d, w in zip(self.domains, self.weights.tolist())}
+        return dict(self.reweighter.log_dict())
 
     def state(self) -> dict[str, Any]:
         return {
@@ -269,18 +257,20 @@ def _column_values(dataset: Any, column: str) -> list[Any]:
             if column not in dataset.column_names:
                 raise ValueError(
                     f"the training dataset has no {column!r} column (columns: {dataset.column_names}); "
-                    "set SelectionConfig.domain_column"
+                    "set SelectionTrainingArguments.domain_column"
                 )
             return list(dataset[column])
     except ImportError:  # pragma: no cover - datasets is optional
         pass
     if isinstance(dataset, torch.utils.data.IterableDataset):
-        raise ValueError("cannot infer the domains of an IterableDataset; set SelectionConfig.domains")
+        raise ValueError("cannot infer the domains of an IterableDataset; set SelectionTrainingArguments.domains")
     values = []
     for i in range(len(dataset)):
         row = dataset[i]
         if column not in row:
-            raise ValueError(f"training example {i} has no {column!r} column; set SelectionConfig.domain_column")
+            raise ValueError(
+                f"training example {i} has no {column!r} column; set SelectionTrainingArguments.domain_column"
+            )
         values.append(row[column])
     return values
 
@@ -290,7 +280,7 @@ class SelectionTrainer(Trainer):
 
     Args:
         model, args, data_collator, train_dataset, eval_dataset, processing_class, callbacks: as for
-            ``transformers.Trainer``; ``args`` must be a :class:`SelectionConfig`. Without a
+            ``transformers.Trainer``; ``args`` must be a :class:`SelectionTrainingArguments`. Without a
             ``data_collator`` a :class:`~mixsel.integrations.hf_utils.CausalLMCollator` pads with the
             tokenizer's pad id (``labels`` padded with -100). Examples need ``input_ids``, ``labels``
             and the domain column.
@@ -300,7 +290,7 @@ class SelectionTrainer(Trainer):
         **kwargs: passed to ``transformers.Trainer``.
 
     Raises:
-        TypeError: ``args`` is not a :class:`SelectionConfig`.
+        TypeError: ``args`` is not a :class:`SelectionTrainingArguments`.
         ValueError: missing domain column, validation anchors or reference model; options the
             weighted loss does not support (label smoothing, ``compute_loss_func``).
     """
@@ -311,7 +301,7 @@ class SelectionTrainer(Trainer):
     def __init__(
         self,
         model: Any = None,
-        args: SelectionConfig | None = None,
+        args: SelectionTrainingArguments | None = None,
         data_collator: Any = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
@@ -323,11 +313,11 @@ class SelectionTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         if args is None:
-            args = SelectionConfig(output_dir="trainer_output")
-        if not isinstance(args, SelectionConfig):
+            args = SelectionTrainingArguments(output_dir="trainer_output")
+        if not isinstance(args, SelectionTrainingArguments):
             raise TypeError(
-                f"SelectionTrainer needs args=SelectionConfig(...), got {type(args).__name__}; "
-                "SelectionConfig accepts every TrainingArguments field"
+                f"SelectionTrainer needs args=SelectionTrainingArguments(...), got {type(args).__name__}; "
+                "SelectionTrainingArguments accepts every TrainingArguments field"
             )
         if args.label_smoothing_factor != 0:
             raise ValueError("SelectionTrainer computes its own weighted loss; set label_smoothing_factor=0")
@@ -337,7 +327,7 @@ class SelectionTrainer(Trainer):
         domains = args.domains
         if domains is None:
             if train_dataset is None:
-                raise ValueError("set SelectionConfig.domains or pass a train_dataset to infer them from")
+                raise ValueError("set SelectionTrainingArguments.domains or pass a train_dataset to infer them from")
             domains = infer_domains(_column_values(train_dataset, args.domain_column), args.domain_column)
         self.domains: list[str] = list(domains)
 
@@ -360,7 +350,7 @@ class SelectionTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
-        self.args: SelectionConfig
+        self.args: SelectionTrainingArguments
 
         selector = get_selector(args.selector, **args.selector_options)
         self.online = OnlineSelector(
@@ -369,33 +359,34 @@ class SelectionTrainer(Trainer):
             len(self.domains),
             seed=args.seed,
             diagnostics=args.selection_diagnostics,
-            domain_names=self.domains,
         )
-        if selection_val_dataset is None and self.online.needed() & _VAL_FEATURES:
+        reweighting = self.reweighting_callback
+        rw = reweighting.reweighter if reweighting is not None else None
+        if rw is not None and rw.needs_reference and reference_model is None:
+            raise ValueError(
+                f"reweighter {rw.name!r} needs reference losses: pass "
+                "reference_model=<a frozen LM trained on the natural mixture>"
+            )
+        self.reference_model = reference_model
+        wants_val = {
+            who: why
+            for who, why in (
+                (f"selector {args.selector!r}", bool(self.online.needed() & _VAL_FEATURES)),
+                (f"reweighter {getattr(rw, 'name', None)!r}", rw is not None and rw.needs_grad),
+            )
+            if why
+        }
+        if selection_val_dataset is None and wants_val:
             selection_val_dataset = eval_dataset
             if isinstance(selection_val_dataset, dict):
                 raise ValueError("eval_dataset is a dict; pass selection_val_dataset=<one dataset> for the anchors")
             if selection_val_dataset is None:
                 raise ValueError(
-                    f"selector {args.selector!r} needs validation anchors: pass eval_dataset or selection_val_dataset"
+                    f"{' and '.join(wants_val)} need validation examples: pass eval_dataset or selection_val_dataset"
                 )
         self.selection_val_dataset = selection_val_dataset
         self._val_prepared: Any = None
-
-        reweighting = self.reweighting_callback
-        self.reference_model = reference_model
-        if reweighting is not None:
-            rw = reweighting.reweighter
-            if reference_model is None and getattr(rw, "needs_reference", reweighting.reweighter_name == "doremi"):
-                raise ValueError(
-                    f"reweighter {reweighting.reweighter_name!r} needs reference losses: pass "
-                    "reference_model=<a frozen LM trained on the natural mixture>"
-                )
-            if getattr(rw, "needs_grads", reweighting.reweighter_name == "dograph"):
-                raise ValueError(
-                    f"reweighter {reweighting.reweighter_name!r} needs per-domain gradient features, which "
-                    "SelectionTrainer does not compute yet; use `mixsel train` for it"
-                )
+        self._val_domains: torch.Tensor | None = None
         self._pending: _Pending | None = None
         self._sel_metrics: dict[str, list[float]] = defaultdict(list)
         self._micro = (-1, 0)  # (global step, micro-steps done in it)
@@ -433,9 +424,8 @@ class SelectionTrainer(Trainer):
             is_training=True,
         )
 
-    def _anchor_batch(self, step: int) -> dict[str, torch.Tensor] | None:
-        if not (self.online.needed() & _VAL_FEATURES) or self.args.val_anchors == 0:
-            return None
+    def _val_dataset(self) -> Any:
+        """The selection validation set with the columns the model does not take removed (once)."""
         if self._val_prepared is None:
             ds = self.selection_val_dataset
             try:
@@ -446,12 +436,29 @@ class SelectionTrainer(Trainer):
             except ImportError:  # pragma: no cover
                 pass
             self._val_prepared = ds
-        ds = self._val_prepared
-        g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
-        rows = torch.randperm(len(ds), generator=g)[: self.args.val_anchors].tolist()
+        return self._val_prepared
+
+    def _val_batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        ds = self._val_dataset()
         batch = self.data_collator([ds[i] for i in rows])
         batch.pop(self.args.domain_column, None)
         return batch
+
+    def _anchor_batch(self, step: int) -> dict[str, torch.Tensor] | None:
+        if not (self.online.needed() & _VAL_FEATURES) or self.args.val_anchors == 0:
+            return None
+        ds = self._val_dataset()
+        rows = bookkeeping.draw_anchors(len(ds), self.args.val_anchors, seed=self.args.seed, step=step)
+        return self._val_batch(rows.tolist())
+
+    def _balanced_val_batch(self) -> dict[str, torch.Tensor]:
+        """``reweighting_val_per_domain`` validation rows of every domain (DoGraph's target gradient)."""
+        if self._val_domains is None:
+            column = self.args.domain_column
+            values = _column_values(self.selection_val_dataset, column)
+            self._val_domains = torch.tensor([domain_id_of(v, self.domains, column) for v in values])
+        rows = bookkeeping.balanced_rows(self._val_domains, len(self.domains), self.args.reweighting_val_per_domain)
+        return self._val_batch(rows.tolist())
 
     # ---- the step -------------------------------------------------------------------------------
 
@@ -471,7 +478,7 @@ class SelectionTrainer(Trainer):
         if column not in inputs:
             raise ValueError(
                 f"the training pool has no {column!r} column (got {sorted(inputs)}); add it to the dataset "
-                "or set SelectionConfig.domain_column"
+                "or set SelectionTrainingArguments.domain_column"
             )
         inputs = dict(inputs)
         domain_ids = torch.as_tensor(inputs.pop(column)).long().cpu()
@@ -499,20 +506,21 @@ class SelectionTrainer(Trainer):
 
         idx = selection.indices
         chosen = domain_ids[idx]
-        w = (
-            selection.weights.double()
-            if self.args.use_selection_weights
-            else torch.ones(len(selection), dtype=torch.float64)
+        loss_weights = bookkeeping.mixture_weights(reweighting.reweighter)[1] if reweighting is not None else None
+        w = bookkeeping.example_weights(
+            selection, chosen, use_weights=self.args.use_selection_weights, loss_weights=loss_weights
         )
-        if reweighting is not None and reweighting.mode in ("loss", "both"):
-            w = w * reweighting.weights.double()[chosen] * len(self.domains)
+        if step == 0:
+            bookkeeping.warn_unused_weights(
+                selection, use_weights=self.args.use_selection_weights, method=self.args.selector
+            )
         selected = {}
         for key, value in inputs.items():
             if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
                 selected[key] = value[idx.to(value.device)]
             else:
                 selected[key] = value
-        self._pending = _Pending(weights=w.float())
+        self._pending = _Pending(weights=w)
         try:
             loss = super().training_step(model, selected, num_items_in_batch=None)
             per_example = self._pending.losses
@@ -520,7 +528,7 @@ class SelectionTrainer(Trainer):
             self._pending = None
         if per_example is None:
             raise RuntimeError("compute_loss did not record per-example losses; do not override it without super()")
-        self._after_step(selected, chosen, per_example.detach().double().cpu(), result.metrics, t_select, n)
+        self._after_step(pool, selected, chosen, per_example.detach(), result.metrics, t_select, n)
         return loss
 
     def compute_loss(
@@ -556,27 +564,45 @@ class SelectionTrainer(Trainer):
 
     # ---- statistics and metrics -----------------------------------------------------------------
 
-    def _reference_losses(self, batch: dict[str, Any]) -> torch.Tensor:
-        from mixsel.features.loss import per_example_loss
-
-        ref = self.reference_model
-        assert ref is not None
-        device = batch["input_ids"].device
-        if next(ref.parameters()).device != device:
-            ref.to(device)
-        ref.eval().requires_grad_(False)
-        with torch.no_grad():
-            kwargs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-            logits = ref(**kwargs).logits
-            return per_example_loss(logits.float(), batch["labels"]).double().cpu()
-
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes <= 1:
             return t
         return self.accelerator.reduce(t.to(self.args.device), reduction="sum").cpu()
 
+    def _domain_stats(
+        self, pool: dict[str, torch.Tensor], selected: dict[str, Any], chosen: torch.Tensor, per_example: torch.Tensor
+    ) -> DomainStats:
+        """This micro-step's per-domain statistics, summed over ranks (what the reweighter needs, no more)."""
+        num = len(self.domains)
+        rw = self.reweighting_callback.reweighter if self.reweighting_callback is not None else None
+        ref = None
+        if rw is not None and rw.needs_reference and self.reference_model is not None:
+            ref_model = self.reference_model
+            if next(ref_model.parameters()).device != selected["input_ids"].device:
+                ref_model.to(selected["input_ids"].device)
+            ref_model.eval().requires_grad_(False)
+            ref = bookkeeping.reference_losses(ref_model, selected)
+        stats = bookkeeping.domain_stats(chosen, per_example, num, step=self.state.global_step, ref_losses=ref)
+        if rw is not None and rw.needs_grad:  # DoGraph: domain gradients of this rank's pool
+            fc = self.args.feature_config()
+            last_micro = self._micro[1] == self.args.gradient_accumulation_steps
+            update = last_micro and bookkeeping.is_update_step(self.state.global_step, rw.update_every)
+            stats.grad, stats.val_grad = bookkeeping.domain_gradients(
+                self.accelerator.unwrap_model(self.model),
+                pool,
+                pool["domain_ids"],
+                num,
+                val_batch=self._balanced_val_batch() if update else None,
+                source=fc.source,
+                modules=fc.modules,
+                projection_dim=self.args.reweighting_projection_dim,
+                seed=self.args.seed,
+            )
+        return bookkeeping.reduce_stats(stats, self._all_reduce)
+
     def _after_step(
         self,
+        pool: dict[str, torch.Tensor],
         selected: dict[str, Any],
         chosen: torch.Tensor,
         per_example: torch.Tensor,
@@ -584,18 +610,9 @@ class SelectionTrainer(Trainer):
         t_select: float,
         pool_n: int,
     ) -> None:
-        num = len(self.domains)
-        counts = torch.bincount(chosen, minlength=num).double()
-        stats = DomainStats(
-            counts=self._all_reduce(counts),
-            loss_sum=self._all_reduce(torch.zeros(num, dtype=torch.float64).index_add_(0, chosen, per_example)),
-            step=self.state.global_step,
-        )
+        stats = self._domain_stats(pool, selected, chosen, per_example)
         reweighting = self.reweighting_callback
         if reweighting is not None:
-            if self.reference_model is not None:
-                ref = self._reference_losses(selected)
-                stats.ref_loss_sum = self._all_reduce(torch.zeros(num, dtype=torch.float64).index_add_(0, chosen, ref))
             reweighting.record(stats)
         m = self._sel_metrics
         for key, value in step_metrics.items():

@@ -98,14 +98,14 @@ def domain_id_of(value: Any, domains: Sequence[str] | None, column: str) -> int:
     if isinstance(value, str):
         if domains is None:
             raise ValueError(
-                f"the {column!r} column holds names like {value!r}; set SelectionConfig.domains to the list of "
-                "names (their position is the domain id)"
+                f"the {column!r} column holds names like {value!r}; set SelectionTrainingArguments.domains to the "
+                "list of names (their position is the domain id)"
             )
         try:
             return list(domains).index(value)
         except ValueError:
             raise ValueError(
-                f"domain {value!r} in column {column!r} is not in SelectionConfig.domains={list(domains)}; "
+                f"domain {value!r} in column {column!r} is not in SelectionTrainingArguments.domains={list(domains)}; "
                 "add it to the list"
             ) from None
     raise ValueError(f"the {column!r} column must hold integer ids or names, got {type(value).__name__}")

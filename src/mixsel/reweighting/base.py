@@ -5,6 +5,14 @@ weights act: ``"sampling"`` (which domains fill the candidate pool), ``"loss"`` 
 weights in the training objective) or ``"both"``. The training loop calls ``update(stats)`` every
 ``update_every`` steps with :class:`mixsel.DomainStats` that were all-reduced across ranks, so every
 rank computes identical weights.
+
+What a reweighter needs from the training loop is declared on it, as a selector declares its
+features in ``requires``: ``needs_reference`` (fill :attr:`mixsel.DomainStats.ref_loss_sum` with a
+frozen reference model's losses) and ``needs_grad`` (fill ``DomainStats.grad`` with summed
+per-domain gradient features and, on update steps, ``DomainStats.val_grad``). Both loops
+(``mixsel train`` and the Hugging Face trainers) read these attributes and nothing else, through
+:mod:`mixsel.bookkeeping`. :class:`mixsel.reweighting.common.ScheduledReweighter` gives every
+attribute its default.
 """
 
 from __future__ import annotations
@@ -22,13 +30,42 @@ Mode = Literal["sampling", "loss", "both"]
 
 @runtime_checkable
 class Reweighter(Protocol):
+    """Domain weights on the simplex, updated from per-domain training statistics.
+
+    Attributes:
+        name: the registered name.
+        domains: domain names in id order.
+        mode: where the weights act: ``"sampling"``, ``"loss"`` or ``"both"``.
+        needs_reference: ``update`` needs ``DomainStats.ref_loss_sum`` (DoReMi).
+        needs_grad: ``update`` needs ``DomainStats.grad`` and, on update steps, ``val_grad`` (DoGraph).
+        update_every: the update rule runs once every this many ``update`` calls (the calls in
+            between accumulate their statistics).
+    """
+
     name: str
     domains: list[str]
     mode: Mode
+    needs_reference: bool
+    needs_grad: bool
+    update_every: int
 
     @property
     def weights(self) -> torch.Tensor:
         """Tensor[D] current domain weights, non-negative, summing to 1."""
+        ...
+
+    @property
+    def proposal_weights(self) -> torch.Tensor | None:
+        """Tensor[D] the candidate pool is drawn from when the weights act only on the loss; None = natural."""
+        ...
+
+    @property
+    def average_weights(self) -> torch.Tensor | None:
+        """Tensor[D] time-averaged weights (DoReMi's stage-one output), or None when not tracked."""
+        ...
+
+    def log_dict(self) -> dict[str, float]:
+        """``weights/<domain>`` and method diagnostics, for the metric loggers."""
         ...
 
     def update(self, stats: DomainStats) -> torch.Tensor:

@@ -10,7 +10,7 @@ caller that prefers to own the schedule simply calls ``update`` when it wants an
 from __future__ import annotations
 
 import math
-from typing import Any, get_args
+from typing import Any, ClassVar, get_args
 
 import torch
 
@@ -151,6 +151,10 @@ class ScheduledReweighter:
 
     name: str
     default_mode: Mode = "sampling"
+    #: ``DomainStats.ref_loss_sum`` is required (a reference model's losses).
+    needs_reference: ClassVar[bool] = False
+    #: ``DomainStats.grad`` (and ``val_grad`` on update steps) is required.
+    needs_grad: ClassVar[bool] = False
 
     def __init__(self, domains: list[str], *, mode: Mode | None = None, update_every: int = 1) -> None:
         domains = [str(d) for d in domains]
@@ -175,6 +179,16 @@ class ScheduledReweighter:
     @property
     def num_domains(self) -> int:
         return len(self.domains)
+
+    @property
+    def proposal_weights(self) -> torch.Tensor | None:
+        """The natural mixture (``None``); reweighters that sample from another proposal override it."""
+        return None
+
+    @property
+    def average_weights(self) -> torch.Tensor | None:
+        """``None``: only reweighters that track a time average (DoReMi) override it."""
+        return None
 
     @property
     def weights(self) -> torch.Tensor:

@@ -255,7 +255,6 @@ class DoGraphReweighter(ScheduledReweighter):
     default_mode: Mode = "sampling"
     #: The training loop must fill ``DomainStats.grad`` and ``DomainStats.val_grad``.
     needs_grad: ClassVar[bool] = True
-    needs_val_grad: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -64,7 +64,6 @@ class Pool:
         step: training step, for schedules and seeding.
         lr: current learning rate (PartitionSel and GREATS scale their utility by it).
         seed: base seed; selectors derive their per-step randomness from (seed, step).
-        domain_names: optional names, for messages.
         val_domains: optional LongTensor[m] domain id of each validation anchor (for domain-balanced
             validation targets).
     """
@@ -76,7 +75,6 @@ class Pool:
     step: int = 0
     lr: float = 1.0
     seed: int = 0
-    domain_names: list[str] | None = None
     val_domains: torch.Tensor | None = None
 
     @property

@@ -1,0 +1,239 @@
+"""Step bookkeeping shared by every training loop: ``mixsel train`` and the Hugging Face / TRL trainers.
+
+One piece of code per idea, so a method behaves the same in every loop:
+
+* :func:`mixture_weights`: where a reweighter's weights act this step (the pool's sampling mixture,
+  per-domain loss multipliers ``D * alpha_d``);
+* :func:`draw_anchors`: the validation anchors of a step (the selection target of PartitionSel,
+  GREATS, per_domain), identical on every rank;
+* :func:`example_weights`: the per-example loss weights of the selected batch (selection weights,
+  when used, times the domain loss multipliers), and :func:`warn_unused_weights`;
+* :func:`domain_stats`, :func:`reference_losses`, :func:`domain_gradients`, :func:`reduce_stats`:
+  the per-domain :class:`mixsel.DomainStats` a reweighter consumes (losses, DoReMi's reference
+  losses, DoGraph's domain gradients), summed over ranks;
+* :func:`is_update_step`, :func:`balanced_rows`: on which steps, and from which validation rows,
+  a reweighter's validation gradient is computed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from mixsel.reweighting.base import Reweighter
+from mixsel.types import DomainStats, Selection
+
+__all__ = [
+    "balanced_rows",
+    "domain_gradients",
+    "domain_stats",
+    "draw_anchors",
+    "example_weights",
+    "is_update_step",
+    "mixture_weights",
+    "reduce_stats",
+    "reference_losses",
+    "warn_unused_weights",
+]
+
+log = logging.getLogger(__name__)
+
+_MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+#: Salt of the per-step anchor generator: seed * ANCHOR_SALT + step.
+ANCHOR_SALT = 1_000_003
+
+
+def mixture_weights(reweighter: Reweighter) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Where the reweighter's current weights act this step.
+
+    Returns:
+        ``(sampling, loss)``: the domain mixture the candidate pool is drawn from (the weights in
+        ``sampling``/``both`` mode, else the reweighter's :attr:`proposal_weights`; ``None`` = the
+        natural mixture), and the per-domain loss multipliers ``D * alpha_d`` in ``loss``/``both``
+        mode (``None`` = every domain weighs 1; uniform weights give exactly 1).
+    """
+    weights = reweighter.weights
+    sampling = weights if reweighter.mode in ("sampling", "both") else reweighter.proposal_weights
+    loss = weights * len(reweighter.domains) if reweighter.mode in ("loss", "both") else None
+    return sampling, loss
+
+
+def draw_anchors(num_val: int, n: int, *, seed: int, step: int) -> torch.Tensor:
+    """``n`` validation rows for the step's selection target, the same on every rank.
+
+    Args:
+        num_val: number of validation examples to draw from.
+        n: anchors per step (``selection.features.val_anchors``).
+        seed: the run's seed.
+        step: the training step (or micro-step) id.
+
+    Returns:
+        LongTensor[min(n, num_val)] row indices, uniformly without replacement.
+    """
+    g = torch.Generator().manual_seed(seed * ANCHOR_SALT + step)
+    return torch.randperm(num_val, generator=g)[:n]
+
+
+def example_weights(
+    selection: Selection, domains: torch.Tensor, *, use_weights: bool, loss_weights: torch.Tensor | None
+) -> torch.Tensor:
+    """Float32 loss weight of each selected example.
+
+    ``w_i = s_i * m_{d_i}``: ``s_i`` the selection weight when ``use_weights`` (else 1), ``m_d`` the
+    reweighter's loss multiplier of the example's domain (see :func:`mixture_weights`; else 1). The
+    loops normalise by the (global) sum of ``w``.
+
+    Args:
+        selection: the selected rows with their weights.
+        domains: LongTensor[k] domain id of each selected row.
+        use_weights: apply the selection weights (``selection.use_weights``).
+        loss_weights: Tensor[D] per-domain multipliers or None.
+    """
+    w = selection.weights.to(torch.float32) if use_weights else torch.ones(len(selection))
+    if loss_weights is not None:
+        w = w * loss_weights.to(torch.float32)[domains]
+    return w
+
+
+def warn_unused_weights(selection: Selection, *, use_weights: bool, method: str) -> None:
+    """Warn (once per call site's choice) when the selector's weights and ``use_weights`` disagree."""
+    if not use_weights and bool((selection.weights != selection.weights[0]).any()):
+        log.warning(
+            "selector %r returned non-uniform example weights (e.g. CRAIG cluster sizes), which the loss "
+            "ignores: set selection.use_weights=true to train on the weighted coreset",
+            method,
+        )
+
+
+def domain_stats(
+    domains: torch.Tensor,
+    losses: torch.Tensor,
+    num_domains: int,
+    *,
+    step: int,
+    ref_losses: torch.Tensor | None = None,
+) -> DomainStats:
+    """Per-domain counts and summed losses of the trained rows (float64).
+
+    Args:
+        domains: LongTensor[k] domain id of each trained row.
+        losses: Tensor[k] per-example training loss.
+        num_domains: number of domains.
+        step: the training step.
+        ref_losses: optional Tensor[k] per-example losses of a reference model (DoReMi).
+    """
+
+    def summed(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(num_domains, dtype=torch.float64).index_add_(0, domains, values.detach().double().cpu())
+
+    domains = domains.cpu()
+    return DomainStats(
+        counts=torch.bincount(domains, minlength=num_domains).to(torch.float64),
+        loss_sum=summed(losses),
+        ref_loss_sum=None if ref_losses is None else summed(ref_losses),
+        step=step,
+    )
+
+
+@torch.no_grad()
+def reference_losses(
+    reference: torch.nn.Module, batch: dict[str, torch.Tensor], micro_batch_size: int | None = None
+) -> torch.Tensor:
+    """Per-example losses of a frozen reference model on ``batch`` (CPU float64).
+
+    Args:
+        reference: the reference LM (eval mode, no gradients).
+        batch: ``input_ids``, ``attention_mask``, ``labels`` of the rows, on any device.
+        micro_batch_size: rows per forward (None = all at once).
+    """
+    from mixsel.features.loss import per_example_loss
+
+    device = next(reference.parameters()).device
+    n = int(batch["input_ids"].shape[0])
+    step = micro_batch_size or max(n, 1)
+    out = []
+    for s in range(0, n, step):
+        ids, mask = batch["input_ids"][s : s + step].to(device), batch["attention_mask"][s : s + step].to(device)
+        logits = reference(input_ids=ids, attention_mask=mask).logits
+        out.append(per_example_loss(logits.float(), batch["labels"][s : s + step].to(device)).double().cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def domain_gradients(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    domains: torch.Tensor,
+    num_domains: int,
+    *,
+    val_batch: dict[str, torch.Tensor] | None,
+    source: str,
+    modules: Sequence[str] | None,
+    projection_dim: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed per-domain gradient features of ``batch`` and the mean validation gradient (DoGraph).
+
+    Projected per-example gradients (``selection.features.source`` / ``modules``, Kronecker-projected to
+    ``projection_dim``, the same seed on every rank) are summed per domain; the caller all-reduces
+    the sums (:func:`reduce_stats`), so the reweighter sees domain means over the whole world.
+
+    Args:
+        model: the model being trained (set to eval mode for the pass, then restored).
+        batch: the rows (``input_ids``, ``attention_mask``, ``labels``), e.g. this rank's share of the pool.
+        domains: LongTensor[n] their domain ids.
+        num_domains: number of domains.
+        val_batch: validation rows for the target gradient, or None when no update follows this step.
+        source, modules: where the gradient features come from.
+        projection_dim: dimension of the projected features (``reweighting.projection_dim``).
+        seed: projection seed.
+
+    Returns:
+        ``(grad_sum, val_grad)``: Tensor[D, d] float64 (CPU) and Tensor[d] float64 (CPU) or None.
+    """
+    from mixsel.features import pool_gradient_features
+
+    device = next(model.parameters()).device
+    kwargs: dict[str, Any] = {
+        "source": source,
+        "modules": modules,
+        "projection_dim": projection_dim,
+        "seed": seed,
+        "need": ("grads",),
+    }
+    was_training = model.training
+    model.eval()
+    try:
+        on_device = {k: batch[k].to(device) for k in _MODEL_KEYS}
+        grads = pool_gradient_features(model, on_device, **kwargs)["grads"].cpu()
+        summed = torch.zeros(num_domains, grads.shape[1], dtype=torch.float64)
+        summed.index_add_(0, domains.cpu(), grads.double())
+        val_grad = None
+        if val_batch is not None:
+            vb = {k: val_batch[k].to(device) for k in _MODEL_KEYS}
+            val_grad = pool_gradient_features(model, vb, **kwargs)["grads"].double().mean(0).cpu()
+    finally:
+        model.train(was_training)
+    return summed, val_grad
+
+
+def balanced_rows(domain_ids: torch.Tensor, num_domains: int, per_domain: int) -> torch.Tensor:
+    """The first ``per_domain`` rows of every domain (in domain order): DoGraph's validation target."""
+    return torch.cat([torch.nonzero(domain_ids == d).reshape(-1)[:per_domain] for d in range(num_domains)])
+
+
+def is_update_step(step: int, update_every: int) -> bool:
+    """Whether a validation gradient is computed at ``step``: the first step and every step after
+    which a reweighter with ``update_every`` applies its rule (its window keeps the latest one)."""
+    return step == 0 or (step + 1) % update_every == 0
+
+
+def reduce_stats(stats: DomainStats, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> DomainStats:
+    """Sum the additive fields of ``stats`` over ranks with ``all_reduce`` (``val_grad`` is the same everywhere)."""
+    for name in ("counts", "loss_sum", "ref_loss_sum", "grad"):
+        value = getattr(stats, name)
+        if value is not None:
+            setattr(stats, name, all_reduce(value))
+    return stats
