@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from mixsel.config import LoraConfig, ModelConfig
+    from mixsel.config import ModelConfig, ModelLoraConfig
     from mixsel.data.embedded import EMBEDDED_DOMAINS, load_embedded_tokenizer
     from mixsel.integrations.hf import SelectionTrainer, SelectionTrainingArguments
     from mixsel.model import build_model
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train = build_split("train", tokenizer, domains, args.max_length, args.max_train_per_domain)
     val = build_split("validation", tokenizer, domains, args.max_length, 8)
     model = build_model(
-        ModelConfig(config_file=args.model_config, attn_implementation="sdpa", lora=LoraConfig(enabled=args.lora)),
+        ModelConfig(config_file=args.model_config, attn_implementation="sdpa", lora=ModelLoraConfig(enabled=args.lora)),
         tokenizer,
     )
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from mixsel.reweighting.base import Reweighter
+from mixsel.seeding import anchor_seed
 from mixsel.types import DomainStats, Selection
 
 __all__ = [
@@ -42,8 +43,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
-#: Salt of the per-step anchor generator: seed * ANCHOR_SALT + step.
-ANCHOR_SALT = 1_000_003
 
 
 def mixture_weights(reweighter: Reweighter) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -73,7 +72,7 @@ def draw_anchors(num_val: int, n: int, *, seed: int, step: int) -> torch.Tensor:
     Returns:
         LongTensor[min(n, num_val)] row indices, uniformly without replacement.
     """
-    g = torch.Generator().manual_seed(seed * ANCHOR_SALT + step)
+    g = torch.Generator().manual_seed(anchor_seed(seed, step))
     return torch.randperm(num_val, generator=g)[:n]
 
 

@@ -25,8 +25,8 @@ __all__ = [
     "EvalConfig",
     "ExperimentConfig",
     "FeatureConfig",
-    "LoraConfig",
     "ModelConfig",
+    "ModelLoraConfig",
     "ReweightingConfig",
     "SelectionConfig",
     "TrainConfig",
@@ -66,7 +66,7 @@ class DataConfig:
 
 
 @dataclass
-class LoraConfig:
+class ModelLoraConfig:
     enabled: bool = False
     r: int = 8
     alpha: int = 16
@@ -84,7 +84,7 @@ class ModelConfig:
     tokenizer: str | None = None
     dtype: str = "float32"
     attn_implementation: str | None = "sdpa"
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: ModelLoraConfig = field(default_factory=ModelLoraConfig)
 
 
 @dataclass

@@ -38,20 +38,19 @@ from typing import Any
 
 import torch
 
+from mixsel import seeding
 from mixsel.config import FeatureConfig
 from mixsel.distributed import World, all_gather_cat
 from mixsel.metrics import conflicting_pairs, gradient_mismatch
-from mixsel.selection.base import FEATURE_NAMES, Pool, Selector
-from mixsel.types import Selection
+from mixsel.selection.base import Pool, Selector
+from mixsel.types import FEATURE_NAMES, GRADIENT_FEATURES, PAIRWISE_FEATURES, SCALAR_FEATURES, Selection
 
 __all__ = ["MODES", "OnlineSelector", "StepResult"]
 
 log = logging.getLogger(__name__)
 
 MODES = ("global", "gather", "local")
-_SCALAR = {"loss", "confidence", "perplexity", "completion_length", "hidden"}
-_GRADIENT = {"grads", "gram", "val_scores", "val_gram", "grad_norm"}
-_GRAM = {"gram", "val_scores", "val_gram"}  # rebuilt from gathered projected grads in "gather" mode
+_GRAM = PAIRWISE_FEATURES  # rebuilt from gathered projected grads in "gather" mode
 
 
 @dataclass
@@ -156,8 +155,8 @@ class OnlineSelector:
         was_training = model.training
         model.eval()
         try:
-            grad_need = need & _GRADIENT
-            scalar_need = need & _SCALAR
+            grad_need = need & GRADIENT_FEATURES
+            scalar_need = need & SCALAR_FEATURES
             if grad_need:
                 from mixsel.features import pool_gradient_features
 
@@ -197,7 +196,7 @@ class OnlineSelector:
                     _to(batch, device),
                     module=self.features.zo_module,
                     eps=self.features.zo_eps,
-                    seed=self.seed * 7919 + self.step,
+                    seed=seeding.spsa_seed(self.seed, self.step),
                 )
                 spsa = dataclasses.replace(spsa, coefficients=spsa.coefficients.detach().cpu())
         finally:
@@ -333,7 +332,7 @@ class OnlineSelector:
             t1 = time.perf_counter()
             # rank 0 keeps the base seed, so one process reproduces "global"; other ranks draw their own
             chosen, pool = self._select(
-                feats, batch["domain_ids"][mine], k_local, seed=self.seed + 1_000_003 * rank, **kw
+                feats, batch["domain_ids"][mine], k_local, seed=seeding.rank_seed(self.seed, rank), **kw
             )
             local = Selection(mine[chosen.indices], chosen.weights.to(torch.float32))
             selection = Selection(all_gather_cat(local.indices), all_gather_cat(local.weights))
@@ -365,7 +364,7 @@ class OnlineSelector:
         gram = feats.get("gram")
         if gram is not None:
             metrics["select/conflicts"] = float(conflicting_pairs(gram, chosen.indices))
-            ref = torch.randperm(pool.size, generator=pool.generator(97))[: len(chosen)]
+            ref = torch.randperm(pool.size, generator=pool.generator(seeding.Salt.CONFLICTS_REFERENCE))[: len(chosen)]
             metrics["select/conflicts_random"] = float(conflicting_pairs(gram, ref))
             metrics["select/grad_mismatch"] = gradient_mismatch(gram, chosen.indices, chosen.weights)
             metrics["select/grad_mismatch_random"] = gradient_mismatch(gram, ref)

@@ -7,7 +7,26 @@ from typing import Any
 
 import torch
 
-__all__ = ["DomainStats", "Selection"]
+__all__ = [
+    "FEATURE_NAMES",
+    "GRADIENT_FEATURES",
+    "PAIRWISE_FEATURES",
+    "SCALAR_FEATURES",
+    "ZEROTH_ORDER_FEATURES",
+    "DomainStats",
+    "Selection",
+]
+
+#: Per-example signals of one no-grad forward of the pool (``hidden``: mean-pooled LM-head input).
+SCALAR_FEATURES = frozenset({"loss", "confidence", "perplexity", "completion_length", "hidden"})
+#: Per-example gradient features and the quantities built from them.
+GRADIENT_FEATURES = frozenset({"grads", "gram", "val_scores", "val_gram", "grad_norm"})
+#: Gradient features that pair examples (inner products); rebuilt from gathered ``grads`` across ranks.
+PAIRWISE_FEATURES = frozenset({"gram", "val_scores", "val_gram"})
+#: CoLM's SPSA (zeroth-order) gradient features.
+ZEROTH_ORDER_FEATURES = frozenset({"zo_grads"})
+#: Every feature a selector may declare in ``requires`` (shapes: ``mixsel.selection.base``).
+FEATURE_NAMES = SCALAR_FEATURES | GRADIENT_FEATURES | ZEROTH_ORDER_FEATURES
 
 
 @dataclass

@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixsel.selection.budgets import budgets_from_weights, proportional_budgets
+from mixsel.selection import Pool
+from mixsel.selection.budgets import BudgetPolicy, budgets_from_weights, proportional_budgets
 
 
 def test_proportional_hand_computed():
@@ -46,3 +47,45 @@ def test_budget_properties(counts, data):
     w = torch.tensor(data.draw(st.lists(st.floats(0.01, 1.0), min_size=len(counts), max_size=len(counts))))
     b2 = budgets_from_weights(counts_t, k, w)
     assert int(b2.sum()) == k and bool((b2 <= counts_t).all())
+
+
+def _pool(counts, weights=None):
+    domains = torch.cat([torch.full((c,), d, dtype=torch.long) for d, c in enumerate(counts)])
+    w = None if weights is None else torch.tensor(weights, dtype=torch.float64)
+    return Pool(domains=domains, num_domains=len(counts), domain_weights=w)
+
+
+def test_budget_policies_hand_values():
+    # quotas 4 * [10, 1, 1] / 12 = [3.33, 0.33, 0.33] -> largest remainder gives everything to domain 0
+    assert BudgetPolicy("proportional").resolve(_pool([10, 1, 1]), 4).tolist() == [4, 0, 0]
+    # one guaranteed pick per present domain, the remaining 1 proportional to spare counts [9, 0, 0]
+    assert BudgetPolicy("minimum").resolve(_pool([10, 1, 1]), 4).tolist() == [2, 1, 1]
+    assert BudgetPolicy("fixed", shares=[0, 1, 1]).resolve(_pool([6, 3, 3]), 4).tolist() == [0, 2, 2]
+    # weight 1.0 on a domain with 3 candidates: the 3 units it cannot use flow to the next-heaviest
+    pool = _pool([6, 3, 3], weights=[0.0, 1.0, 0.0])
+    assert BudgetPolicy("weights").resolve(pool, 5).tolist()[1] == 3
+    assert sum(BudgetPolicy("weights").resolve(pool, 5).tolist()) == 5
+
+
+def test_budget_policy_errors():
+    with pytest.raises(ValueError, match="reweighter"):
+        BudgetPolicy("weights").resolve(_pool([2, 2]), 2)
+    with pytest.raises(ValueError, match="shares"):
+        BudgetPolicy("fixed").resolve(_pool([2, 2]), 2)
+    with pytest.raises(ValueError, match="2 domains"):
+        BudgetPolicy("fixed", shares=[1.0]).resolve(_pool([2, 2]), 2)
+    with pytest.raises(ValueError, match="proportional"):
+        BudgetPolicy("bogus").resolve(_pool([2, 2]), 2)
+    with pytest.raises(ValueError, match="larger than the number of candidates"):
+        BudgetPolicy().resolve(_pool([2, 2]), 5)
+
+
+def test_budget_policy_uniform_and_constraint():
+    # equal shares over the present domains; units the small domain cannot use flow to the others
+    assert BudgetPolicy("uniform").resolve(_pool([6, 1, 3]), 6).tolist() == [3, 1, 2]
+    info: dict = {}
+    groups, budgets = BudgetPolicy().constraint(_pool([3, 1]), 2, info)
+    assert groups.tolist() == [0, 0, 0, 1] and budgets.tolist() == info["budgets"] == [2, 0]
+    assert BudgetPolicy(enabled=False).constraint(_pool([3, 1]), 2, info) == (None, None)
+    with pytest.raises(ValueError, match="minimum"):
+        BudgetPolicy("minimum", minimum=-1)

@@ -115,5 +115,5 @@ def test_bad_options():
         get_selector("partitionsel", budget="nope")
     with pytest.raises(ValueError, match="anchors"):
         get_selector("partitionsel", anchors="median")
-    with pytest.raises(ValueError, match="larger than the candidate pool"):
+    with pytest.raises(ValueError, match="larger than the number of candidates"):
         get_selector("partitionsel").select(_pool(), 5)

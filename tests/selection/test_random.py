@@ -35,7 +35,7 @@ def test_stratified_weights_mode_needs_weights():
 
 
 def test_k_errors():
-    with pytest.raises(ValueError, match="larger than the candidate pool"):
+    with pytest.raises(ValueError, match="larger than the number of candidates"):
         get_selector("random").select(_pool(), 13)
     with pytest.raises(ValueError, match="positive"):
         get_selector("stratified").select(_pool(), 0)

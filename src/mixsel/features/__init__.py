@@ -35,7 +35,7 @@ from mixsel.features.loss import (
     stats_from_logits,
     target_mask,
 )
-from mixsel.features.pool import GRADIENT_NEEDS, SCALAR_NEEDS, pool_gradient_features
+from mixsel.features.pool import pool_gradient_features
 from mixsel.features.projection import PROJECTION_KINDS, KroneckerProjector, RandomProjector, kronecker_dims
 from mixsel.features.zeroth_order import (
     AdamNormalizer,
@@ -46,10 +46,8 @@ from mixsel.features.zeroth_order import (
 )
 
 __all__ = [
-    "GRADIENT_NEEDS",
     "GRAM_METHODS",
     "PROJECTION_KINDS",
-    "SCALAR_NEEDS",
     "AdamNormalizer",
     "GradFactors",
     "KroneckerProjector",

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from mixsel import seeding
 from mixsel.features.grads import (
     capture_linear_factors,
     factor_gram,
@@ -18,13 +19,12 @@ from mixsel.features.grads import (
 )
 from mixsel.features.loss import GradFactors, forward_stats
 from mixsel.features.projection import KroneckerProjector
+from mixsel.types import GRADIENT_FEATURES, SCALAR_FEATURES
 
-__all__ = ["GRADIENT_NEEDS", "SCALAR_NEEDS", "pool_gradient_features"]
+__all__ = ["pool_gradient_features"]
 
 log = logging.getLogger(__name__)
 
-GRADIENT_NEEDS = frozenset({"grads", "gram", "val_scores", "val_gram", "grad_norm"})
-SCALAR_NEEDS = frozenset({"loss", "confidence", "perplexity", "completion_length", "hidden"})
 SOURCES = ("lm_head", "linear")
 
 
@@ -51,7 +51,7 @@ def _project(factors: list[GradFactors], dim: int, seed: int) -> torch.Tensor:
             parts.append(materialize_grads(f))
             continue
         p, q = f.out_grads.shape[-1], f.inputs_with_bias().shape[-1]
-        parts.append(KroneckerProjector(p, q, per, seed=seed * 7_919 + k).project_factors(f))
+        parts.append(KroneckerProjector(p, q, per, seed=seeding.projection_seed(seed, k)).project_factors(f))
     return torch.cat(parts, dim=1)
 
 
@@ -65,6 +65,113 @@ def _sum_gram(
         total = k if total is None else total + k
     assert total is not None
     return total
+
+
+def _check_request(
+    need: set[str],
+    source: str,
+    val_batch: dict[str, torch.Tensor] | None,
+    projection_dim: int | None,
+) -> None:
+    unknown = need - GRADIENT_FEATURES - SCALAR_FEATURES
+    if unknown:
+        valid = sorted(GRADIENT_FEATURES | SCALAR_FEATURES)
+        raise ValueError(f"need has unknown names {sorted(unknown)}; valid: {valid}")
+    if source not in SOURCES:
+        raise ValueError(f"source={source!r} is not one of {SOURCES}")
+    if source == "linear" and "hidden" in need:
+        raise ValueError("need='hidden' is computed with source='lm_head'; call forward_stats(hidden=True)")
+    if need & {"val_scores", "val_gram"} and val_batch is None:
+        raise ValueError("need asks for val_scores/val_gram: pass val_batch (the validation anchors)")
+    if projection_dim is not None and projection_dim <= 0:
+        raise ValueError(f"projection_dim must be positive or None, got {projection_dim}")
+
+
+def _source_modules(
+    model: torch.nn.Module, source: str, modules: str | torch.nn.Module | Sequence[str | torch.nn.Module] | None
+) -> list[str | torch.nn.Module]:
+    if source != "linear":
+        return []
+    if modules is None:
+        return [find_last_module(model, "v_proj")]
+    if isinstance(modules, (str, torch.nn.Module)):
+        return [modules]
+    return list(modules)
+
+
+def _explicit_features(
+    fs: list[GradFactors],
+    gs: list[GradFactors] | None,
+    need: set[str],
+    *,
+    projection_dim: int | None,
+    normalize: bool,
+    seed: int,
+) -> dict[str, torch.Tensor]:
+    """Per-example feature vectors (exact, materialised, or Kronecker-projected); the rest by products."""
+
+    def vectors(factors: list[GradFactors]) -> torch.Tensor:
+        if projection_dim:
+            return _project(factors, projection_dim, seed)
+        return torch.cat([materialize_grads(f) for f in factors], 1)
+
+    feats = vectors(fs)
+    vfeats = vectors(gs) if gs is not None else None
+    norms = feats.norm(dim=1)
+    if normalize:
+        feats = feats / norms.clamp(min=1e-30).unsqueeze(1)
+        if vfeats is not None:
+            vfeats = vfeats / vfeats.norm(dim=1).clamp(min=1e-30).unsqueeze(1)
+    out: dict[str, torch.Tensor] = {}
+    if "grads" in need:
+        out["grads"] = feats
+    if "gram" in need:
+        out["gram"] = feats @ feats.T
+    if vfeats is not None and "val_scores" in need:
+        out["val_scores"] = feats @ vfeats.T
+    if vfeats is not None and "val_gram" in need:
+        out["val_gram"] = vfeats @ vfeats.T
+    if "grad_norm" in need:
+        out["grad_norm"] = norms
+    return out
+
+
+def _factor_features(
+    fs: list[GradFactors],
+    gs: list[GradFactors] | None,
+    need: set[str],
+    *,
+    normalize: bool,
+    method: str,
+    infos: list[dict[str, Any]],
+) -> dict[str, torch.Tensor]:
+    """Gram quantities straight from the factors (ghost or materialised inner products, no feature vectors)."""
+    gram = _sum_gram(fs, None, method, infos) if "gram" in need else None
+    if gram is not None:
+        sq = gram.diagonal().clone()
+    elif normalize or "grad_norm" in need:
+        sq = torch.stack([factor_sq_norms(f) for f in fs]).sum(0)
+    else:
+        sq = None
+    norms = None if sq is None else sq.clamp(min=0).sqrt()
+    val_gram = _sum_gram(gs, None, method, infos) if gs is not None and ("val_gram" in need or normalize) else None
+    vnorms = None if val_gram is None else val_gram.diagonal().clamp(min=0).sqrt()
+    scale = None if norms is None else 1.0 / norms.clamp(min=1e-30)
+    vscale = None if vnorms is None else 1.0 / vnorms.clamp(min=1e-30)
+
+    def scaled(k: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:
+        return k * left[:, None] * right[None, :] if normalize else k  # type: ignore[index]
+
+    out: dict[str, torch.Tensor] = {}
+    if gram is not None:
+        out["gram"] = scaled(gram, scale, scale)
+    if "val_scores" in need and gs is not None:
+        out["val_scores"] = scaled(_sum_gram(fs, gs, method, infos), scale, vscale)
+    if "val_gram" in need and val_gram is not None:
+        out["val_gram"] = scaled(val_gram, vscale, vscale)
+    if "grad_norm" in need and norms is not None:
+        out["grad_norm"] = norms
+    return out
 
 
 def pool_gradient_features(
@@ -89,7 +196,7 @@ def pool_gradient_features(
     Args:
         model: a Hugging Face causal LM (peft-wrapped is fine), dropout off.
         pool_batch: the candidate pool, dict(input_ids, attention_mask, labels).
-        val_batch: validation anchors (PartitionSel: two per step), needed for ``val_scores``/``val_gram``.
+        val_batch: validation anchors, needed for ``val_scores``/``val_gram``.
         source: ``"lm_head"`` (gradient w.r.t. the output embedding) or ``"linear"`` (``modules``).
         modules: for ``"linear"``, module names/modules; default the last V-projection (its LoRA B under
             peft), via :func:`find_last_module`.
@@ -111,92 +218,27 @@ def pool_gradient_features(
         dict of the requested tensors (and an info dict when ``return_info``).
     """
     need = set(need)
-    unknown = need - GRADIENT_NEEDS - SCALAR_NEEDS
-    if unknown:
-        raise ValueError(f"need has unknown names {sorted(unknown)}; valid: {sorted(GRADIENT_NEEDS | SCALAR_NEEDS)}")
-    if source not in SOURCES:
-        raise ValueError(f"source={source!r} is not one of {SOURCES}")
-    if source == "linear" and "hidden" in need:
-        raise ValueError("need='hidden' is computed with source='lm_head'; call forward_stats(hidden=True)")
-    wants_val = bool(need & {"val_scores", "val_gram"})
-    if wants_val and val_batch is None:
-        raise ValueError("need asks for val_scores/val_gram: pass val_batch (the validation anchors)")
-    if projection_dim is not None and projection_dim <= 0:
-        raise ValueError(f"projection_dim must be positive or None, got {projection_dim}")
-    mods: list[str | torch.nn.Module] = []
-    if source == "linear":
-        if modules is None:
-            mods = [find_last_module(model, "v_proj")]
-        elif isinstance(modules, (str, torch.nn.Module)):
-            mods = [modules]
-        else:
-            mods = list(modules)
+    _check_request(need, source, val_batch, projection_dim)
+    mods = _source_modules(model, source, modules)
 
     t0 = time.perf_counter()
     fs, stats = _factors(model, pool_batch, source, mods, "hidden" in need)
-    out: dict[str, torch.Tensor] = {k: stats[k] for k in need & SCALAR_NEEDS}
+    out: dict[str, torch.Tensor] = {k: stats[k] for k in need & SCALAR_FEATURES}
     info: dict[str, Any] = {"source": source, "projection_dim": projection_dim, "gram": []}
     info["time_forward"] = time.perf_counter() - t0
-    if not need & GRADIENT_NEEDS:
+    if not need & GRADIENT_FEATURES:
         return (out, info) if return_info else out
     t0 = time.perf_counter()
+    wants_val = bool(need & {"val_scores", "val_gram"})
     gs = _factors(model, val_batch, source, mods, False)[0] if wants_val and val_batch is not None else None
     info["time_forward"] += time.perf_counter() - t0
 
     if projection_dim is not None or "grads" in need:
-        # explicit features: exact (materialised) or Kronecker-projected; everything else follows
         info["backend"] = "projected" if projection_dim is not None else "materialized"
-        feats = (
-            _project(fs, projection_dim, seed) if projection_dim else torch.cat([materialize_grads(f) for f in fs], 1)
-        )
-        vfeats = None
-        if gs is not None:
-            vfeats = (
-                _project(gs, projection_dim, seed)
-                if projection_dim
-                else torch.cat([materialize_grads(g) for g in gs], 1)
-            )
-        norms = feats.norm(dim=1)
-        if normalize:
-            feats = feats / norms.clamp(min=1e-30).unsqueeze(1)
-            if vfeats is not None:
-                vfeats = vfeats / vfeats.norm(dim=1).clamp(min=1e-30).unsqueeze(1)
-        if "grads" in need:
-            out["grads"] = feats
-        if "gram" in need:
-            out["gram"] = feats @ feats.T
-        if "val_scores" in need and vfeats is not None:
-            out["val_scores"] = feats @ vfeats.T
-        if "val_gram" in need and vfeats is not None:
-            out["val_gram"] = vfeats @ vfeats.T
-        if "grad_norm" in need:
-            out["grad_norm"] = norms
+        out.update(_explicit_features(fs, gs, need, projection_dim=projection_dim, normalize=normalize, seed=seed))
     else:
         info["backend"] = "factors"
-        infos: list[dict[str, Any]] = info["gram"]
-        gram = _sum_gram(fs, None, method, infos) if "gram" in need else None
-        if gram is not None:
-            sq = gram.diagonal().clone()
-        elif normalize or "grad_norm" in need:
-            sq = torch.stack([factor_sq_norms(f) for f in fs]).sum(0)
-        else:
-            sq = None
-        norms = None if sq is None else sq.clamp(min=0).sqrt()
-        vnorms = None
-        val_gram = _sum_gram(gs, None, method, infos) if gs is not None and ("val_gram" in need or normalize) else None
-        if val_gram is not None:
-            vnorms = val_gram.diagonal().clamp(min=0).sqrt()
-        scale = None if norms is None else 1.0 / norms.clamp(min=1e-30)
-        vscale = None if vnorms is None else 1.0 / vnorms.clamp(min=1e-30)
-        if gram is not None:
-            out["gram"] = gram * scale[:, None] * scale[None, :] if normalize else gram
-        if "val_scores" in need and gs is not None:
-            vs = _sum_gram(fs, gs, method, infos)
-            out["val_scores"] = vs * scale[:, None] * vscale[None, :] if normalize else vs
-        if "val_gram" in need and val_gram is not None:
-            out["val_gram"] = val_gram * vscale[:, None] * vscale[None, :] if normalize else val_gram
-        if "grad_norm" in need and norms is not None:
-            out["grad_norm"] = norms
+        out.update(_factor_features(fs, gs, need, normalize=normalize, method=method, infos=info["gram"]))
     log.info(
         "pool_gradient_features: source=%s backend=%s gram backends=%s need=%s",
         source,

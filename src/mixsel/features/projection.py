@@ -18,15 +18,12 @@ import math
 import torch
 
 from mixsel.features.loss import GradFactors
+from mixsel.seeding import projection_block_seed
 
 __all__ = ["PROJECTION_KINDS", "KroneckerProjector", "RandomProjector", "kronecker_dims"]
 
 PROJECTION_KINDS = ("rademacher", "gaussian")
 _CACHE_LIMIT = 2**26  # cache dense matrices up to 64M entries by default
-
-
-def _block_seed(seed: int, block: int) -> int:
-    return (int(seed) * 1_000_003 + int(block) * 7_919 + 104_729) % (2**63 - 1)
 
 
 class RandomProjector:
@@ -70,7 +67,7 @@ class RandomProjector:
         rows = min(self.block_rows, self.in_dim - start)
         if rows <= 0:
             raise IndexError(f"block {index} is past in_dim={self.in_dim}")
-        g = torch.Generator().manual_seed(_block_seed(self.seed, index))
+        g = torch.Generator().manual_seed(projection_block_seed(self.seed, index))
         scale = 1.0 / math.sqrt(self.out_dim)
         if self.kind == "rademacher":
             p = torch.randint(0, 2, (rows, self.out_dim), generator=g, dtype=torch.int8).to(torch.float64)

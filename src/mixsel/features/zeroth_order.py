@@ -28,6 +28,7 @@ import torch
 
 from mixsel.features.grads import find_last_module
 from mixsel.features.loss import model_inputs, output_embeddings, per_example_loss
+from mixsel.seeding import direction_seed
 
 __all__ = [
     "AdamNormalizer",
@@ -38,15 +39,11 @@ __all__ = [
 ]
 
 
-def _direction_seed(seed: int, k: int) -> int:
-    return (int(seed) * 1_000_003 + int(k) * 15_485_863 + 7) % (2**63 - 1)
-
-
 def spsa_direction(
     seed: int, k: int, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32, device: Any = None
 ) -> torch.Tensor:
     """The ``k``-th perturbation ``z_k ~ N(0, I)`` of ``shape``, from a CPU generator seeded by (seed, k)."""
-    g = torch.Generator().manual_seed(_direction_seed(seed, k))
+    g = torch.Generator().manual_seed(direction_seed(seed, k))
     return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
 
 

@@ -30,25 +30,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from mixsel.types import Selection
+from mixsel.seeding import pool_seed
+from mixsel.solvers._checks import check_k
+from mixsel.types import FEATURE_NAMES, Selection
 
 __all__ = ["FEATURE_NAMES", "Pool", "Selector", "check_k"]
-
-FEATURE_NAMES = frozenset(
-    {
-        "loss",
-        "confidence",
-        "perplexity",
-        "completion_length",
-        "grad_norm",
-        "hidden",
-        "grads",
-        "gram",
-        "val_scores",
-        "val_gram",
-        "zo_grads",
-    }
-)
 
 
 @dataclass
@@ -84,7 +70,7 @@ class Pool:
     def generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator seeded from (seed, step, salt): identical on every rank."""
         g = torch.Generator()
-        g.manual_seed((self.seed * 1_000_003 + self.step * 7919 + salt) % (2**63 - 1))
+        g.manual_seed(pool_seed(self.seed, self.step, salt))
         return g
 
     def feature(self, name: str) -> torch.Tensor:
@@ -119,14 +105,3 @@ class Selector(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def check_k(pool: Pool, k: int) -> None:
-    """Raise a clear error when ``k`` is not a valid selection size for ``pool``."""
-    if k <= 0:
-        raise ValueError(f"k (batch_size) must be positive, got {k}")
-    if k > pool.size:
-        raise ValueError(
-            f"k={k} (batch_size) is larger than the candidate pool of {pool.size}; "
-            "raise train.pool_size or lower train.batch_size."
-        )

@@ -10,7 +10,7 @@ import torch
 
 from mixsel.registry import register_selector
 from mixsel.selection.base import Pool
-from mixsel.selection.budget_policy import RankedSelector
+from mixsel.selection.ranked import RankedSelector
 
 __all__ = ["BigLossSelector"]
 
@@ -19,7 +19,7 @@ __all__ = ["BigLossSelector"]
 class BigLossSelector(RankedSelector):
     """Pick the k largest per-example losses: score_i = loss_i (ties: lowest index).
 
-    Args: see :class:`mixsel.selection.budget_policy.RankedSelector` (``per_domain_budgets``,
+    Args: see :class:`mixsel.selection.ranked.RankedSelector` (``per_domain_budgets``,
     ``budget``, ``shares``, ``minimum``).
     """
 

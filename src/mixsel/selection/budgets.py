@@ -1,10 +1,26 @@
-"""Per-domain budgets for partition-matroid selection (how many of the k picks each domain gets)."""
+"""Per-domain budgets k_d of a partition matroid: how many of the k picks each domain may get.
+
+* :func:`proportional_budgets` (k_d ~ k n_d / n) and :func:`budgets_from_weights` (k_d ~ k w_d) round
+  real quotas to integers summing to k, capped by what the pool holds;
+* :class:`BudgetPolicy` is the small value object every budgeted selector holds: which policy
+  (``"proportional"``, ``"weights"``, ``"fixed"``, ``"minimum"``, ``"uniform"``), its parameters,
+  and whether the selector applies budgets at all; :meth:`BudgetPolicy.constraint` gives the
+  solvers' ``(groups, budgets)`` pair for a concrete pool.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-__all__ = ["budgets_from_weights", "proportional_budgets"]
+from mixsel.selection.base import Pool, check_k
+
+__all__ = ["BUDGET_POLICIES", "BudgetPolicy", "budgets_from_weights", "proportional_budgets"]
+
+BUDGET_POLICIES = ("proportional", "weights", "fixed", "minimum", "uniform")
 
 
 def _largest_remainder(quota: torch.Tensor, k: int, caps: torch.Tensor) -> torch.Tensor:
@@ -81,3 +97,80 @@ def budgets_from_weights(counts: torch.Tensor, k: int, weights: torch.Tensor) ->
         raise ValueError(f"budget k={k} is larger than the pool ({int(counts.sum())} candidates)")
     quota = k * weights / weights.sum()
     return _largest_remainder(quota, k, counts)
+
+
+@dataclass(frozen=True)
+class BudgetPolicy:
+    """How a selector splits k over the domains (the partition matroid's capacities).
+
+    Policies:
+        ``"proportional"``: k_d ~ k * n_d / n (largest remainder), the PartitionSel default;
+        ``"weights"``: k_d ~ k * w_d from ``pool.domain_weights`` (a reweighter drives the budgets);
+        ``"fixed"``: k_d ~ k * shares_d with constant user ``shares``;
+        ``"minimum"``: proportional, but each present domain first gets min(``minimum``, n_d) picks;
+        ``"uniform"``: equal shares over the present domains.
+    Units a domain cannot use (k_d > n_d) flow to the others, so budgets always sum to k.
+
+    Attributes:
+        policy: one of :data:`BUDGET_POLICIES`.
+        shares: per-domain shares for ``"fixed"`` (domain-id order).
+        minimum: per-domain floor for ``"minimum"``.
+        enabled: whether the selector applies budgets; ``False`` selects over the whole pool.
+    """
+
+    policy: str = "proportional"
+    shares: tuple[float, ...] | None = None
+    minimum: int = 1
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.policy not in BUDGET_POLICIES:
+            raise ValueError(
+                f"budget={self.policy!r} is not a budget policy; choose one of {', '.join(BUDGET_POLICIES)}"
+            )
+        if self.policy == "fixed" and self.shares is None:
+            raise ValueError(
+                "budget='fixed' needs shares=[...] (one non-negative share per domain, in domain-id order)"
+            )
+        if self.shares is not None:
+            object.__setattr__(self, "shares", tuple(float(s) for s in self.shares))
+        if self.minimum < 0:
+            raise ValueError(f"minimum={self.minimum} must be >= 0 (picks guaranteed to each present domain)")
+        object.__setattr__(self, "minimum", int(self.minimum))
+        object.__setattr__(self, "enabled", bool(self.enabled))
+
+    @classmethod
+    def of(cls, budget: str, shares: Sequence[float] | None, minimum: int, enabled: bool = True) -> BudgetPolicy:
+        """The policy from a selector's keyword options (``budget``, ``shares``, ``minimum``)."""
+        return cls(budget, None if shares is None else tuple(shares), minimum, enabled)
+
+    def resolve(self, pool: Pool, k: int) -> torch.Tensor:
+        """Per-domain budgets for ``pool``: LongTensor[num_domains] with sum k and 0 <= k_d <= n_d."""
+        check_k(k, pool.size)
+        counts = pool.domain_counts()
+        if self.policy == "proportional":
+            return proportional_budgets(counts, k)
+        if self.policy == "minimum":
+            return proportional_budgets(counts, k, minimum=self.minimum)
+        if self.policy == "uniform":
+            return budgets_from_weights(counts, k, (counts > 0).to(torch.float64))
+        if self.policy == "weights":
+            if pool.domain_weights is None:
+                raise ValueError("budget='weights' needs domain weights in the pool: enable a reweighter")
+            return budgets_from_weights(counts, k, pool.domain_weights)
+        weights = torch.as_tensor(list(self.shares or []), dtype=torch.float64)
+        if weights.numel() != pool.num_domains:
+            raise ValueError(f"shares has {weights.numel()} entries but the mixture has {pool.num_domains} domains")
+        return budgets_from_weights(counts, k, weights)
+
+    def constraint(
+        self, pool: Pool, k: int, info: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The solvers' ``(groups, budgets)``: the pool's domain ids and :meth:`resolve`, or
+        ``(None, None)`` when budgets are disabled. Records the budgets in ``info`` when given."""
+        if not self.enabled:
+            return None, None
+        budgets = self.resolve(pool, k)
+        if info is not None:
+            info["budgets"] = budgets.tolist()
+        return pool.domains, budgets

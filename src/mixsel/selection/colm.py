@@ -33,6 +33,7 @@ import torch
 
 from mixsel.features.zeroth_order import AdamNormalizer, topk_source_mask
 from mixsel.registry import register_selector
+from mixsel.seeding import Salt
 from mixsel.selection.base import Pool, check_k
 from mixsel.selection.budgets import proportional_budgets
 from mixsel.selection.hidden_fl import cosine_similarity_matrix
@@ -128,7 +129,7 @@ class CoLMSelector:
         h: int = 2560,
         distance: str = "l1",
         weighted: bool = False,
-        seed_salt: int = 29,
+        seed_salt: int = Salt.COLM_SPARSIFY,
     ) -> None:
         if feature not in ("zo_grads", "grads"):
             raise ValueError(f"feature={feature!r}; choose 'zo_grads' (zeroth-order, CoLM) or 'grads' (exact)")
@@ -156,7 +157,7 @@ class CoLMSelector:
         self.h = int(h)
         self.distance = distance
         self.weighted = bool(weighted)
-        self.seed_salt = seed_salt
+        self.seed_salt = int(seed_salt)
 
     # -- pieces -------------------------------------------------------------------------------
     def small_sources_of(self, pool: Pool, k: int) -> torch.Tensor:
@@ -198,7 +199,7 @@ class CoLMSelector:
 
     # -- protocol -----------------------------------------------------------------------------
     def select(self, pool: Pool, k: int) -> Selection:
-        check_k(pool, k)
+        check_k(k, pool.size)
         raw = pool.feature(self.feature)
         if raw.dim() != 2 or raw.shape[0] != pool.size:
             raise ValueError(f"feature {self.feature!r} must be [n={pool.size}, d], got {tuple(raw.shape)}")

@@ -10,7 +10,7 @@ import torch
 
 from mixsel.registry import register_selector
 from mixsel.selection.base import Pool
-from mixsel.selection.budget_policy import RankedSelector
+from mixsel.selection.ranked import RankedSelector
 
 __all__ = ["CompletionLengthSelector"]
 
@@ -19,7 +19,7 @@ __all__ = ["CompletionLengthSelector"]
 class CompletionLengthSelector(RankedSelector):
     """Pick the k longest completions: score_i = number of target tokens (ties: lowest index).
 
-    Args: see :class:`mixsel.selection.budget_policy.RankedSelector`.
+    Args: see :class:`mixsel.selection.ranked.RankedSelector`.
     """
 
     name = "completion_length"

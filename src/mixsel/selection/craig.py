@@ -21,7 +21,7 @@ import torch
 
 from mixsel.registry import register_selector
 from mixsel.selection.base import Pool, check_k
-from mixsel.selection.budget_policy import check_budget_policy, resolve_budgets
+from mixsel.selection.budgets import BudgetPolicy
 from mixsel.solvers.facility_location import facility_location, similarity_from_distance
 from mixsel.types import Selection
 
@@ -54,7 +54,7 @@ class CraigSelector:
     Args:
         per_domain_budgets: if True, at most k_d medoids per domain (partition matroid) under the
             ``budget`` policy; by default the medoids are chosen over the whole pool as in CRAIG.
-        budget, shares, minimum: budget policy (see :func:`mixsel.selection.budget_policy.resolve_budgets`).
+        budget, shares, minimum: budget policy (see :class:`~mixsel.selection.budgets.BudgetPolicy`).
         method: facility-location greedy variant (``"lazy"``, same ranking as ``"naive"``).
 
     ``Selection.weights`` are the cluster sizes (they sum to n, the pool size).
@@ -71,24 +71,16 @@ class CraigSelector:
         minimum: int = 1,
         method: str = "lazy",
     ) -> None:
-        check_budget_policy(budget, shares, minimum)
         if method not in ("lazy", "naive"):
             raise ValueError(f"method={method!r}; choose 'lazy' or 'naive' (both give the same medoids)")
-        self.per_domain_budgets = bool(per_domain_budgets)
-        self.budget = budget
-        self.shares = None if shares is None else [float(s) for s in shares]
-        self.minimum = int(minimum)
+        self.budgets = BudgetPolicy.of(budget, shares, minimum, enabled=per_domain_budgets)
         self.method = method
 
     def select(self, pool: Pool, k: int) -> Selection:
-        check_k(pool, k)
+        check_k(k, pool.size)
         similarity = similarity_from_distance(distances_from_gram(pool.feature("gram")))
         info: dict[str, Any] = {"method": self.name}
-        groups = budgets = None
-        if self.per_domain_budgets:
-            groups = pool.domains
-            budgets = resolve_budgets(pool, k, self.budget, shares=self.shares, minimum=self.minimum)
-            info["budgets"] = budgets.tolist()
+        groups, budgets = self.budgets.constraint(pool, k, info)
         sel = facility_location(similarity, k, groups=groups, budgets=budgets, method=self.method)  # type: ignore[arg-type]
         info["solver"] = sel.info
         return Selection(indices=sel.indices, weights=sel.weights, gains=sel.gains, info=info)

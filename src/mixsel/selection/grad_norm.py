@@ -11,7 +11,7 @@ import torch
 
 from mixsel.registry import register_selector
 from mixsel.selection.base import Pool
-from mixsel.selection.budget_policy import RankedSelector
+from mixsel.selection.ranked import RankedSelector
 
 __all__ = ["GradNormSelector"]
 
@@ -20,7 +20,7 @@ __all__ = ["GradNormSelector"]
 class GradNormSelector(RankedSelector):
     """Pick the k largest gradient norms: score_i = ||g_i|| (ties: lowest index).
 
-    Args: see :class:`mixsel.selection.budget_policy.RankedSelector`.
+    Args: see :class:`mixsel.selection.ranked.RankedSelector`.
     """
 
     name = "grad_norm"

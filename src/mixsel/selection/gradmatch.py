@@ -50,7 +50,7 @@ class GradMatchSelector:
         self.tol = float(tol)
 
     def select(self, pool: Pool, k: int) -> Selection:
-        check_k(pool, k)
+        check_k(k, pool.size)
         gram = pool.feature("gram").to(torch.float64)
         if gram.shape != (pool.size, pool.size):
             raise ValueError(f"gram must be [n, n] with n={pool.size}, got {tuple(gram.shape)}")

@@ -31,8 +31,9 @@ import torch
 
 from mixsel.registry import register_selector
 from mixsel.selection.base import Pool, check_k
-from mixsel.selection.budget_policy import check_budget_policy, ranked_pick, resolve_budgets
+from mixsel.selection.budgets import BudgetPolicy
 from mixsel.selection.partitionsel import ANCHOR_MODES, anchor_scores, effective_lr
+from mixsel.selection.ranked import ranked_pick
 from mixsel.solvers.matroid import greats_greedy
 from mixsel.types import Selection
 
@@ -50,7 +51,7 @@ class GreatsSelector:
         lr: override of eta (default: the optimiser's current ``pool.lr``, clamped to >= 1e-12).
         per_domain_budgets: cap picks per domain (partition-matroid variant; default False as in
             GREATS).
-        budget, shares, minimum: budget policy (see :func:`mixsel.selection.budget_policy.resolve_budgets`).
+        budget, shares, minimum: budget policy (see :class:`~mixsel.selection.budgets.BudgetPolicy`).
     """
 
     name = "greats"
@@ -66,7 +67,6 @@ class GreatsSelector:
         shares: Sequence[float] | None = None,
         minimum: int = 1,
     ) -> None:
-        check_budget_policy(budget, shares, minimum)
         if anchors not in ANCHOR_MODES:
             raise ValueError(f"anchors={anchors!r}; choose one of {', '.join(ANCHOR_MODES)}")
         if lr is not None and not lr > 0:
@@ -74,21 +74,14 @@ class GreatsSelector:
         self.second_order = bool(second_order)
         self.anchors = anchors
         self.lr = lr
-        self.per_domain_budgets = bool(per_domain_budgets)
-        self.budget = budget
-        self.shares = None if shares is None else [float(s) for s in shares]
-        self.minimum = int(minimum)
+        self.budgets = BudgetPolicy.of(budget, shares, minimum, enabled=per_domain_budgets)
 
     def select(self, pool: Pool, k: int) -> Selection:
-        check_k(pool, k)
+        check_k(k, pool.size)
         scores = anchor_scores(pool, self.anchors)
         eta = effective_lr(pool, self.lr)
         info: dict[str, Any] = {"method": self.name, "lr": eta}
-        groups = budgets = None
-        if self.per_domain_budgets:
-            groups = pool.domains
-            budgets = resolve_budgets(pool, k, self.budget, shares=self.shares, minimum=self.minimum)
-            info["budgets"] = budgets.tolist()
+        groups, budgets = self.budgets.constraint(pool, k, info)
         if not self.second_order:
             indices = ranked_pick(scores, k, groups=groups, budgets=budgets)
             return Selection.uniform(indices, gains=eta * scores[indices], info=info)

@@ -17,7 +17,7 @@ import torch
 
 from mixsel.registry import register_selector
 from mixsel.selection.base import Pool, check_k
-from mixsel.selection.budget_policy import check_budget_policy, resolve_budgets
+from mixsel.selection.budgets import BudgetPolicy
 from mixsel.solvers.facility_location import facility_location
 from mixsel.types import Selection
 
@@ -40,7 +40,7 @@ class HiddenFacilityLocationSelector:
     Args:
         per_domain_budgets: if True, at most k_d picks per domain under the ``budget`` policy
             (default False: the paper's domain-agnostic FL).
-        budget, shares, minimum: budget policy (see :func:`mixsel.selection.budget_policy.resolve_budgets`).
+        budget, shares, minimum: budget policy (see :class:`~mixsel.selection.budgets.BudgetPolicy`).
         weighted: if True, weight each pick by its cluster size (CRAIG-style); default uniform.
     """
 
@@ -55,22 +55,14 @@ class HiddenFacilityLocationSelector:
         minimum: int = 1,
         weighted: bool = False,
     ) -> None:
-        check_budget_policy(budget, shares, minimum)
-        self.per_domain_budgets = bool(per_domain_budgets)
-        self.budget = budget
-        self.shares = None if shares is None else [float(s) for s in shares]
-        self.minimum = int(minimum)
+        self.budgets = BudgetPolicy.of(budget, shares, minimum, enabled=per_domain_budgets)
         self.weighted = bool(weighted)
 
     def select(self, pool: Pool, k: int) -> Selection:
-        check_k(pool, k)
+        check_k(k, pool.size)
         similarity = cosine_similarity_matrix(pool.feature("hidden"))
         info: dict[str, Any] = {"method": self.name}
-        groups = budgets = None
-        if self.per_domain_budgets:
-            groups = pool.domains
-            budgets = resolve_budgets(pool, k, self.budget, shares=self.shares, minimum=self.minimum)
-            info["budgets"] = budgets.tolist()
+        groups, budgets = self.budgets.constraint(pool, k, info)
         sel = facility_location(similarity, k, groups=groups, budgets=budgets)
         info["solver"] = sel.info
         weights = sel.weights if self.weighted else torch.ones(len(sel))

@@ -10,7 +10,7 @@ import torch
 
 from mixsel.registry import register_selector
 from mixsel.selection.base import Pool
-from mixsel.selection.budget_policy import RankedSelector
+from mixsel.selection.ranked import RankedSelector
 
 __all__ = ["LeastConfidenceSelector"]
 
@@ -19,7 +19,7 @@ __all__ = ["LeastConfidenceSelector"]
 class LeastConfidenceSelector(RankedSelector):
     """Pick the k lowest mean token confidences: score_i = -confidence_i (ties: lowest index).
 
-    Args: see :class:`mixsel.selection.budget_policy.RankedSelector`.
+    Args: see :class:`mixsel.selection.ranked.RankedSelector`.
     """
 
     name = "least_confidence"

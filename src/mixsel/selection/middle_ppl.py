@@ -15,7 +15,7 @@ import torch
 
 from mixsel.registry import register_selector
 from mixsel.selection.base import Pool
-from mixsel.selection.budget_policy import RankedSelector
+from mixsel.selection.ranked import RankedSelector
 
 __all__ = ["MiddlePerplexitySelector", "percentile_ranks"]
 
@@ -43,7 +43,7 @@ class MiddlePerplexitySelector(RankedSelector):
     Args:
         quantile: centre of the band, in [0, 1] (0.5 = median).
         per_domain_budgets, budget, shares, minimum: see
-            :class:`mixsel.selection.budget_policy.RankedSelector`.
+            :class:`mixsel.selection.ranked.RankedSelector`.
     """
 
     name = "middle_ppl"
@@ -64,7 +64,7 @@ class MiddlePerplexitySelector(RankedSelector):
 
     def score(self, pool: Pool) -> torch.Tensor:
         ppl = pool.feature("perplexity").reshape(-1)
-        if not self.per_domain_budgets:
+        if not self.budgets.enabled:
             return -(percentile_ranks(ppl) - self.quantile).abs()
         scores = torch.empty(ppl.numel(), dtype=torch.float64)
         for d in range(pool.num_domains):

@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from mixsel.registry import register_selector
+from mixsel.seeding import Salt
 from mixsel.selection.base import Pool, check_k
-from mixsel.selection.budget_policy import check_budget_policy, resolve_budgets
+from mixsel.selection.budgets import BudgetPolicy
 from mixsel.solvers.matroid import matroid_matching_pursuit
 from mixsel.types import Selection
 
@@ -121,22 +122,19 @@ class PartitionSelSelector:
         anchors: str = "mean",
         self_curvature: bool = True,
         lr: float | None = None,
-        seed_salt: int = 31,
+        seed_salt: int = Salt.PARTITIONSEL,
     ) -> None:
-        check_budget_policy(budget, shares, minimum)
         if anchors not in ANCHOR_MODES:
             raise ValueError(f"anchors={anchors!r}; choose one of {', '.join(ANCHOR_MODES)}")
         if lr is not None and not lr > 0:
             raise ValueError(f"lr={lr} must be positive (or None to use the optimiser's learning rate)")
-        self.budget = budget
-        self.shares = None if shares is None else [float(s) for s in shares]
-        self.minimum = int(minimum)
+        self.budgets = BudgetPolicy.of(budget, shares, minimum)
         self.randomized = bool(randomized)
         self.use_omp_weights = bool(use_omp_weights)
         self.anchors = anchors
         self.self_curvature = bool(self_curvature)
         self.lr = lr
-        self.seed_salt = seed_salt
+        self.seed_salt = int(seed_salt)
 
     def utility_inputs(self, pool: Pool) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(mu, K, eta) of the rescaled utility U(u) = <u, mu> - 1/2 u^T K u with u = eta w."""
@@ -153,8 +151,8 @@ class PartitionSelSelector:
         return mu, gram, eta
 
     def select(self, pool: Pool, k: int) -> Selection:
-        check_k(pool, k)
-        budgets = resolve_budgets(pool, k, self.budget, shares=self.shares, minimum=self.minimum)
+        check_k(k, pool.size)
+        budgets = self.budgets.resolve(pool, k)
         mu, gram, eta = self.utility_inputs(pool)
         sol = matroid_matching_pursuit(
             mu,

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 
 from mixsel.registry import register_selector
+from mixsel.seeding import Salt
 from mixsel.selection.base import Pool, check_k
-from mixsel.selection.budgets import budgets_from_weights, proportional_budgets
+from mixsel.selection.budgets import BudgetPolicy
 from mixsel.types import Selection
 
 __all__ = ["RandomSelector", "StratifiedSelector"]
@@ -33,11 +34,11 @@ class RandomSelector(_Stateless):
 
     name = "random"
 
-    def __init__(self, seed_salt: int = 11) -> None:
-        self.seed_salt = seed_salt
+    def __init__(self, seed_salt: int = Salt.RANDOM) -> None:
+        self.seed_salt = int(seed_salt)
 
     def select(self, pool: Pool, k: int) -> Selection:
-        check_k(pool, k)
+        check_k(k, pool.size)
         perm = torch.randperm(pool.size, generator=pool.generator(self.seed_salt))
         return Selection.uniform(perm[:k], info={"method": self.name})
 
@@ -58,26 +59,17 @@ class StratifiedSelector(_Stateless):
 
     name = "stratified"
 
-    def __init__(self, budget: str = "proportional", minimum: int = 0, seed_salt: int = 13) -> None:
+    def __init__(self, budget: str = "proportional", minimum: int = 0, seed_salt: int = Salt.STRATIFIED) -> None:
         if budget not in {"proportional", "weights", "uniform"}:
             raise ValueError(f"budget={budget!r}; choose proportional, weights or uniform")
-        self.budget = budget
-        self.minimum = minimum
-        self.seed_salt = seed_salt
-
-    def budgets(self, pool: Pool, k: int) -> torch.Tensor:
-        counts = pool.domain_counts()
-        if self.budget == "proportional":
-            return proportional_budgets(counts, k, minimum=self.minimum)
-        if self.budget == "uniform":
-            return budgets_from_weights(counts, k, (counts > 0).to(torch.float64))
-        if pool.domain_weights is None:
-            raise ValueError("stratified budget='weights' needs domain weights: enable a reweighter")
-        return budgets_from_weights(counts, k, pool.domain_weights)
+        # a positive floor turns the proportional split into the "minimum" policy
+        policy = "minimum" if budget == "proportional" and minimum > 0 else budget
+        self.budgets = BudgetPolicy(policy, minimum=minimum)
+        self.seed_salt = int(seed_salt)
 
     def select(self, pool: Pool, k: int) -> Selection:
-        check_k(pool, k)
-        budgets = self.budgets(pool, k)
+        check_k(k, pool.size)
+        budgets = self.budgets.resolve(pool, k)
         g = pool.generator(self.seed_salt)
         picks = []
         for d in range(pool.num_domains):
