@@ -77,3 +77,31 @@ def test_out_of_range_values_name_the_field(override, field):
 def test_edge_values_are_accepted():
     cfg = load_config(None, ["eval.exact_match=0", "train.warmup_steps=0", "train.batch_size=64", "train.pool_size=64"])
     assert cfg.train.batch_size == cfg.train.pool_size == 64
+
+
+def test_every_config_field_has_a_one_line_comment():
+    import dataclasses
+    import typing
+
+    from mixsel.config import ExperimentConfig, field_help
+
+    def walk(cls):
+        yield cls
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                yield from walk(tp)
+
+    for cls in walk(ExperimentConfig):
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert set(field_help(cls)) == names, f"{cls.__name__} fields without a comment: {names - set(field_help(cls))}"
+
+
+def test_help_config_prints_fields_values_and_comments(capsys):
+    from mixsel.cli import main
+
+    assert main(["train", "--help-config", "train.lr=0.5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "train.lr = 0.5  # peak AdamW learning rate" in out
+    assert any(line.startswith("selection.features.val_anchors = 2  # ") for line in out)
+    assert "# model.lora: LoRA adapters" in out

@@ -1,6 +1,7 @@
 """The ``mixsel`` command line.
 
 mixsel train   [--config FILE] [a.b=c ...]    one experiment (default: the embedded default)
+mixsel train --help-config [--config FILE]    every config field with its value and what it does
 mixsel compare [--config FILE] [a.b=c ...]    several methods, same data and seeds; table + plots
 mixsel select  --features FILE --method NAME --k K [--out FILE] [--option key=value ...]
                                               offline selection from saved features
@@ -34,7 +35,13 @@ def _parse_options(items: list[str]) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mixsel.config import load_config
+    from mixsel.config import describe_config, load_config
+
+    if args.help_config:
+        # the fields with their comments, with the values of --config and overrides when given
+        cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
+        print("\n".join(describe_config(cfg)))
+        return 0
     from mixsel.train import train
 
     overrides = [*args.overrides, *(["train.resume=true"] if args.resume else [])]
@@ -106,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. train.max_steps=20")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoint (train.resume=true)")
+    p.add_argument(
+        "--help-config", action="store_true", help="print every config field, its value and what it does, then exit"
+    )
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("compare", help="compare several methods on the same data and seeds")
     p.add_argument("--config", default=None, help=f"compare YAML (default: {DEFAULT_COMPARE})")

@@ -12,6 +12,8 @@ against the field's type, and the resolved config is saved next to every run.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +34,8 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "config_to_dict",
+    "describe_config",
+    "field_help",
     "from_dict",
     "load_config",
     "save_config",
@@ -48,29 +52,51 @@ class DataConfig:
     a Hugging Face hub dataset name.
     """
 
+    # "embedded" (the shipped corpus), a file or folder path, or a hub dataset name with format=hf
     source: str = "embedded"
+    # jsonl | json | parquet | csv | hf; None = guessed from the path
     format: str | None = None
+    # column holding each row's domain (names or integer ids)
     domain_column: str = "domain"
+    # column of plain-text rows (every token is a training target)
     text_column: str = "text"
+    # column of the prompt in prompt/response rows (its tokens are masked from the loss)
     prompt_column: str | None = None
+    # column of the response in prompt/response rows (the training targets)
     response_column: str | None = None
+    # column of the checkable final answer (scored by exact match); None = parsed from the response
     answer_column: str | None = None
+    # column with fixed train/val/test assignments; None = split per domain by the seed
     split_column: str | None = None
+    # hub dataset configuration name (format=hf)
     hf_config: str | None = None
+    # hub dataset split to load (format=hf)
     hf_split: str | None = None
+    # keep only these domains, in this id order; None = every domain found, sorted
     domains: list[str] | None = None
+    # tokens per example after truncation
     max_length: int = 128
+    # validation rows held out per domain (when split_column is None)
     val_per_domain: int = 32
+    # test rows held out per domain (when split_column is None)
     test_per_domain: int = 32
+    # cap on training rows per domain; None = all
     max_train_per_domain: int | None = None
 
 
 @dataclass
 class ModelLoraConfig:
+    """LoRA adapters (peft) on the model's linear layers; the base weights stay frozen."""
+
+    # train LoRA adapters instead of every weight
     enabled: bool = False
+    # adapter rank
     r: int = 8
+    # LoRA alpha (the update is scaled by alpha / r)
     alpha: int = 16
+    # dropout on the adapter input
     dropout: float = 0.0
+    # module-name suffixes that get adapters
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -79,11 +105,17 @@ class ModelConfig:
     """The causal LM: ``name_or_path`` is a local checkpoint folder or a hub id; ``config_file``
     (a JSON of ``transformers`` config fields, with ``model_type``) builds a fresh model instead."""
 
+    # local checkpoint folder or hub id of a pretrained causal LM; None = build from config_file
     name_or_path: str | None = None
+    # transformers config JSON for a freshly initialised model ("embedded:tiny-llama" = the default)
     config_file: str | None = "embedded:tiny-llama"
+    # tokenizer folder or hub id; None = the model's, or the embedded BPE for the embedded model
     tokenizer: str | None = None
+    # parameter dtype: float32 | bfloat16 | float16
     dtype: str = "float32"
+    # attention kernel passed to transformers (sdpa | eager | flash_attention_2)
     attn_implementation: str | None = "sdpa"
+    # LoRA adapters
     lora: ModelLoraConfig = field(default_factory=ModelLoraConfig)
 
 
@@ -91,75 +123,170 @@ class ModelConfig:
 class FeatureConfig:
     """How per-example gradient features are computed for gradient-based selectors."""
 
+    # lm_head (gradient of the output embedding) | linear (the layers in `modules`)
     source: str = "lm_head"
+    # module names for source=linear; None = the last V-projection (its LoRA B under peft)
     modules: list[str] | None = None
+    # Kronecker random projection of the gradients to this many coordinates; None = exact
     projection_dim: int | None = None
+    # L2-normalise per-example gradients (cosine Gram, as PartitionSel's code does)
     normalize: bool = False
+    # validation sequences drawn per step as the selection target (PartitionSel, GREATS, per_domain)
     val_anchors: int = 2
+    # module CoLM's SPSA features perturb; None = the last V-projection (its LoRA B under peft)
     zo_module: str | None = None
+    # SPSA perturbation scale epsilon (CoLM: 1e-3)
     zo_eps: float = 1e-3
 
 
 @dataclass
 class SelectionConfig:
+    """Which selector picks each step's batch from the pool, and what it is given."""
+
+    # registered selector name (`mixsel methods`)
     method: str = "random"
+    # keyword options of the selector (docs/methods.md lists them per method)
     options: dict[str, Any] = field(default_factory=dict)
+    # how gradient features are computed
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    # weight each selected example's loss by the selector's weight (OMP coefficients, cluster sizes)
     use_weights: bool = False
+    # log gradient conflicts / mismatch every step even when the selector needs no Gram (costs a pass)
     diagnostics: bool = False
 
 
 @dataclass
 class ReweightingConfig:
+    """Which reweighter adapts the domain weights, and what it is given."""
+
+    # registered reweighter name (`mixsel methods`)
     method: str = "uniform"
+    # keyword options of the reweighter (docs/reweighting.md)
     options: dict[str, Any] = field(default_factory=dict)
+    # steps per reweighting update (statistics of the steps in between are accumulated)
     update_every: int = 1
+    # checkpoint folder of the reference model (DoReMi), e.g. <run>/final
     reference_model: str | None = None
+    # dimension of the projected domain gradients (DoGraph)
     projection_dim: int = 512
+    # validation rows per domain for the target gradient (DoGraph)
     val_per_domain: int = 4
 
 
 @dataclass
 class TrainConfig:
+    """The optimisation: steps, batch and pool sizes, schedule, checkpoints, devices."""
+
+    # optimizer steps
     max_steps: int = 200
+    # examples trained on per step (selected from the pool)
     batch_size: int = 16
+    # candidates drawn per step (batch_size of them are selected)
     pool_size: int = 64
+    # examples per forward/backward (gradient accumulation inside a step)
     micro_batch_size: int = 16
+    # peak AdamW learning rate
     lr: float = 3e-3
+    # final learning rate as a fraction of lr (cosine decay)
     min_lr_ratio: float = 0.1
+    # linear warm-up steps
     warmup_steps: int = 10
+    # AdamW weight decay
     weight_decay: float = 0.0
+    # gradient-norm clipping threshold; 0 = off
     grad_clip: float = 1.0
+    # run folder (config.yaml, metrics.jsonl, result.json, checkpoints, final/)
     output_dir: str = "runs/default"
+    # steps between checkpoints; 0 = only the final one
     save_every: int = 0
+    # steps between metric rows in metrics.jsonl
     log_every: int = 10
+    # continue from the run folder's last checkpoint
     resume: bool = False
+    # stop (with a checkpoint) after this many steps, keeping the schedule of max_steps
     stop_after: int | None = None
+    # write every step's selected example ids to selections.jsonl
     log_selections: bool = False
+    # auto (CUDA when available) | cpu | cuda | cuda:N
     device: str = "auto"
+    # CPU threads for torch; None = torch's default
     threads: int | None = None
+    # under torchrun, who computes selection features: global | gather | local (docs/distributed.md)
     distributed_selection: str = "global"
+    # forward passes under torch.autocast: bf16 | None
     autocast: str | None = None
 
 
 @dataclass
 class EvalConfig:
+    """Per-domain validation / test loss and exact match."""
+
+    # steps between validation evaluations (the last step is always evaluated)
     every: int = 50
+    # validation / test rows per domain in each evaluation
     max_per_domain: int = 32
+    # exact-match prompts per scored domain at the final test; 0 = off
     exact_match: int = 32
+    # generated tokens per exact-match prompt
     max_new_tokens: int = 96
 
 
 @dataclass
 class ExperimentConfig:
+    """One run: data, model, training, selection, reweighting and evaluation."""
+
+    # seed of every random choice (sampling, selection, initialisation, splits)
     seed: int = 0
+    # run name, recorded in result.json
     name: str = "default"
+    # the data mixture
     data: DataConfig = field(default_factory=DataConfig)
+    # the model
     model: ModelConfig = field(default_factory=ModelConfig)
+    # the optimisation
     train: TrainConfig = field(default_factory=TrainConfig)
+    # the selector
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    # the reweighter
     reweighting: ReweightingConfig = field(default_factory=ReweightingConfig)
+    # the evaluation
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """The one-line comment written above each field of config dataclass ``cls``, by field name."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, str] = {}
+    comment: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            comment.append(text.lstrip("#").strip())
+            continue
+        match = re.match(r"(\w+)\s*:", text)
+        if match and match.group(1) in names and comment:
+            out[match.group(1)] = " ".join(comment)
+        comment = []
+    return out
+
+
+def describe_config(cfg: Any = None, prefix: str = "") -> list[str]:
+    """Every config field as ``section.key = value  # what it does`` (the defaults when ``cfg`` is None).
+
+    ``mixsel train --help-config`` prints these lines.
+    """
+    cfg = ExperimentConfig() if cfg is None else cfg
+    helps = field_help(type(cfg))
+    lines: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.append(f"# {prefix}{f.name}: {helps.get(f.name, '')}".rstrip())
+            lines.extend(describe_config(value, f"{prefix}{f.name}."))
+        else:
+            shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"{prefix}{f.name} = {shown}  # {helps.get(f.name, '')}")
+    return lines
 
 
 def _is_dataclass_type(tp: Any) -> bool:
