@@ -10,7 +10,7 @@ __all__ = ["conflicting_pairs", "gradient_mismatch"]
 def conflicting_pairs(gram: torch.Tensor, indices: torch.Tensor | None = None) -> int:
     """Number of unordered pairs i < j with a negative gradient inner product.
 
-    This is PartitionSel's "conflicting gradient pairs" count (seed 000, Fig. 3), taken on the
+    This is PartitionSel's "conflicting gradient pairs" count (arXiv 2606.07954, Fig. 3), taken on the
     Gram matrix of the selection features.
 
     Args:

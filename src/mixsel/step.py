@@ -189,7 +189,7 @@ class OnlineSelector:
             if "zo_grads" in need:
                 from mixsel.features import spsa_features
 
-                # a fresh direction every step: CoLM's smoothed zeroth-order estimate (seed 004, Eq. 6);
+                # a fresh direction every step: CoLM's smoothed zeroth-order estimate (arXiv 2407.19580, Eq. 6);
                 # the seed is the same on every rank, so the directions are too
                 spsa = spsa_features(
                     model,

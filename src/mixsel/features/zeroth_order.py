@@ -1,6 +1,6 @@
 """CoLM's zeroth-order gradient features, Adam normalisation and per-source top-h masks.
 
-CoLM (Nguyen et al., ICLR 2025; ``seeds/004``) selects medoids of the big sources from
+CoLM (Nguyen et al., ICLR 2025, arXiv 2407.19580) selects medoids of the big sources from
 
 * Eq. 5-6: an SPSA estimate of each example's gradient w.r.t. the last V-projection matrix (its LoRA
   ``B`` under peft), ``g_i ~ c_i z`` with ``c_i = (L_i(W + eps z) - L_i(W - eps z)) / (2 eps)``;

@@ -1,6 +1,6 @@
 """CoLM: mini-batch coresets for memory-efficient LM training on data mixtures
 (Nguyen et al., ICLR 2025, "Mini-batch Coresets for Memory-efficient Language Model Training on
-Data Mixtures"; ``/work/shared/seeds/004_*.txt``, Algorithm 1).
+Data Mixtures", arXiv 2407.19580, Algorithm 1).
 
 Per step, from a pool M of candidates with source (domain) labels and target batch size b:
 

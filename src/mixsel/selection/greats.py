@@ -1,5 +1,5 @@
 """GREATS (Wang, Wu, Song, Mittal & Jia, NeurIPS 2024, "GREATS: Online Selection of High-Quality
-Data for LLM Training in Every Iteration"; ``/work/shared/notes/methods.md`` §2.3).
+Data for LLM Training in Every Iteration"; the greedy of its public code, docs/methods.md).
 
 Utility of a batch S at step t: the validation-loss decrease of one SGD step on S,
 

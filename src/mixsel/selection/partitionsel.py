@@ -1,6 +1,6 @@
 """PartitionSel (Agrawal, Chanda, Khatri, Ramakrishnan, Mishra & Jawanpuria, arXiv 2606.07954,
 "Minibatch Selection for Language Models via Partition Matroid Constrained Gradient Matching";
-``/work/shared/seeds/000_*``, ``/work/shared/notes/methods.md`` §2.1) and its "ID"/IWD baseline.
+docs/methods.md) and its "ID"/IWD baseline.
 
 Per step, with per-example gradient features g_i of the pool, m validation anchor gradients v_k
 and learning rate eta (features ``val_scores`` = [<g_i, v_k>] and ``gram`` K = [<g_i, g_j>]):
