@@ -22,7 +22,7 @@ def _split_and_model():
 
 
 def test_batched_generation_equals_single(monkeypatch):
-    import mixsel.data.arithmetic as arith
+    import mixsel.answers as answers
     from mixsel.evaluate import exact_match
 
     tok, split, model = _split_and_model()
@@ -30,7 +30,7 @@ def test_batched_generation_equals_single(monkeypatch):
 
     def record(batch_size):
         texts: list[str] = []
-        monkeypatch.setattr(arith, "is_correct", lambda text, answer: texts.append(text) or True)
+        monkeypatch.setattr(answers, "is_correct", lambda text, answer: texts.append(text) or True)
         out = exact_match(model, tok, split, limit=5, max_new_tokens=6, batch_size=batch_size)
         seen[batch_size] = texts
         return out

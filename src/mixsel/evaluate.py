@@ -80,12 +80,12 @@ def exact_match(
     """Greedy-decode the response to each prompt that has an ``answer`` and score exact match.
 
     The arithmetic and chemistry answers are checkable numbers (GSM8K-style ``#### N``); scoring uses
-    :func:`mixsel.data.arithmetic.is_correct`. Prompts are the tokenised prompts of the split (the
+    :func:`mixsel.answers.is_correct`. Prompts are the tokenised prompts of the split (the
     same ids the model trained on), left-padded and decoded in batches. Returns
     ``{f"{prefix}/exact_match/<domain>": accuracy}`` for every domain with answers (first ``limit``
     examples of each).
     """
-    from mixsel.data.arithmetic import is_correct
+    from mixsel.answers import is_correct
 
     device = next(model.parameters()).device
     was_training = model.training
