@@ -233,6 +233,8 @@ def test_prompt_completion_columns_are_instruction_data(tmp_path):
         {"domain": "m", "prompt": "1+1?", "response": "2\n#### 2"},
         {"domain": "m", "text": "plain row"},
     ]
+    ours = {"domain": "n", "prompt": "2+2?", "response": "4"}  # one file may hold both conventions
+    assert load_records(str(write_jsonl(tmp_path / "e.jsonl", [*rows, ours])))[-1] == ours
 
 
 def test_messages_rows_split_at_the_last_assistant_turn(tmp_path):

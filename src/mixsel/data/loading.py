@@ -263,6 +263,15 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
+def _is_empty(value: Any) -> bool:
+    """Missing, null, NaN, a blank string or an empty list."""
+    if _is_missing(value):
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    return isinstance(value, (list, tuple)) and not value
+
+
 def _as_text(value: Any) -> str:
     return "" if _is_missing(value) else str(value)
 
@@ -311,14 +320,14 @@ def _instruction(
     row: dict[str, Any],
     row_no: int,
     prompt_column: str | None,
-    response_column: str | None,
+    response_columns: Sequence[str],
     messages_column: str | None,
 ) -> dict[str, Any] | None:
     """The instruction fields of one row (``prompt`` or ``messages``, and ``response``); None for other rows.
 
     A non-empty ``messages_column`` value is a conversation; otherwise ``prompt_column`` may hold a
-    string or a list of turns (TRL's conversational prompt) and ``response_column`` a string or a
-    one-turn list (TRL's conversational completion).
+    string or a list of turns (TRL's conversational prompt) and the first non-empty of
+    ``response_columns`` a string or a one-turn list (TRL's conversational completion).
     """
     conversation = row.get(messages_column) if messages_column is not None else None
     if isinstance(conversation, (list, tuple)) and len(conversation):
@@ -326,6 +335,7 @@ def _instruction(
         if split is None or not split[1].strip():
             return None
         return {"messages": split[0], "response": split[1]}
+    response_column = next((c for c in response_columns if not _is_empty(row.get(c))), None)
     if response_column is None:
         return None
     response: Any = row.get(response_column)
@@ -365,10 +375,11 @@ def normalize_records(
     * ``domain_column`` must exist (``None`` puts every row in one domain named ``default_domain``);
       values are converted to ``str``; an empty or missing value is an error.
     * Instruction columns are ``prompt_column`` + ``response_column`` when given (both or neither),
-      else columns literally named ``prompt`` and ``response``, else ``prompt`` and ``completion``
-      (TRL's prompt-completion convention) when both exist. A row whose response is non-empty
-      becomes instruction data (``prompt`` + ``response``). A prompt holding a list of turns and a
-      completion holding one assistant turn (TRL's conversational prompt-completion) are read too.
+      else a column literally named ``prompt`` with ``response`` and/or ``completion`` (TRL's
+      prompt-completion convention; with both, a row's first non-empty one). A row whose response
+      is non-empty becomes instruction data (``prompt`` + ``response``). A prompt holding a list of
+      turns and a completion holding one assistant turn (TRL's conversational prompt-completion)
+      are read too.
     * ``messages_column`` (or, when not given, a column literally named ``messages``) holds
       conversations, lists of ``{"role", "content"}`` turns (TRL's conversational format): a row
       with one becomes ``messages`` (the turns before the last assistant turn) + ``response`` (that
@@ -401,10 +412,10 @@ def normalize_records(
     if prompt_column is not None:
         _require(prompt_column, columns, "data.prompt_column", "prompt")
         _require(response_column, columns, "data.response_column", "response")  # type: ignore[arg-type]
-    elif {"prompt", "response"} <= set(columns):
-        prompt_column, response_column = "prompt", "response"
-    elif {"prompt", "completion"} <= set(columns):
-        prompt_column, response_column = "prompt", "completion"
+    response_columns = [response_column] if response_column is not None else []
+    if prompt_column is None and "prompt" in columns:  # ours (response), TRL's (completion), or both
+        response_columns = [c for c in ("response", "completion") if c in columns]
+        prompt_column = "prompt" if response_columns else None
     if messages_column is not None:
         _require(messages_column, columns, "data.messages_column", "conversation")
     elif "messages" in columns:
@@ -434,7 +445,7 @@ def normalize_records(
             empty_domain += 1
             continue
         rec: dict[str, Any] = {"domain": domain}
-        instruction = _instruction(row, row_no, prompt_column, response_column, messages_column)
+        instruction = _instruction(row, row_no, prompt_column, response_columns, messages_column)
         text = _as_text(row.get(text_column)) if has_text else ""
         if instruction is not None:
             rec.update(instruction)
@@ -466,7 +477,7 @@ def normalize_records(
             f"{kind} ({col!r})"
             for kind, col in (
                 ("text", text_column if has_text else None),
-                ("response", response_column),
+                ("response", "/".join(response_columns) or None),
                 ("assistant turn", messages_column),
             )
             if col
