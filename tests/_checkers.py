@@ -11,3 +11,9 @@ def same_last_word(prediction: str, reference: str) -> bool:
     CALLS.append((prediction, reference))
     words = prediction.replace(".", " ").split()
     return bool(words) and words[-1] == reference.strip()
+
+
+def accept(prediction: str, reference: str) -> bool:
+    """Always right; records the call."""
+    CALLS.append((prediction, reference))
+    return True

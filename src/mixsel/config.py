@@ -63,6 +63,14 @@ class DataConfig:
     val_per_domain: int = 32
     test_per_domain: int = 32
     max_train_per_domain: int | None = None
+    # column of conversations (lists of {role, content} turns); None: a column named "messages", if any
+    messages_column: str | None = None
+    # instruction rows over max_length: "left" cuts the prompt's start, "drop" drops them, "right" cuts the response
+    truncation: str = "left"
+    # joins prompt and response (and a conversation's turns) when no chat template is used
+    separator: str = "\n"
+    # write prompt/response and conversation rows with the tokenizer's chat template, when it has one
+    chat_template: bool = True
 
 
 @dataclass
@@ -147,6 +155,10 @@ class EvalConfig:
     max_per_domain: int = 32
     exact_match: int = 32
     max_new_tokens: int = 96
+    # answer checker: gsm8k, exact, numeric, sympy or package.module:function; or {domain: checker, "*": the rest}
+    answer_checker: str | dict[str, str] = "gsm8k"
+    # tolerance of the numeric and sympy checkers (relative, and absolute near zero)
+    answer_tolerance: float = 1e-6
 
 
 @dataclass
