@@ -75,3 +75,17 @@ def test_resolved_sources(tmp_path, monkeypatch):
     assert resolve_source(DataConfig(source="org/name", format="hf", hf_split="train")) == (
         "Hugging Face dataset org/name, split=train"
     )
+
+
+def test_the_summary_survives_the_disk_cache(source, tmp_path):
+    from mixsel.data import build
+    from mixsel.data.embedded import load_embedded_tokenizer
+
+    cfg = DataConfig(source=source, max_length=64)
+    build._MEMO.clear()  # other tests loaded the same data in memory
+    first = build.load_mixture(cfg, load_embedded_tokenizer(), cache_dir=str(tmp_path))
+    assert len(list(tmp_path.glob("mixture-*.pt"))) == 1
+    build._MEMO.clear()
+    cached = build.load_mixture(cfg, load_embedded_tokenizer(), cache_dir=str(tmp_path))
+    assert cached is not first and cached.summary == first.summary
+    assert cached.test.answers == first.test.answers

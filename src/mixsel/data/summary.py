@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mixsel.data.tokenize import DomainCounts
+
+if TYPE_CHECKING:
+    from mixsel.config import EvalConfig
 
 __all__ = ["DataSummary", "format_data_summary", "summarize"]
 
@@ -84,7 +87,7 @@ def _kind(c: DomainCounts) -> str:
     return "prompt/response" if c.instruction == c.rows else "mixed"
 
 
-def format_data_summary(summary: DataSummary, eval_cfg: Any | None = None) -> str:
+def format_data_summary(summary: DataSummary, eval_cfg: EvalConfig | None = None) -> str:
     """The data summary as a few lines of text (see the module docstring), to print at the start of a run.
 
     Args:

@@ -45,11 +45,14 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mixsel.answers import reference_answer
+
+if TYPE_CHECKING:
+    from mixsel.data.summary import DataSummary
 
 __all__ = [
     "IGNORE_INDEX",
@@ -226,7 +229,7 @@ class Mixture:
     train: TokenizedSplit
     validation: TokenizedSplit
     test: TokenizedSplit
-    summary: Any = None
+    summary: DataSummary | None = None
 
     def __post_init__(self) -> None:
         for name in ("train", "validation", "test"):
@@ -348,6 +351,71 @@ def _is_instruction(record: dict[str, Any]) -> bool:
     return "response" in record and ("prompt" in record or "messages" in record)
 
 
+@dataclass
+class _Encoded:
+    """One record after tokenisation and truncation, before it becomes tensors."""
+
+    # the token ids kept; None when the row was dropped for length
+    ids: list[int] | None
+    # leading positions that are prompt (label -100)
+    prompt_len: int = 0
+    # the row was longer than max_length
+    truncated: bool = False
+    # an instruction row lost part of its response (or its end token), or was dropped for length
+    response_cut: bool = False
+    # response tokens before truncation (at most max_length + 1), without the appended eos
+    response_tokens: int = 0
+    # the prompt text as given to the model (instruction rows only)
+    prompt: str | None = None
+
+
+def _encode_texts(
+    texts: list[str], tokenizer: Any, bos: list[int], eos: list[int], max_length: int, progress: bool
+) -> list[_Encoded]:
+    """Plain texts, cut on the right (one token more than fits is read, to see that a text is too long)."""
+    out = []
+    for toks in _encode(tokenizer, texts, max_tokens=max_length - len(bos) + 1, progress=progress, desc="texts"):
+        whole = bos + toks + eos
+        out.append(_Encoded(whole[:max_length], truncated=len(whole) > max_length))
+    return out
+
+
+def _encode_instructions(
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    bos: list[int],
+    eos: list[int],
+    *,
+    max_length: int,
+    truncation: str,
+    separator: str,
+    chat_template: bool,
+    progress: bool,
+) -> list[_Encoded]:
+    """Instruction records formatted, tokenised (prompt and response apart) and truncated."""
+    prompt_texts, response_texts = format_instructions(
+        records, tokenizer, separator=separator, chat_template=chat_template
+    )
+    prompts = _encode(tokenizer, prompt_texts, max_tokens=None, progress=progress, desc="prompts")
+    responses = _encode(tokenizer, response_texts, max_tokens=max_length + 1, progress=progress, desc="responses")
+    out = []
+    for text, p_ids, r_ids in zip(prompt_texts, prompts, responses):
+        ids, prompt_len, cut = _instruction_ids(p_ids, r_ids, bos, eos, max_length, truncation)
+        too_long = len(bos) + len(p_ids) + len(r_ids) + len(eos) > max_length
+        out.append(_Encoded(ids, prompt_len, too_long, cut, len(r_ids), text))
+    return out
+
+
+def _answer(record: dict[str, Any], enc: _Encoded) -> str | None:
+    """The reference answer of an instruction row, or None when there is none or it cannot fit."""
+    if enc.response_cut:
+        return None  # the reference cannot fit max_length: never scored
+    answer = record.get("answer")
+    if answer is None:
+        answer = reference_answer(str(record["response"]))
+    return None if answer is None else str(answer)
+
+
 def tokenize_records(
     records: Sequence[dict[str, Any]],
     tokenizer: Any,
@@ -399,8 +467,6 @@ def tokenize_records(
         raise ValueError(f"domains {domains} repeat a name; list each domain once")
     bos = [_special_id(tokenizer, "bos")] if add_bos else []
     eos = [_special_id(tokenizer, "eos")] if add_eos else []
-    templated = uses_chat_template(tokenizer, chat_template)
-    response_eos = [] if templated else eos
     if progress is None:
         progress = len(records) > _PROGRESS_MIN
 
@@ -421,71 +487,49 @@ def tokenize_records(
                 f"'messages' + 'response'); its keys are {sorted(rec)}"
             )
 
-    # one token more than fits, so that a text or response too long for max_length is seen as such
-    ids: list[list[int] | None] = [None] * len(records)
-    prompt_len = [0] * len(records)
-    truncated = [False] * len(records)
-    response_cut = [False] * len(records)
-    response_tokens = [0] * len(records)
-    plain = _encode(
+    encoded: list[_Encoded] = [_Encoded(None)] * len(records)
+    texts = _encode_texts([str(records[i]["text"]) for i in plain_rows], tokenizer, bos, eos, max_length, progress)
+    instructions = _encode_instructions(
+        [records[i] for i in instr_rows],
         tokenizer,
-        [str(records[i]["text"]) for i in plain_rows],
-        max_tokens=max_length - len(bos) + 1,
+        bos,
+        [] if uses_chat_template(tokenizer, chat_template) else eos,  # a chat template ends the turn itself
+        max_length=max_length,
+        truncation=truncation,
+        separator=separator,
+        chat_template=chat_template,
         progress=progress,
-        desc="tokenize text",
     )
-    for i, toks in zip(plain_rows, plain):
-        whole = bos + toks + eos
-        ids[i], truncated[i] = whole[:max_length], len(whole) > max_length
-    prompt_texts, response_texts = format_instructions(
-        [records[i] for i in instr_rows], tokenizer, separator=separator, chat_template=chat_template
-    )
-    prompts = _encode(tokenizer, prompt_texts, max_tokens=None, progress=progress, desc="prompts")
-    responses = _encode(tokenizer, response_texts, max_tokens=max_length + 1, progress=progress, desc="responses")
-    formatted = dict(zip(instr_rows, prompt_texts))
-    for i, p_ids, r_ids in zip(instr_rows, prompts, responses):
-        truncated[i] = len(bos) + len(p_ids) + len(r_ids) + len(response_eos) > max_length
-        ids[i], prompt_len[i], response_cut[i] = _instruction_ids(
-            p_ids, r_ids, bos, response_eos, max_length, truncation
-        )
-        response_tokens[i] = len(r_ids)
+    for i, enc in [*zip(plain_rows, texts), *zip(instr_rows, instructions)]:
+        encoded[i] = enc
 
     counts = {d: DomainCounts() for d in domains}
     input_ids, labels, dom, prompt_text, answers = [], [], [], [], []
     no_target = 0
-    for i, rec in enumerate(records):
+    for rec, enc in zip(records, encoded):
         c = counts[rec["domain"]]
-        c.truncated += truncated[i]
-        c.response_cut += response_cut[i]
-        seq_ids = ids[i]
-        if seq_ids is None:  # dropped for length (truncation="drop")
+        c.truncated += enc.truncated
+        c.response_cut += enc.response_cut
+        if enc.ids is None or len(enc.ids) - max(enc.prompt_len, 1) <= 0:  # targets are t >= max(1, prompt_len)
+            no_target += enc.ids is not None
             c.dropped += 1
             continue
-        if len(seq_ids) - max(prompt_len[i], 1) <= 0:  # target positions are t >= max(1, prompt length)
-            no_target += 1
-            c.dropped += 1
-            continue
-        seq = torch.tensor(seq_ids, dtype=torch.long)
+        seq = torch.tensor(enc.ids, dtype=torch.long)
         lab = seq.clone()
-        lab[: prompt_len[i]] = IGNORE_INDEX
+        lab[: enc.prompt_len] = IGNORE_INDEX
         input_ids.append(seq)
         labels.append(lab)
         dom.append(domain_id[rec["domain"]])
+        prompt_text.append(enc.prompt)
         c.rows += 1
-        answer = rec.get("answer")
-        if i in formatted:
-            c.instruction += 1
-            prompt_text.append(formatted[i])
-            if answer is None:
-                answer = reference_answer(str(rec["response"]))
-            if response_cut[i]:
-                answer = None  # the reference cannot fit: never scored
-            elif answer is not None:
-                c.scored += 1
-                c.response_tokens_max = max(c.response_tokens_max, response_tokens[i])
-        else:
-            prompt_text.append(None)
-        answers.append(None if answer is None else str(answer))
+        if enc.prompt is None:  # plain text: an answer column is kept, but never scored (no prompt)
+            answers.append(None if rec.get("answer") is None else str(rec["answer"]))
+            continue
+        answers.append(_answer(rec, enc))
+        c.instruction += 1
+        if answers[-1] is not None:
+            c.scored += 1
+            c.response_tokens_max = max(c.response_tokens_max, enc.response_tokens)
     if no_target:
         message = (
             f"dropped {no_target} of {len(records)} examples with no target token after tokenisation and "
