@@ -121,3 +121,23 @@ def test_exact_match_per_domain_with_sympy_a_user_checker_and_unscorable_prompts
         answer_checkers(EvalConfig(answer_checker=checker), mix.domains)["trl"]
         is answer_checkers(EvalConfig(), mix.domains)["trl"]
     )  # both gsm8k
+
+
+def test_mixsel_train_scores_with_the_configured_checker(tmp_path):
+    import _checkers
+    from mixsel.config import load_config
+    from mixsel.train import train
+
+    from _fast import FAST
+
+    _checkers.CALLS.clear()
+    cfg = [
+        *FAST,
+        f"train.output_dir={tmp_path}",
+        "train.max_steps=1",
+        "eval.answer_checker={chemistry: _checkers:accept}",
+    ]
+    result = train(load_config(None, cfg), progress=False)
+    assert result["test/exact_match/chemistry"] == 1.0  # every chemistry prompt went to the user's checker
+    assert len(_checkers.CALLS) == 2  # eval.exact_match=2 prompts
+    assert result["test/exact_match_mean"] == pytest.approx((1.0 + result["test/exact_match/arithmetic"]) / 2)
