@@ -21,26 +21,28 @@ def _split_and_model():
     return tok, mix.test, model
 
 
-def test_batched_generation_equals_single(monkeypatch):
-    import mixsel.data.arithmetic as arith
+def test_batched_generation_equals_single():
+    import _checkers
     from mixsel.evaluate import exact_match
 
     tok, split, model = _split_and_model()
-    seen: dict[str, list[str]] = {}
+    seen: dict[int, list[tuple[str, str]]] = {}
 
     def record(batch_size):
-        texts: list[str] = []
-        monkeypatch.setattr(arith, "is_correct", lambda text, answer: texts.append(text) or True)
-        out = exact_match(model, tok, split, limit=5, max_new_tokens=6, batch_size=batch_size)
-        seen[batch_size] = texts
+        _checkers.CALLS.clear()
+        out = exact_match(
+            model, tok, split, limit=5, max_new_tokens=6, batch_size=batch_size, checker="_checkers:accept"
+        )
+        seen[batch_size] = list(_checkers.CALLS)
         return out
 
-    batched, single = record(5), record(1)
+    with pytest.warns(UserWarning, match=r"eval.max_new_tokens=6 is shorter than"):
+        batched, single = record(5), record(1)
     assert batched == single and all(v == 1.0 for v in batched.values())
     assert seen[5] == seen[1] and len(seen[1]) >= 5
     # with a greedy decode of an untrained model the real scorer finds nothing right
-    monkeypatch.undo()
-    assert all(v == 0.0 for v in exact_match(model, tok, split, limit=3, max_new_tokens=4).values())
+    with pytest.warns(UserWarning, match=r"eval.max_new_tokens=4"):
+        assert all(v == 0.0 for v in exact_match(model, tok, split, limit=3, max_new_tokens=4).values())
 
 
 def test_domain_losses_match_manual():
@@ -57,3 +59,85 @@ def test_domain_losses_match_manual():
     expected = float(per_example_loss(logits, batch["labels"]).mean())
     assert out[f"t/loss/{split.domains[d]}"] == pytest.approx(expected, rel=1e-5)
     assert out["t/loss_worst"] == max(v for k, v in out.items() if k.startswith("t/loss/"))
+
+
+class ScriptedLM(torch.nn.Module):
+    """A stand-in causal LM whose greedy "generation" is a scripted answer for each prompt it knows."""
+
+    def __init__(self, tokenizer, script: dict[str, str]):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.tokenizer, self.script, self.prompts = tokenizer, script, []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, **kwargs):
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):
+            prompt = self.tokenizer.decode(ids[mask.bool()])
+            self.prompts.append(prompt)
+            answer = next(text for key, text in self.script.items() if key in prompt)
+            rows.append(ids.tolist() + self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        width = max(map(len, rows))
+        return torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])
+
+
+def test_exact_match_per_domain_with_sympy_a_user_checker_and_unscorable_prompts(tmp_path):
+    import _checkers
+    import _mixture
+    from mixsel.config import DataConfig, EvalConfig
+    from mixsel.data.build import load_mixture
+    from mixsel.data.embedded import load_embedded_tokenizer
+    from mixsel.evaluate import answer_checkers, exact_match
+
+    tok = load_embedded_tokenizer()
+    mix = load_mixture(DataConfig(source=str(_mixture.write(tmp_path / "mix.jsonl")), max_length=64), tok)
+    script = {
+        "diagonals": "Each of n vertices...\n#### \\frac{n(n-3)}{2}",  # sympy: equal to n(n-3)/2
+        "Solve 4x": "so x is\n#### -0.75",  # = x = -3/4; the prompt was cut from the left, the answer fits
+        "one half": "#### 0.5",  # = \frac{1}{2}
+        "Half of one": "#### 0.5",  # its reference does not fit max_length: never asked
+        "2+2": "It is 4",  # the user checker compares last words with the parsed answer "4"
+        "3+3": "It is 7",
+        "6 * 2": " 12\n#### 12",  # gsm8k
+    }
+    model = ScriptedLM(tok, script)
+    checker = {"algebra": "sympy", "chat": "_checkers:same_last_word", "*": "gsm8k"}
+    _checkers.CALLS.clear()
+    with pytest.warns(
+        UserWarning, match=r"max_new_tokens=8 is shorter than 3 of the 3 reference responses of domain 'algebra'"
+    ):
+        out = exact_match(model, tok, mix.test, max_new_tokens=8, checker=checker, prefix="test")
+    assert out == pytest.approx(
+        {
+            "test/exact_match/algebra": 1.0,
+            "test/exact_match/chat": 0.5,
+            "test/exact_match/trl": 1.0,
+            "test/exact_match_mean": 2.5 / 3,
+        }
+    )
+    assert not any("Half of one" in p for p in model.prompts)  # unscorable: never generated
+    assert not any("Name a fruit" in p for p in model.prompts)  # no answer in its completion
+    assert sorted(ref for _, ref in _checkers.CALLS) == ["4", "6"]  # answers parsed from "#### <answer>"
+    assert (
+        answer_checkers(EvalConfig(answer_checker=checker), mix.domains)["trl"]
+        is answer_checkers(EvalConfig(), mix.domains)["trl"]
+    )  # both gsm8k
+
+
+def test_mixsel_train_scores_with_the_configured_checker(tmp_path):
+    import _checkers
+    from mixsel.config import load_config
+    from mixsel.train import train
+
+    from _fast import FAST
+
+    _checkers.CALLS.clear()
+    cfg = [
+        *FAST,
+        f"train.output_dir={tmp_path}",
+        "train.max_steps=1",
+        "eval.answer_checker={chemistry: _checkers:accept}",
+    ]
+    result = train(load_config(None, cfg), progress=False)
+    assert result["test/exact_match/chemistry"] == 1.0  # every chemistry prompt went to the user's checker
+    assert len(_checkers.CALLS) == 2  # eval.exact_match=2 prompts
+    assert result["test/exact_match_mean"] == pytest.approx((1.0 + result["test/exact_match/arithmetic"]) / 2)

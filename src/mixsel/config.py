@@ -82,6 +82,14 @@ class DataConfig:
     test_per_domain: int = 32
     # cap on training rows per domain; None = all
     max_train_per_domain: int | None = None
+    # column of conversations (lists of {role, content} turns); None: a column named "messages", if any
+    messages_column: str | None = None
+    # instruction rows over max_length: "left" cuts the prompt's start, "drop" drops them, "right" cuts the response
+    truncation: str = "left"
+    # joins prompt and response (and a conversation's turns) when no chat template is used
+    separator: str = "\n"
+    # write prompt/response and conversation rows with the tokenizer's chat template, when it has one
+    chat_template: bool = True
 
 
 @dataclass
@@ -229,6 +237,10 @@ class EvalConfig:
     exact_match: int = 32
     # generated tokens per exact-match prompt
     max_new_tokens: int = 96
+    # answer checker: gsm8k, exact, numeric, sympy or package.module:function; or {domain: checker, "*": the rest}
+    answer_checker: str | dict[str, str] = "gsm8k"
+    # tolerance of the numeric and sympy checkers (relative, and absolute near zero)
+    answer_tolerance: float = 1e-6
 
 
 @dataclass

@@ -1,15 +1,22 @@
-"""Evaluation: per-domain loss / perplexity on a split, and GSM8K-style exact match by generation."""
+"""Evaluation: per-domain loss / perplexity on a split, and exact match of generated answers per domain."""
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from mixsel.answers import Checker, checkers_for
+from mixsel.data.tokenize import IGNORE_INDEX
 from mixsel.features.loss import per_example_loss
 
-__all__ = ["domain_losses", "exact_match"]
+__all__ = ["answer_checkers", "domain_losses", "exact_match"]
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -66,6 +73,26 @@ def _prompt_ids(split: Any, i: int) -> torch.Tensor:
     return split.input_ids[i][:end]
 
 
+def answer_checkers(eval_cfg: Any, domains: Sequence[str]) -> dict[str, Checker]:
+    """The answer checker of each domain under ``eval.answer_checker`` / ``eval.answer_tolerance``.
+
+    Call it at the start of a run to catch a misspelt checker early (:func:`exact_match` resolves
+    the same names at the end).
+
+    Raises:
+        ValueError: an unknown checker name or domain, or a ``package.module:function`` that does
+            not import.
+    """
+    return checkers_for(eval_cfg.answer_checker, list(domains), tolerance=eval_cfg.answer_tolerance)
+
+
+def _response_tokens(split: Any, i: int, eos_token_id: int | None) -> int:
+    """Tokens of example ``i``'s response, without a final eos: what generation has to produce."""
+    labels = split.labels[i]
+    n = int((labels != IGNORE_INDEX).sum())
+    return n - 1 if n and eos_token_id is not None and int(labels[-1]) == eos_token_id else n
+
+
 @torch.no_grad()
 def exact_match(
     model: torch.nn.Module,
@@ -76,17 +103,29 @@ def exact_match(
     max_new_tokens: int = 96,
     batch_size: int = 16,
     prefix: str = "val",
+    checker: str | Mapping[str, str] = "gsm8k",
+    tolerance: float = 1e-6,
 ) -> dict[str, float]:
-    """Greedy-decode the response to each prompt that has an ``answer`` and score exact match.
+    """Greedy-decode the response to each prompt that has a reference answer, and score it.
 
-    The arithmetic and chemistry answers are checkable numbers (GSM8K-style ``#### N``); scoring uses
-    :func:`mixsel.data.arithmetic.is_correct`. Prompts are the tokenised prompts of the split (the
-    same ids the model trained on), left-padded and decoded in batches. Returns
-    ``{f"{prefix}/exact_match/<domain>": accuracy}`` for every domain with answers (first ``limit``
-    examples of each).
+    Every domain with answers is scored (an ``answer`` column, or the answer a response states:
+    :func:`mixsel.answers.reference_answer`), except prompts whose response was cut to fit
+    ``data.max_length`` (their answer is ``None``). Prompts are the tokenised prompts of the split
+    (the same ids the model trained on), left-padded and decoded in batches; the decoded text and the
+    reference go to the domain's checker (:mod:`mixsel.answers`). A warning names each domain whose
+    reference responses are longer than ``max_new_tokens``.
+
+    Args:
+        limit: the first ``limit`` scorable prompts of each domain are scored.
+        checker: ``eval.answer_checker``: a checker name for every domain, or ``{domain: name}``
+            with ``"*"`` for the others.
+        tolerance: ``eval.answer_tolerance`` (``numeric`` and ``sympy`` checkers).
+
+    Returns:
+        ``{f"{prefix}/exact_match/<domain>": accuracy}`` for every scored domain, and
+        ``f"{prefix}/exact_match_mean"``, their unweighted mean (absent when no domain is scored).
     """
-    from mixsel.data.arithmetic import is_correct
-
+    checkers = checkers_for(checker, list(split.domains), tolerance=tolerance)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -97,6 +136,16 @@ def exact_match(
         idx = idx[:limit]
         if not idx:
             continue
+        lengths = [_response_tokens(split, i, tokenizer.eos_token_id) for i in idx]
+        longer = sum(n > max_new_tokens for n in lengths)
+        if longer:
+            message = (
+                f"eval.max_new_tokens={max_new_tokens} is shorter than {longer} of the {len(idx)} reference responses "
+                f"of domain {name!r} (longest {max(lengths)} tokens); raise eval.max_new_tokens, or those answers "
+                "cannot be generated in full"
+            )
+            warnings.warn(message, stacklevel=3)  # the caller, past torch.no_grad's wrapper
+            log.warning(message)
         correct = 0
         for start in range(0, len(idx), batch_size):
             rows = idx[start : start + batch_size]
@@ -117,7 +166,10 @@ def exact_match(
             )
             for r, i in enumerate(rows):
                 text = tokenizer.decode(gen[r, width:], skip_special_tokens=True)
-                correct += bool(is_correct(text, split.answers[i]))
+                correct += bool(checkers[name](text, split.answers[i]))
         out[f"{prefix}/exact_match/{name}"] = correct / len(idx)
     model.train(was_training)
+    scored = [v for k, v in out.items() if k.startswith(f"{prefix}/exact_match/")]
+    if scored:
+        out[f"{prefix}/exact_match_mean"] = sum(scored) / len(scored)
     return out

@@ -261,6 +261,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                     limit=cfg.eval.exact_match,
                     max_new_tokens=cfg.eval.max_new_tokens,
                     prefix=prefix,
+                    checker=cfg.eval.answer_checker,
+                    tolerance=cfg.eval.answer_tolerance,
                 )
             )
         return metrics

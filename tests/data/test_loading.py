@@ -221,6 +221,74 @@ def test_empty_texts_are_dropped_with_a_count(tmp_path):
     assert [r["text"] for r in records] == ["x", "y"]
 
 
+# ---- TRL's column conventions -------------------------------------------------------------------
+
+
+def test_prompt_completion_columns_are_instruction_data(tmp_path):
+    rows = [
+        {"domain": "m", "prompt": "1+1?", "completion": "2\n#### 2"},
+        {"domain": "m", "prompt": "note", "completion": "", "text": "plain row"},
+    ]
+    assert load_records(str(write_jsonl(tmp_path / "d.jsonl", rows))) == [
+        {"domain": "m", "prompt": "1+1?", "response": "2\n#### 2"},
+        {"domain": "m", "text": "plain row"},
+    ]
+    ours = {"domain": "n", "prompt": "2+2?", "response": "4"}  # one file may hold both conventions
+    assert load_records(str(write_jsonl(tmp_path / "e.jsonl", [*rows, ours])))[-1] == ours
+
+
+def test_messages_rows_split_at_the_last_assistant_turn(tmp_path):
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "thanks"},  # after the last assistant turn: left out
+    ]
+    rows = [
+        {"domain": "chat", "messages": chat},
+        {"domain": "chat", "messages": [{"role": "user", "content": "no reply"}]},  # no assistant turn: dropped
+        {"domain": "chat", "messages": None, "text": "plain"},
+    ]
+    with pytest.warns(UserWarning, match=r"dropped 1 rows .*assistant turn \('messages'\).*\{'chat': 1\}"):
+        records = load_records(str(write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert records == [
+        {"domain": "chat", "messages": chat[:4], "response": "4"},
+        {"domain": "chat", "text": "plain"},
+    ]
+
+
+def test_conversational_prompt_completion_and_a_named_messages_column(tmp_path):
+    rows = [
+        {
+            "domain": "c",
+            "prompt": [{"role": "user", "content": "Capital of France?"}],
+            "completion": [{"role": "assistant", "content": "Paris"}],
+        }
+    ]
+    assert load_records(str(write_jsonl(tmp_path / "a.jsonl", rows))) == [
+        {"domain": "c", "messages": [{"role": "user", "content": "Capital of France?"}], "response": "Paris"}
+    ]
+    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    path = write_jsonl(tmp_path / "b.jsonl", [{"domain": "c", "dialog": conv}])
+    assert load_records(str(path), messages_column="dialog") == [{"domain": "c", "messages": conv[:1], "response": "a"}]
+    parquet = write_parquet(tmp_path / "c.parquet", [{"domain": "c", "messages": conv}])
+    assert load_records(str(parquet)) == [{"domain": "c", "messages": conv[:1], "response": "a"}]
+
+
+def test_malformed_conversations_are_errors(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"domain": "c", "messages": [{"speaker": "user", "text": "q"}]}])
+    with pytest.raises(ValueError, match=r"row 0, column 'messages', must be a list of \{'role'"):
+        load_records(str(path))
+    two = [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]
+    path = write_jsonl(tmp_path / "e.jsonl", [{"domain": "c", "prompt": "q", "completion": two}])
+    with pytest.raises(ValueError, match=r"must be one assistant turn, got 2"):
+        load_records(str(path))
+    with pytest.raises(ValueError, match=r"no conversation column 'chat'.*data\.messages_column"):
+        load_records(str(path), messages_column="chat")
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,32 +15,27 @@ import torch
 
 from mixsel.config import DataConfig
 
-__all__ = ["load_mixture", "load_mixture_records"]
+__all__ = ["load_mixture", "load_mixture_records", "resolve_source", "split_mixture_records", "tokenize_mixture"]
 
 log = logging.getLogger(__name__)
 
 
-def load_mixture_records(cfg: DataConfig, seed: int = 0) -> dict[str, list[dict]]:
-    """Normalised records of each split (train / validation / test) for ``cfg``."""
-    from mixsel.data.loading import load_records, select_domains, split_records
-
+def resolve_source(cfg: DataConfig) -> str:
+    """The data source as the summary shows it: the embedded corpus's file, an absolute path, or a hub name."""
     if cfg.source == "embedded":
-        from mixsel.data.embedded import load_embedded_records
+        from mixsel.data.embedded import EMBEDDED_DIR
 
-        records = load_embedded_records()
-    else:
-        records = load_records(
-            cfg.source,
-            format=cfg.format,
-            domain_column=cfg.domain_column,
-            text_column=cfg.text_column,
-            prompt_column=cfg.prompt_column,
-            response_column=cfg.response_column,
-            answer_column=cfg.answer_column,
-            split_column=cfg.split_column,
-            hf_config=cfg.hf_config,
-            hf_split=cfg.hf_split,
-        )
+        return f"embedded ({Path(EMBEDDED_DIR) / 'corpus.jsonl.gz'})"
+    if cfg.format != "hf" and (os.path.exists(cfg.source) or any(c in cfg.source for c in "*?[")):
+        return os.path.abspath(cfg.source)
+    extra = "".join(f", {k}={v}" for k, v in (("config", cfg.hf_config), ("split", cfg.hf_split)) if v)
+    return f"Hugging Face dataset {cfg.source}{extra}"
+
+
+def split_mixture_records(records: Sequence[dict], cfg: DataConfig, seed: int = 0) -> dict[str, list[dict]]:
+    """Normalised records into train / validation / test as ``cfg`` says (domains, split sizes, train cap)."""
+    from mixsel.data.loading import select_domains, split_records
+
     records = select_domains(records, cfg.domains)
     splits = split_records(records, val_per_domain=cfg.val_per_domain, test_per_domain=cfg.test_per_domain, seed=seed)
     if cfg.max_train_per_domain is not None:
@@ -53,12 +49,82 @@ def load_mixture_records(cfg: DataConfig, seed: int = 0) -> dict[str, list[dict]
     return splits
 
 
+def load_mixture_records(cfg: DataConfig, seed: int = 0) -> dict[str, list[dict]]:
+    """Normalised records of each split (train / validation / test) for ``cfg``."""
+    from mixsel.data.loading import load_records
+
+    if cfg.source == "embedded":
+        from mixsel.data.embedded import load_embedded_records
+
+        records = load_embedded_records()
+    else:
+        records = load_records(
+            cfg.source,
+            format=cfg.format,
+            domain_column=cfg.domain_column,
+            text_column=cfg.text_column,
+            prompt_column=cfg.prompt_column,
+            response_column=cfg.response_column,
+            messages_column=cfg.messages_column,
+            answer_column=cfg.answer_column,
+            split_column=cfg.split_column,
+            hf_config=cfg.hf_config,
+            hf_split=cfg.hf_split,
+        )
+    return split_mixture_records(records, cfg, seed)
+
+
+def tokenize_mixture(splits: Mapping[str, Sequence[dict]], tokenizer: Any, cfg: DataConfig, *, source: str = "") -> Any:
+    """Tokenise record splits as ``cfg`` says into a :class:`mixsel.data.Mixture` with its summary.
+
+    Domain ids follow ``cfg.domains`` when set, else the sorted domains of the train split.
+    """
+    from mixsel.data.loading import domain_names
+    from mixsel.data.summary import format_data_summary, summarize
+    from mixsel.data.tokenize import Mixture, tokenize_records, uses_chat_template
+
+    domains = list(cfg.domains) if cfg.domains else domain_names(splits["train"])
+    tokenized = {
+        name: tokenize_records(
+            recs,
+            tokenizer,
+            domains=domains,
+            max_length=cfg.max_length,
+            truncation=cfg.truncation,
+            separator=cfg.separator,
+            chat_template=cfg.chat_template,
+        )
+        for name, recs in splits.items()
+    }
+    formatting = "chat template" if uses_chat_template(tokenizer, cfg.chat_template) else f"separator {cfg.separator!r}"
+    summary = summarize(
+        tokenized, source=source, max_length=cfg.max_length, truncation=cfg.truncation, formatting=formatting
+    )
+    log.debug("data summary:\n%s", format_data_summary(summary))
+    cut = sum(summary.total(d).response_cut for d in domains)
+    if cut:
+        log.warning(
+            "%d prompt/response rows have a response that does not fit data.max_length=%d (data.truncation=%s: "
+            "cut or dropped); they are never scored (see the data summary)",
+            cut,
+            cfg.max_length,
+            cfg.truncation,
+        )
+    return Mixture(domains=domains, **tokenized, summary=summary)
+
+
 _MEMO: dict[str, Any] = {}
 
 
 def _cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
-    # the vocabulary and special tokens identify the tokenizer (its backend state changes with use)
-    tok_id = json.dumps([sorted(tokenizer.get_vocab().items()), str(tokenizer.all_special_tokens)])
+    # the vocabulary, special tokens and chat template identify the tokenizer (its backend state changes with use)
+    tok_id = json.dumps(
+        [
+            sorted(tokenizer.get_vocab().items()),
+            str(tokenizer.all_special_tokens),
+            str(getattr(tokenizer, "chat_template", None)),
+        ]
+    )
     source = cfg.source
     if cfg.source != "embedded" and os.path.exists(cfg.source):
         st = os.stat(cfg.source)
@@ -75,8 +141,10 @@ def _cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
 def load_mixture(cfg: DataConfig, tokenizer: Any, seed: int = 0, *, cache_dir: str | None = None) -> Any:
     """Load, split and tokenise the data described by ``cfg`` into a :class:`mixsel.data.Mixture`.
 
-    Tokenised mixtures are memoised in-process and, with ``cache_dir`` (or ``$MIXSEL_CACHE``), on disk,
-    keyed by the data config, the source file's size and time stamp, the seed and the tokenizer.
+    ``mixture.summary`` is its :class:`mixsel.data.summary.DataSummary` (render it with
+    :func:`mixsel.data.summary.format_data_summary`). Tokenised mixtures are memoised in-process
+    and, with ``cache_dir`` (or ``$MIXSEL_CACHE``), on disk, keyed by the data config, the source
+    file's size and time stamp, the seed and the tokenizer.
     """
     key = _cache_key(cfg, tokenizer, seed)
     if key in _MEMO:
@@ -87,7 +155,7 @@ def load_mixture(cfg: DataConfig, tokenizer: Any, seed: int = 0, *, cache_dir: s
         mixture = torch.load(path, weights_only=False)
         log.info("loaded the tokenised mixture from %s", path)
     else:
-        mixture = _load_mixture(cfg, tokenizer, seed)
+        mixture = tokenize_mixture(load_mixture_records(cfg, seed), tokenizer, cfg, source=resolve_source(cfg))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -95,20 +163,4 @@ def load_mixture(cfg: DataConfig, tokenizer: Any, seed: int = 0, *, cache_dir: s
             os.replace(tmp, path)
     _MEMO.clear()  # keep one mixture in memory
     _MEMO[key] = mixture
-    return mixture
-
-
-def _load_mixture(cfg: DataConfig, tokenizer: Any, seed: int) -> Any:
-    from mixsel.data.loading import domain_names
-    from mixsel.data.tokenize import Mixture, tokenize_records
-
-    splits = load_mixture_records(cfg, seed)
-    domains = list(cfg.domains) if cfg.domains else domain_names(splits["train"])
-    tokenized = {
-        name: tokenize_records(recs, tokenizer, domains=domains, max_length=cfg.max_length)
-        for name, recs in splits.items()
-    }
-    mixture = Mixture(domains=domains, **tokenized)
-    sizes = mixture.train.domain_counts().tolist()
-    log.info("domains and train sizes: %s", dict(zip(domains, sizes)))
     return mixture

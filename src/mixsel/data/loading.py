@@ -4,7 +4,9 @@ A *record* is a plain ``dict`` with
 
 * ``domain`` (str): the domain (mixture component) the example belongs to;
 * either ``text`` (str): plain language-model data, the loss covers every token,
-* or ``prompt`` + ``response`` (str): instruction data, only the response tokens are targets;
+* or ``prompt`` + ``response`` (str): instruction data, only the response tokens are targets,
+* or ``messages`` (a list of ``{"role", "content"}`` turns before the response) + ``response``
+  (str): a conversation, only the last assistant turn is a target;
 * optionally ``answer`` (str): a checkable final answer (exact-match evaluation),
 * optionally ``split`` (``"train"``, ``"validation"`` or ``"test"``).
 
@@ -37,7 +39,7 @@ import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -261,6 +263,15 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
+def _is_empty(value: Any) -> bool:
+    """Missing, null, NaN, a blank string or an empty list."""
+    if _is_missing(value):
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    return isinstance(value, (list, tuple)) and not value
+
+
 def _as_text(value: Any) -> str:
     return "" if _is_missing(value) else str(value)
 
@@ -281,6 +292,70 @@ def _require(column: str, columns: Sequence[str], option: str, what: str) -> Non
         )
 
 
+def _turns(value: Any, where: str) -> list[dict[str, str]]:
+    """A list of chat turns ``{"role", "content"}`` (TRL's conversational format), checked."""
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(t, Mapping) and "role" in t and "content" in t for t in value
+    ):
+        raise ValueError(
+            f"{where} must be a list of {{'role': ..., 'content': ...}} turns (got {str(value)[:80]!r}); fix the "
+            "data, or point data.messages_column / data.prompt_column at another column"
+        )
+    return [{"role": str(t["role"]), "content": _as_text(t["content"])} for t in value]
+
+
+def _conversation(value: Any, where: str) -> tuple[list[dict[str, str]], str] | None:
+    """``(turns before the last assistant turn, its content)``; ``None`` without an assistant turn.
+
+    Turns after the last assistant turn (say a trailing user turn) are left out.
+    """
+    turns = _turns(value, where)
+    last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
+    if last is None:
+        return None
+    return turns[:last], turns[last]["content"]
+
+
+def _instruction(
+    row: dict[str, Any],
+    row_no: int,
+    prompt_column: str | None,
+    response_columns: Sequence[str],
+    messages_column: str | None,
+) -> dict[str, Any] | None:
+    """The instruction fields of one row (``prompt`` or ``messages``, and ``response``); None for other rows.
+
+    A non-empty ``messages_column`` value is a conversation; otherwise ``prompt_column`` may hold a
+    string or a list of turns (TRL's conversational prompt) and the first non-empty of
+    ``response_columns`` a string or a one-turn list (TRL's conversational completion).
+    """
+    conversation = row.get(messages_column) if messages_column is not None else None
+    if isinstance(conversation, (list, tuple)) and len(conversation):
+        split = _conversation(conversation, f"row {row_no}, column {messages_column!r},")
+        if split is None or not split[1].strip():
+            return None
+        return {"messages": split[0], "response": split[1]}
+    response_column = next((c for c in response_columns if not _is_empty(row.get(c))), None)
+    if response_column is None:
+        return None
+    response: Any = row.get(response_column)
+    if isinstance(response, (list, tuple)):
+        turns = _turns(response, f"row {row_no}, column {response_column!r},")
+        if len(turns) != 1:
+            raise ValueError(
+                f"row {row_no}: a conversational completion in column {response_column!r} must be one assistant "
+                f"turn, got {len(turns)}; put earlier turns in the prompt"
+            )
+        response = turns[0]["content"]
+    response = _as_text(response)
+    if not response.strip():
+        return None
+    prompt = row.get(prompt_column)  # type: ignore[arg-type]
+    if isinstance(prompt, (list, tuple)):
+        return {"messages": _turns(prompt, f"row {row_no}, column {prompt_column!r},"), "response": response}
+    return {"prompt": _as_text(prompt), "response": response}
+
+
 def normalize_records(
     rows: Sequence[dict[str, Any]],
     *,
@@ -288,6 +363,7 @@ def normalize_records(
     text_column: str = "text",
     prompt_column: str | None = None,
     response_column: str | None = None,
+    messages_column: str | None = None,
     answer_column: str | None = None,
     split_column: str | None = None,
     default_domain: str = "default",
@@ -299,9 +375,17 @@ def normalize_records(
     * ``domain_column`` must exist (``None`` puts every row in one domain named ``default_domain``);
       values are converted to ``str``; an empty or missing value is an error.
     * Instruction columns are ``prompt_column`` + ``response_column`` when given (both or neither),
-      else columns literally named ``prompt`` and ``response`` when both exist. A row whose response
-      is non-empty becomes instruction data (``prompt`` + ``response``); any other row becomes plain
-      text from ``text_column``. So one file may mix both kinds, as the embedded corpus does.
+      else a column literally named ``prompt`` with ``response`` and/or ``completion`` (TRL's
+      prompt-completion convention; with both, a row's first non-empty one). A row whose response
+      is non-empty becomes instruction data (``prompt`` + ``response``). A prompt holding a list of
+      turns and a completion holding one assistant turn (TRL's conversational prompt-completion)
+      are read too.
+    * ``messages_column`` (or, when not given, a column literally named ``messages``) holds
+      conversations, lists of ``{"role", "content"}`` turns (TRL's conversational format): a row
+      with one becomes ``messages`` (the turns before the last assistant turn) + ``response`` (that
+      turn's content); turns after it are left out, a conversation without one is dropped.
+    * Any other row becomes plain text from ``text_column``. So one file may mix the kinds, as the
+      embedded corpus does.
     * ``answer_column`` (or, when not given, a column literally named ``answer``) fills ``answer``.
     * ``split_column`` (or, when not given, a column literally named ``split``) fills ``split``;
       values may be train/validation/test or the aliases training/valid/val/dev/testing.
@@ -309,7 +393,8 @@ def normalize_records(
 
     Raises:
         ValueError: a named column is missing, only one of prompt/response columns is given, a
-            domain value is empty, a split value is unknown, or a domain is left with no rows.
+            conversation is not a list of turns, a domain value is empty, a split value is
+            unknown, or a domain is left with no rows.
     """
     if not rows:
         raise ValueError("the data source holds no rows; check data.source (and data.hf_split)")
@@ -327,14 +412,20 @@ def normalize_records(
     if prompt_column is not None:
         _require(prompt_column, columns, "data.prompt_column", "prompt")
         _require(response_column, columns, "data.response_column", "response")  # type: ignore[arg-type]
-    elif {"prompt", "response"} <= set(columns):
-        prompt_column, response_column = "prompt", "response"
+    response_columns = [response_column] if response_column is not None else []
+    if prompt_column is None and "prompt" in columns:  # ours (response), TRL's (completion), or both
+        response_columns = [c for c in ("response", "completion") if c in columns]
+        prompt_column = "prompt" if response_columns else None
+    if messages_column is not None:
+        _require(messages_column, columns, "data.messages_column", "conversation")
+    elif "messages" in columns:
+        messages_column = "messages"
     has_text = text_column in columns
-    if prompt_column is None and not has_text:
+    if prompt_column is None and messages_column is None and not has_text:
         raise ValueError(
             f"the data has no text column {text_column!r} (columns found: {columns}); set "
-            "data.text_column=<name> for plain text, or data.prompt_column=<name> and "
-            "data.response_column=<name> for instruction data"
+            "data.text_column=<name> for plain text, data.prompt_column=<name> and "
+            "data.response_column=<name> for instruction data, or data.messages_column=<name> for conversations"
         )
     if answer_column is not None:
         _require(answer_column, columns, "data.answer_column", "answer")
@@ -348,17 +439,16 @@ def normalize_records(
     out: list[dict[str, Any]] = []
     empty_domain = 0
     dropped: Counter[str] = Counter()
-    for row in rows:
+    for row_no, row in enumerate(rows):
         domain = default_domain if domain_column is None else _as_text(row.get(domain_column)).strip()
         if not domain:
             empty_domain += 1
             continue
         rec: dict[str, Any] = {"domain": domain}
-        response = _as_text(row.get(response_column)) if response_column is not None else ""
+        instruction = _instruction(row, row_no, prompt_column, response_columns, messages_column)
         text = _as_text(row.get(text_column)) if has_text else ""
-        if response.strip():
-            rec["prompt"] = _as_text(row.get(prompt_column))  # type: ignore[arg-type]
-            rec["response"] = response
+        if instruction is not None:
+            rec.update(instruction)
         elif text.strip():
             rec["text"] = text
         else:
@@ -385,7 +475,11 @@ def normalize_records(
     if dropped:
         what = " or ".join(
             f"{kind} ({col!r})"
-            for kind, col in (("text", text_column if has_text else None), ("response", response_column))
+            for kind, col in (
+                ("text", text_column if has_text else None),
+                ("response", "/".join(response_columns) or None),
+                ("assistant turn", messages_column),
+            )
             if col
         )
         warnings.warn(
@@ -416,6 +510,7 @@ def load_records(
     text_column: str = "text",
     prompt_column: str | None = None,
     response_column: str | None = None,
+    messages_column: str | None = None,
     answer_column: str | None = None,
     split_column: str | None = None,
     hf_name: str | None = None,
@@ -433,8 +528,8 @@ def load_records(
             that is not a local path through ``datasets.load_dataset(name, hf_config, split=...)``.
         split: keep only the records of this split (``train``/``validation``/``test``); needs split
             information (a split column, or a hub dataset with several splits).
-        domain_column, text_column, prompt_column, response_column, answer_column, split_column:
-            column mapping, see :func:`normalize_records`.
+        domain_column, text_column, prompt_column, response_column, messages_column, answer_column,
+            split_column: column mapping, see :func:`normalize_records`.
         hf_name: a hub dataset name; when given, it is loaded instead of ``source``.
         hf_config: the hub dataset's configuration name.
         hf_split: the ``datasets`` split to load (``None`` loads all splits and keeps their names).
@@ -459,6 +554,7 @@ def load_records(
         text_column=text_column,
         prompt_column=prompt_column,
         response_column=response_column,
+        messages_column=messages_column,
         answer_column=answer_column,
         split_column=split_column,
     )

@@ -10,14 +10,33 @@ Conventions (those of Hugging Face causal LMs):
 Plain text (``text``): ``[bos] + tokens(text) + [eos]``, truncated on the right to ``max_length``
 (so the end-of-sequence token is kept only when the whole document fits), labels = input ids.
 
-Instruction data (``prompt`` + ``response``): the prompt and the response are tokenised
-*separately* and concatenated, ``[bos] + tokens(prompt) + tokens(response) + [eos]``, so the prompt
-tokens are exactly those a model is given at generation time. Prompt positions get label -100. If
-the example is longer than ``max_length``, the response (with its eos) is truncated on the right;
-if the prompt alone already fills ``max_length``, the prompt is truncated *from the left* (keeping
-``bos``) so that at least one response token remains a target.
+Instruction data (``prompt`` + ``response``, or a conversation: ``messages`` + ``response``) is
+first written as a prompt text and a response text:
 
-Examples left with zero target tokens are dropped, with a warning that counts them.
+* with a chat template (the tokenizer has ``chat_template`` set and ``chat_template=True``): the
+  prompt is the template's rendering of the turns before the response with the generation prompt
+  (``apply_chat_template(..., add_generation_prompt=True)``), the response is what the rendering of
+  the whole conversation adds to it (the answer and the template's end-of-turn tokens); no ``eos``
+  is appended, the template ends the turn;
+* without one: the prompt is the prompt text (a conversation: its turns' contents joined by
+  ``separator``) followed by ``separator`` (``"\\n"`` by default; ``""`` joins them directly, as
+  mixsel did before), the response is the response text, and ``eos`` is appended.
+
+The two texts are tokenised *separately* and concatenated, ``[bos] + prompt + response [+ eos]``,
+so the prompt tokens are exactly those a model is given at generation time. Prompt positions get
+label -100. An example longer than ``max_length`` is handled by ``truncation``:
+
+* ``"left"`` (default): keep the whole response with its end token and the *last* tokens of the
+  prompt (at least one, when there is no ``bos``, so that every response token is a target); if
+  the response alone does not fit, keep that one prompt token and cut the response on the right.
+* ``"drop"``: drop the example.
+* ``"right"``: cut the response on the right; if the prompt alone fills ``max_length``, keep its
+  last tokens and one response token (mixsel's behaviour before ``truncation`` existed).
+
+An instruction example whose response (or its end token) was cut keeps training on what is left,
+but its answer is set to ``None`` so it is never scored by exact match. Examples left with zero
+target tokens are dropped, with a warning that counts them. :attr:`TokenizedSplit.counts` records,
+per domain, how many examples were cut, lost part of their response, or were dropped.
 """
 
 from __future__ import annotations
@@ -26,17 +45,65 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["IGNORE_INDEX", "Mixture", "TokenizedSplit", "tokenize_records"]
+from mixsel.answers import reference_answer
+
+if TYPE_CHECKING:
+    from mixsel.data.summary import DataSummary
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TRUNCATION_MODES",
+    "DomainCounts",
+    "Mixture",
+    "TokenizedSplit",
+    "format_instructions",
+    "tokenize_records",
+    "uses_chat_template",
+]
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 _CHUNK = 2048
 _PROGRESS_MIN = 20_000
+#: Values of ``data.truncation`` (see the module docstring).
+TRUNCATION_MODES = ("left", "drop", "right")
+
+
+@dataclass
+class DomainCounts:
+    """What tokenisation did to the rows of one domain in one split."""
+
+    # examples kept in the split (trained on, or evaluated)
+    rows: int = 0
+    # of the kept examples, prompt/response or conversation rows (the others are plain text)
+    instruction: int = 0
+    # rows longer than data.max_length: cut, or dropped under truncation="drop"
+    truncated: int = 0
+    # instruction rows that lost part of their response (or its end token), or were dropped for length
+    response_cut: int = 0
+    # rows removed: too long under truncation="drop", or left without a target token
+    dropped: int = 0
+    # kept rows with a reference answer and a whole response: the prompts exact match may score
+    scored: int = 0
+    # the longest response of a scored row, in tokens (without the eos that mixsel appends)
+    response_tokens_max: int = 0
+
+    def add(self, other: DomainCounts) -> DomainCounts:
+        """The counts of both (maxima for ``response_tokens_max``)."""
+        return DomainCounts(
+            rows=self.rows + other.rows,
+            instruction=self.instruction + other.instruction,
+            truncated=self.truncated + other.truncated,
+            response_cut=self.response_cut + other.response_cut,
+            dropped=self.dropped + other.dropped,
+            scored=self.scored + other.scored,
+            response_tokens_max=max(self.response_tokens_max, other.response_tokens_max),
+        )
 
 
 @dataclass
@@ -48,9 +115,13 @@ class TokenizedSplit:
         domain_ids: LongTensor[N], the domain id of each example.
         input_ids: N LongTensors of varying length (no padding).
         labels: N LongTensors aligned with ``input_ids``; -100 on prompt tokens.
-        prompts: the prompt string of each instruction example (``None`` for plain text), for
-            generation-based evaluation.
-        answers: the checkable answer of each example, or ``None``.
+        prompts: the prompt text of each instruction example as the model is given it (chat
+            template or separator applied; ``None`` for plain text).
+        answers: the reference answer of each example (its ``answer``, or the one its response
+            states, see :func:`mixsel.answers.reference_answer`), or ``None``: also ``None`` when
+            the response was cut to fit ``max_length``, so such a prompt is never scored.
+        counts: per domain name, what tokenisation did (:class:`DomainCounts`); empty for splits
+            built by hand.
     """
 
     domains: list[str]
@@ -59,6 +130,7 @@ class TokenizedSplit:
     labels: list[torch.Tensor]
     prompts: list[str | None] = field(default_factory=list)
     answers: list[str | None] = field(default_factory=list)
+    counts: dict[str, DomainCounts] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.input_ids)
@@ -147,12 +219,17 @@ class TokenizedSplit:
 
 @dataclass
 class Mixture:
-    """The tokenised train / validation / test splits of a multi-domain dataset (same domain ids)."""
+    """The tokenised train / validation / test splits of a multi-domain dataset (same domain ids).
+
+    ``summary`` (a :class:`mixsel.data.summary.DataSummary`) is set by :func:`mixsel.data.build.load_mixture`:
+    the source, the tokenisation settings and the per-domain counts of every split.
+    """
 
     domains: list[str]
     train: TokenizedSplit
     validation: TokenizedSplit
     test: TokenizedSplit
+    summary: DataSummary | None = None
 
     def __post_init__(self) -> None:
         for name in ("train", "validation", "test"):
@@ -191,19 +268,152 @@ def _encode(tokenizer: Any, texts: list[str], *, max_tokens: int | None, progres
     return out
 
 
+def uses_chat_template(tokenizer: Any, chat_template: bool = True) -> bool:
+    """Whether instruction rows are written with the tokenizer's chat template: it has one and it is wanted."""
+    return bool(chat_template) and bool(getattr(tokenizer, "chat_template", None))
+
+
+def _turns(record: dict[str, Any]) -> list[dict[str, str]]:
+    """The turns before the response: a conversation's ``messages``, or one user turn holding ``prompt``."""
+    if "messages" in record:
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in record["messages"]]
+    prompt = str(record.get("prompt", ""))
+    return [{"role": "user", "content": prompt}] if prompt else []
+
+
+def format_instructions(
+    records: Sequence[dict[str, Any]], tokenizer: Any, *, separator: str = "\n", chat_template: bool = True
+) -> tuple[list[str], list[str]]:
+    """The prompt texts and response texts of instruction records (see the module docstring).
+
+    Args:
+        records: records with ``response`` and either ``prompt`` or ``messages`` (the earlier turns).
+        tokenizer: the tokenizer whose ``chat_template`` is used, if it has one.
+        separator: joins prompt and response (and a conversation's turns) without a chat template.
+        chat_template: use the tokenizer's chat template when it has one.
+
+    Raises:
+        ValueError: the chat template fails on a conversation, or renders the prompt so that it is
+            not a prefix of the whole conversation (the response could not be masked).
+    """
+    if not uses_chat_template(tokenizer, chat_template):
+        prompts = []
+        for rec in records:
+            text = separator.join(t["content"] for t in _turns(rec)) if "messages" in rec else str(rec["prompt"])
+            prompts.append(text + separator if text else "")
+        return prompts, [str(rec["response"]) for rec in records]
+    prompts, responses = [], []
+    for i, rec in enumerate(records):
+        turns = _turns(rec)
+        answer = {"role": "assistant", "content": str(rec["response"])}
+        try:
+            prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            whole = tokenizer.apply_chat_template([*turns, answer], tokenize=False)
+        except Exception as err:  # jinja raises its own errors (e.g. "roles must alternate")
+            raise ValueError(
+                f"the tokenizer's chat template fails on record {i} (domain {rec.get('domain')!r}): {err}; fix the "
+                "conversation or set data.chat_template=false to join prompt and response with data.separator"
+            ) from None
+        if not whole.startswith(prompt):
+            raise ValueError(
+                f"the chat template renders record {i}'s prompt (with the generation prompt) differently from the "
+                "start of the whole conversation, so the response cannot be masked; set data.chat_template=false"
+            )
+        prompts.append(prompt)
+        responses.append(whole[len(prompt) :])
+    return prompts, responses
+
+
 def _instruction_ids(
-    prompt: list[int], response: list[int], bos: list[int], eos: list[int], max_length: int
-) -> tuple[list[int], int]:
-    """``(input_ids, prompt_length)`` for one instruction example under the truncation rule."""
+    prompt: list[int], response: list[int], bos: list[int], eos: list[int], max_length: int, truncation: str
+) -> tuple[list[int] | None, int, bool]:
+    """``(input_ids or None if dropped, prompt_length, response_cut)`` under the truncation rule."""
     full_response = response + eos
     budget = max_length - len(bos)
     if len(prompt) + len(full_response) <= budget:
-        return bos + prompt + full_response, len(bos) + len(prompt)
-    if len(prompt) < budget:  # the prompt fits: cut the response on the right
-        return bos + prompt + full_response[: budget - len(prompt)], len(bos) + len(prompt)
+        return bos + prompt + full_response, len(bos) + len(prompt), False
+    if truncation == "drop":
+        return None, 0, True
+    if truncation == "left":
+        context = 0 if bos or not prompt else 1  # a prompt token before the response makes all of it targets
+        keep = max(budget - len(full_response), context)
+        kept_prompt = prompt[len(prompt) - keep :] if keep else []
+        kept_response = full_response[: budget - len(kept_prompt)]
+        return bos + kept_prompt + kept_response, len(bos) + len(kept_prompt), len(kept_response) < len(full_response)
+    if len(prompt) < budget:  # "right": the prompt fits, so cut the response on the right
+        return bos + prompt + full_response[: budget - len(prompt)], len(bos) + len(prompt), True
     keep = budget - 1  # the prompt fills the budget: keep its last tokens and one response token
     kept_prompt = prompt[len(prompt) - keep :] if keep > 0 else []
-    return bos + kept_prompt + full_response[:1], len(bos) + len(kept_prompt)
+    return bos + kept_prompt + full_response[:1], len(bos) + len(kept_prompt), True
+
+
+def _is_instruction(record: dict[str, Any]) -> bool:
+    return "response" in record and ("prompt" in record or "messages" in record)
+
+
+@dataclass
+class _Encoded:
+    """One record after tokenisation and truncation, before it becomes tensors."""
+
+    # the token ids kept; None when the row was dropped for length
+    ids: list[int] | None
+    # leading positions that are prompt (label -100)
+    prompt_len: int = 0
+    # the row was longer than max_length
+    truncated: bool = False
+    # an instruction row lost part of its response (or its end token), or was dropped for length
+    response_cut: bool = False
+    # response tokens before truncation (at most max_length + 1), without the appended eos
+    response_tokens: int = 0
+    # the prompt text as given to the model (instruction rows only)
+    prompt: str | None = None
+
+
+def _encode_texts(
+    texts: list[str], tokenizer: Any, bos: list[int], eos: list[int], max_length: int, progress: bool
+) -> list[_Encoded]:
+    """Plain texts, cut on the right (one token more than fits is read, to see that a text is too long)."""
+    out = []
+    for toks in _encode(tokenizer, texts, max_tokens=max_length - len(bos) + 1, progress=progress, desc="texts"):
+        whole = bos + toks + eos
+        out.append(_Encoded(whole[:max_length], truncated=len(whole) > max_length))
+    return out
+
+
+def _encode_instructions(
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    bos: list[int],
+    eos: list[int],
+    *,
+    max_length: int,
+    truncation: str,
+    separator: str,
+    chat_template: bool,
+    progress: bool,
+) -> list[_Encoded]:
+    """Instruction records formatted, tokenised (prompt and response apart) and truncated."""
+    prompt_texts, response_texts = format_instructions(
+        records, tokenizer, separator=separator, chat_template=chat_template
+    )
+    prompts = _encode(tokenizer, prompt_texts, max_tokens=None, progress=progress, desc="prompts")
+    responses = _encode(tokenizer, response_texts, max_tokens=max_length + 1, progress=progress, desc="responses")
+    out = []
+    for text, p_ids, r_ids in zip(prompt_texts, prompts, responses):
+        ids, prompt_len, cut = _instruction_ids(p_ids, r_ids, bos, eos, max_length, truncation)
+        too_long = len(bos) + len(p_ids) + len(r_ids) + len(eos) > max_length
+        out.append(_Encoded(ids, prompt_len, too_long, cut, len(r_ids), text))
+    return out
+
+
+def _answer(record: dict[str, Any], enc: _Encoded) -> str | None:
+    """The reference answer of an instruction row, or None when there is none or it cannot fit."""
+    if enc.response_cut:
+        return None  # the reference cannot fit max_length: never scored
+    answer = record.get("answer")
+    if answer is None:
+        answer = reference_answer(str(record["response"]))
+    return None if answer is None else str(answer)
 
 
 def tokenize_records(
@@ -214,29 +424,43 @@ def tokenize_records(
     max_length: int,
     add_eos: bool = True,
     add_bos: bool = False,
+    truncation: str = "left",
+    separator: str = "\n",
+    chat_template: bool = True,
     progress: bool | None = None,
 ) -> TokenizedSplit:
     """Tokenise normalised records (see :mod:`mixsel.data.loading`) with a Hugging Face tokenizer.
 
+    The one tokenisation of mixsel: ``mixsel train`` (through :func:`mixsel.data.build.load_mixture`)
+    and the Hugging Face route (:func:`mixsel.data.sft.sft_datasets`) both call it.
+
     Args:
-        records: dicts with ``domain`` and either ``text`` or ``prompt`` + ``response``.
+        records: dicts with ``domain`` and either ``text``, or ``prompt`` + ``response``, or
+            ``messages`` (the turns before the response) + ``response``; optionally ``answer``.
         tokenizer: a ``transformers`` tokenizer (fast ones are much quicker: the batch API is used).
         domains: the domain names in id order; every record's domain must be among them.
         max_length: the longest sequence kept, special tokens included (>= 2).
-        add_eos: append ``tokenizer.eos_token_id`` to each text / response.
+        add_eos: append ``tokenizer.eos_token_id`` to each text / response (not after a chat
+            template's response, which ends the turn itself).
         add_bos: prepend ``tokenizer.bos_token_id`` to each example.
+        truncation: ``"left"``, ``"drop"`` or ``"right"``: what happens to instruction examples
+            longer than ``max_length`` (module docstring).
+        separator: joins prompt and response when no chat template is used.
+        chat_template: write instruction examples with the tokenizer's chat template when it has one.
         progress: show a tqdm bar (default: for more than 20,000 records).
 
     Returns:
-        A :class:`TokenizedSplit` in record order, without the dropped examples (see the module
-        docstring for the exact layout and truncation rule).
+        A :class:`TokenizedSplit` in record order, without the dropped examples, with
+        :attr:`TokenizedSplit.counts` filled in for every domain.
 
     Raises:
-        ValueError: a record of an unknown domain or without text / prompt+response, or a missing
-            special token, or ``max_length < 2``.
+        ValueError: a record of an unknown domain or without text / prompt+response, an unknown
+            ``truncation``, a missing special token, or ``max_length < 2``.
     """
     if int(max_length) < 2:
         raise ValueError(f"data.max_length must be at least 2 (one context and one target token), got {max_length}")
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"data.truncation={truncation!r} is not one of {', '.join(TRUNCATION_MODES)}; pick one")
     domains = list(domains)
     domain_id = {d: i for i, d in enumerate(domains)}
     if len(domain_id) != len(domains):
@@ -253,59 +477,62 @@ def tokenize_records(
                 f"record {i} has domain {rec.get('domain')!r}, which is not among domains={domains}; "
                 "filter the records with select_domains or add the domain"
             )
-        if "prompt" in rec and "response" in rec:
+        if _is_instruction(rec):
             instr_rows.append(i)
         elif "text" in rec:
             plain_rows.append(i)
         else:
             raise ValueError(
-                f"record {i} (domain {rec['domain']!r}) has neither 'text' nor 'prompt' + 'response'; "
-                f"its keys are {sorted(rec)}"
+                f"record {i} (domain {rec['domain']!r}) has neither 'text' nor 'prompt' + 'response' (or "
+                f"'messages' + 'response'); its keys are {sorted(rec)}"
             )
 
-    ids: list[list[int]] = [[] for _ in records]
-    prompt_len = [0] * len(records)
-    plain = _encode(
+    encoded: list[_Encoded] = [_Encoded(None)] * len(records)
+    texts = _encode_texts([str(records[i]["text"]) for i in plain_rows], tokenizer, bos, eos, max_length, progress)
+    instructions = _encode_instructions(
+        [records[i] for i in instr_rows],
         tokenizer,
-        [str(records[i]["text"]) for i in plain_rows],
-        max_tokens=max_length - len(bos),
+        bos,
+        [] if uses_chat_template(tokenizer, chat_template) else eos,  # a chat template ends the turn itself
+        max_length=max_length,
+        truncation=truncation,
+        separator=separator,
+        chat_template=chat_template,
         progress=progress,
-        desc="tokenize text",
     )
-    for i, toks in zip(plain_rows, plain):
-        ids[i] = (bos + toks + eos)[:max_length]
-    prompts = _encode(
-        tokenizer, [str(records[i]["prompt"]) for i in instr_rows], max_tokens=None, progress=progress, desc="prompts"
-    )
-    responses = _encode(
-        tokenizer,
-        [str(records[i]["response"]) for i in instr_rows],
-        max_tokens=max_length,
-        progress=progress,
-        desc="responses",
-    )
-    for i, p_ids, r_ids in zip(instr_rows, prompts, responses):
-        ids[i], prompt_len[i] = _instruction_ids(p_ids, r_ids, bos, eos, max_length)
+    for i, enc in [*zip(plain_rows, texts), *zip(instr_rows, instructions)]:
+        encoded[i] = enc
 
+    counts = {d: DomainCounts() for d in domains}
     input_ids, labels, dom, prompt_text, answers = [], [], [], [], []
-    dropped = 0
-    for i, rec in enumerate(records):
-        seq_ids = ids[i]
-        if len(seq_ids) - max(prompt_len[i], 1) <= 0:  # target positions are t >= max(1, prompt length)
-            dropped += 1
+    no_target = 0
+    for rec, enc in zip(records, encoded):
+        c = counts[rec["domain"]]
+        c.truncated += enc.truncated
+        c.response_cut += enc.response_cut
+        if enc.ids is None or len(enc.ids) - max(enc.prompt_len, 1) <= 0:  # targets are t >= max(1, prompt_len)
+            no_target += enc.ids is not None
+            c.dropped += 1
             continue
-        seq = torch.tensor(seq_ids, dtype=torch.long)
+        seq = torch.tensor(enc.ids, dtype=torch.long)
         lab = seq.clone()
-        lab[: prompt_len[i]] = IGNORE_INDEX
+        lab[: enc.prompt_len] = IGNORE_INDEX
         input_ids.append(seq)
         labels.append(lab)
         dom.append(domain_id[rec["domain"]])
-        prompt_text.append(str(rec["prompt"]) if "prompt" in rec and "response" in rec else None)
-        answer = rec.get("answer")
-        answers.append(None if answer is None else str(answer))
-    if dropped:
+        prompt_text.append(enc.prompt)
+        c.rows += 1
+        if enc.prompt is None:  # plain text: an answer column is kept, but never scored (no prompt)
+            answers.append(None if rec.get("answer") is None else str(rec["answer"]))
+            continue
+        answers.append(_answer(rec, enc))
+        c.instruction += 1
+        if answers[-1] is not None:
+            c.scored += 1
+            c.response_tokens_max = max(c.response_tokens_max, enc.response_tokens)
+    if no_target:
         message = (
-            f"dropped {dropped} of {len(records)} examples with no target token after tokenisation and "
+            f"dropped {no_target} of {len(records)} examples with no target token after tokenisation and "
             f"truncation to max_length={max_length} (empty text, or a one-token sequence)"
         )
         warnings.warn(message, stacklevel=2)
@@ -317,4 +544,5 @@ def tokenize_records(
         labels=labels,
         prompts=prompt_text,
         answers=answers,
+        counts=counts,
     )

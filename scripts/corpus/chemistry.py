@@ -5,7 +5,8 @@ computed exactly with :class:`decimal.Decimal` from the IUPAC abridged standard 
 (IUPAC CIAAW, "Standard atomic weights of the elements 2021", abridged to five significant figures,
 the conventional value for elements with an interval), and rounded half-up. Responses show the
 working and end, like the ``arithmetic`` domain, with a line ``#### <answer>``, so the same
-:func:`mixsel.data.arithmetic.is_correct` scores both.
+:func:`mixsel.answers.is_correct` scores both. Like ``arithmetic.py`` next to it, this module only
+builds the shipped corpus and is not part of the installed package.
 
 Example:
     >>> molar_mass("H2O")
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from mixsel.data.arithmetic import normalize_answer
+from mixsel.answers import normalize_answer
 
 __all__ = [
     "COMPOUNDS",
@@ -325,7 +326,7 @@ def generate_questions(n: int, seed: int = 0) -> list[dict[str, Any]]:
 
     Returns:
         Dicts with ``prompt``, ``response`` (working, last line ``#### <answer>``), ``answer``
-        (canonical string, see :func:`~mixsel.data.arithmetic.normalize_answer`: a number such as
+        (canonical string, see :func:`mixsel.answers.normalize_answer`: a number such as
         ``"1.6"`` where the response shows ``1.60``, or an element symbol), ``template`` and
         ``values``.
 

@@ -1,0 +1,301 @@
+"""Checking generated answers against reference answers (exact-match evaluation).
+
+A *checker* is a function ``(prediction: str, reference: str) -> bool``: ``prediction`` is the text a
+model generated after a prompt, ``reference`` the example's answer (its ``answer`` column, or the
+answer parsed from its response by :func:`reference_answer`). ``eval.answer_checker`` picks one by
+name, for every domain or per domain (a mapping; ``"*"`` names the checker of the other domains):
+
+* ``gsm8k`` (the default): the first number (or word) after the prediction's first ``####`` equals
+  the reference's, numbers by value, as in GSM8K (Cobbe et al., 2021, arXiv:2110.14168); without a
+  marker its last number counts. A reference holding a ``####`` line is read the same way.
+* ``exact``: the final answers (:func:`final_answer`) are the same string once whitespace runs are
+  collapsed, outer ``$`` and a final period dropped and numbers put in canonical form
+  (``1,000.0`` = ``1000``); case-sensitive.
+* ``numeric``: the numbers in the final answers are within ``tolerance`` of each other (relative,
+  and absolute near zero); ``3/4`` and ``75%`` are read as 0.75 and 75.
+* ``sympy``: the final answers are equal expressions, decided by sympy
+  (:mod:`mixsel.answers.symbolic`): ``n(n-3)/2`` = ``(n^2-3n)/2``, ``x = -3/4`` = ``-0.75``,
+  ``\\frac{1}{2}`` = ``0.5``. Needs sympy (the ``math`` extra; torch installs it too).
+
+Any other value is a path ``package.module:function`` to a user function with the checker signature,
+imported when evaluation starts.
+
+Example:
+    >>> is_correct("... so she pays 12 dollars.\\n#### 12", "12")
+    True
+    >>> get_checker("numeric")("so the answer is #### 0.75", "3/4")
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal, InvalidOperation
+
+__all__ = [
+    "CHECKERS",
+    "Checker",
+    "check_exact",
+    "check_gsm8k",
+    "check_numeric",
+    "checkers_for",
+    "extract_answer",
+    "final_answer",
+    "get_checker",
+    "is_correct",
+    "normalize_answer",
+    "reference_answer",
+]
+
+#: ``(prediction, reference) -> bool``
+Checker = Callable[[str, str], bool]
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def normalize_answer(text: str) -> str:
+    """Canonical form of a final answer: numbers lose ``$``, commas, ``+`` and trailing zeros.
+
+    ``"$1,200.50"`` -> ``"1200.5"``, ``"42.0"`` -> ``"42"``, ``"-0"`` -> ``"0"``; non-numeric
+    answers (a chemical symbol such as ``"Na"``) are only stripped of spaces and a final period.
+    """
+    s = text.strip().rstrip(".").strip()
+    num = s.replace(",", "").replace("$", "").lstrip("+").strip()
+    try:
+        d = Decimal(num)
+    except InvalidOperation:
+        return s
+    if not d.is_finite():
+        return s
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in a (generated) solution, normalised by :func:`normalize_answer`.
+
+    The first number after the first ``####`` on that line is the answer, as in GSM8K (or, if that
+    line has no number, its first word, e.g. a chemical symbol); a model that goes on generating after
+    its answer line is judged on that first answer. Without a
+    ``####`` marker (or with an empty one) the last number in the text is taken ("flexible" match).
+
+    Returns:
+        The normalised answer, or ``None`` if the text holds neither a marker nor a number.
+    """
+    marker = text.find("####")
+    if marker >= 0:
+        line = text[marker + 4 :].split("\n", 1)[0].strip()
+        if line:
+            number = _NUMBER.search(line.replace("$", ""))
+            return normalize_answer(number.group(0) if number else line.split()[0])
+        text = text[:marker]
+    numbers = _NUMBER.findall(text)
+    if not numbers:
+        return None
+    return normalize_answer(numbers[-1])
+
+
+def is_correct(generated_text: str, answer: str) -> bool:
+    """Exact-match correctness of a generated solution against the reference ``answer``.
+
+    Both sides are normalised; numeric answers compare by value (``"12.0"`` matches ``"12"``),
+    other answers compare as case-sensitive strings (``"Na"`` is not ``"NA"``).
+    """
+    pred = extract_answer(generated_text)
+    if pred is None:
+        return False
+    ref = normalize_answer(answer)
+    try:
+        return Decimal(pred) == Decimal(ref)
+    except InvalidOperation:
+        return pred == ref
+
+
+# --------------------------------------------------------------------------------------------------
+# final answers of free-form solutions
+# --------------------------------------------------------------------------------------------------
+
+
+def _last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces matched; None if absent."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j].strip()
+    return None  # unbalanced: the generation stopped inside the box
+
+
+def reference_answer(response: str) -> str | None:
+    """The answer a worked solution states: its ``#### <answer>`` line (GSM8K) or last ``\\boxed{}``
+    (the MATH convention, Hendrycks et al., 2021, arXiv:2103.03874); ``None`` if it has neither.
+
+    Used for prompt/response rows without an ``answer`` column, so they are scored too.
+    """
+    marker = response.find("####")
+    if marker >= 0:
+        line = response[marker + 4 :].split("\n", 1)[0].strip()
+        if line:
+            return line
+    return _last_boxed(response)
+
+
+def final_answer(text: str) -> str:
+    """The part of a solution that states its answer, for the ``exact``, ``numeric`` and ``sympy`` checkers.
+
+    The rest of the first ``####`` line if there is one, else the content of the last ``\\boxed{}``,
+    else the last non-empty line (so a bare reference such as ``"x = -3/4"`` is its own final answer).
+    """
+    answer = reference_answer(text)
+    if answer is not None:
+        return answer
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# built-in checkers
+# --------------------------------------------------------------------------------------------------
+
+
+def check_gsm8k(prediction: str, reference: str) -> bool:
+    """GSM8K exact match (:func:`is_correct`); a reference with a ``####`` line is read by :func:`extract_answer`."""
+    if "####" in reference:
+        reference = extract_answer(reference) or ""
+    return is_correct(prediction, reference)
+
+
+def _canonical_string(text: str) -> str:
+    s = " ".join(text.split())
+    if len(s) >= 2 and s.startswith("$") and s.endswith("$"):
+        s = s.strip("$").strip()
+    return normalize_answer(s)
+
+
+def check_exact(prediction: str, reference: str) -> bool:
+    """The final answers are the same string after light normalisation (see the module docstring)."""
+    return _canonical_string(final_answer(prediction)) == _canonical_string(final_answer(reference))
+
+
+_FRACTION = re.compile(r"^(-?\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)$")
+
+
+def _to_number(text: str) -> float | None:
+    """The number a final answer states: a plain number, ``a/b``, ``75%``, else its last number."""
+    s = text.replace("$", "").replace(",", "").replace("%", "").replace(" ", "").rstrip(".")
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    frac = _FRACTION.match(s)
+    if frac and float(frac.group(2)) != 0:
+        return float(frac.group(1)) / float(frac.group(2))
+    numbers = _NUMBER.findall(text.replace(",", ""))
+    return float(numbers[-1]) if numbers else None
+
+
+def check_numeric(prediction: str, reference: str, *, tolerance: float = 1e-6) -> bool:
+    """The final answers are numbers within ``tolerance`` of each other (relative, or absolute near 0)."""
+    pred, ref = _to_number(final_answer(prediction)), _to_number(final_answer(reference))
+    if pred is None or ref is None:
+        return False
+    return math.isclose(pred, ref, rel_tol=tolerance, abs_tol=tolerance)
+
+
+def _check_sympy(prediction: str, reference: str, *, tolerance: float = 1e-6) -> bool:
+    from mixsel.answers.symbolic import check_sympy
+
+    return check_sympy(prediction, reference, tolerance=tolerance)
+
+
+#: Built-in checkers by name; those with a ``tolerance`` keyword get ``eval.answer_tolerance``.
+CHECKERS: dict[str, Callable[..., bool]] = {
+    "gsm8k": check_gsm8k,
+    "exact": check_exact,
+    "numeric": check_numeric,
+    "sympy": _check_sympy,
+}
+_TAKES_TOLERANCE = ("numeric", "sympy")
+
+
+def _import_checker(path: str) -> Checker:
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(
+            f"eval.answer_checker={path!r} is neither a built-in checker ({', '.join(CHECKERS)}) nor a "
+            "'package.module:function' path; use one of those"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"eval.answer_checker={path!r}: cannot import {module_name!r} ({err}); make the module importable "
+            "(install it, or add its folder to PYTHONPATH)"
+        ) from None
+    func = getattr(module, attr, None)
+    if not callable(func):
+        raise ValueError(
+            f"eval.answer_checker={path!r}: module {module_name!r} has no function {attr!r}; define "
+            f"{attr}(prediction: str, reference: str) -> bool there"
+        )
+    return func
+
+
+def get_checker(name: str, *, tolerance: float = 1e-6) -> Checker:
+    """The checker called ``name`` (a built-in, or ``package.module:function``).
+
+    Raises:
+        ValueError: an unknown name, or a path that does not import or name a function.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"eval.answer_checker entries must be non-empty strings, got {name!r}")
+    if not tolerance >= 0:
+        raise ValueError(f"eval.answer_tolerance={tolerance} must be >= 0")
+    if name in CHECKERS:
+        func = CHECKERS[name]
+        return functools.partial(func, tolerance=tolerance) if name in _TAKES_TOLERANCE else func
+    return _import_checker(name)
+
+
+def checkers_for(
+    spec: str | Mapping[str, str], domains: Sequence[str], *, tolerance: float = 1e-6
+) -> dict[str, Checker]:
+    """The checker of each domain under ``eval.answer_checker=spec``.
+
+    Args:
+        spec: one checker name for every domain, or a mapping ``{domain: name}``; ``"*"`` names the
+            checker of the domains not listed (default ``"gsm8k"``).
+        domains: the domain names of the data.
+        tolerance: ``eval.answer_tolerance``, for ``numeric`` and ``sympy``.
+
+    Raises:
+        ValueError: a mapping key that is not a domain (the message lists them), or a bad checker name.
+    """
+    if isinstance(spec, str):
+        spec = {"*": spec}
+    unknown = sorted(set(spec) - set(domains) - {"*"})
+    if unknown:
+        raise ValueError(
+            f"eval.answer_checker names unknown domain(s) {unknown}; the data has {list(domains)} "
+            "(use '*' for all other domains)"
+        )
+    cache: dict[str, Checker] = {}
+    out = {}
+    for domain in domains:
+        name = spec.get(domain, spec.get("*", "gsm8k"))
+        if name not in cache:
+            cache[name] = get_checker(name, tolerance=tolerance)
+        out[domain] = cache[name]
+    return out
