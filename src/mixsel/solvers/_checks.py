@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["check_finite", "check_k", "check_matrix", "check_partition", "top_per_group"]
+__all__ = ["check_finite", "check_k", "check_matrix", "check_partition"]
 
 
 def check_k(k: int, n: int) -> int:
@@ -104,29 +104,3 @@ def check_partition(
             "raise the budgets or lower k."
         )
     return groups, torch.minimum(budgets, sizes)
-
-
-def top_per_group(
-    scores: torch.Tensor,
-    feasible: torch.Tensor,
-    groups: torch.Tensor | None,
-    remaining: torch.Tensor | None,
-    limit: int | None = None,
-) -> torch.Tensor:
-    """Indices of the best feasible items, at most ``remaining[g]`` from group g, best first.
-
-    This is the max-weight independent set of a partition matroid (the "shortlist" of
-    PartitionSel: the top ``rem_d`` feasible items of each domain by score). Ties go to the lower
-    index (stable sort). ``limit`` truncates the (globally sorted) result.
-    """
-    idx = torch.nonzero(feasible).reshape(-1)
-    order = torch.sort(scores[idx], descending=True, stable=True).indices
-    idx = idx[order]
-    if groups is not None and remaining is not None:
-        g = groups[idx]
-        onehot = torch.nn.functional.one_hot(g, num_classes=remaining.numel())
-        rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # rank of each item within its group
-        idx = idx[rank < remaining[g]]
-    if limit is not None:
-        idx = idx[:limit]
-    return idx

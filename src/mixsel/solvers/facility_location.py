@@ -1,12 +1,17 @@
 """Greedy facility location (CRAIG medoids), optionally under a partition matroid.
 
 Maximises F(S) = sum_i max_{s in S} sim[i, s] over |S| <= k, the objective of CRAIG
-(Mirzasoleiman, Bilmes & Leskovec, ICML 2020) and of CoLM Eq. (2) / Eq. (8) (Nguyen et al.,
-ICLR 2025; ``/work/shared/seeds/004_*.txt``), where ``sim = C - ||g_i - g_s||`` (CoLM uses the L1
-distance between sparsified, Adam-normalised zeroth-order gradients). F is monotone submodular
-once the similarities are non-negative, so the greedy algorithm is a (1 - 1/e)-approximation
-under a cardinality constraint (Nemhauser, Wolsey & Fisher 1978) and a 1/2-approximation under a
-matroid such as per-group budgets (Fisher, Nemhauser & Wolsey 1978).
+(Mirzasoleiman, Bilmes & Leskovec, ICML 2020, arXiv 1906.01827) and of CoLM Eq. (2) / Eq. (8)
+(Nguyen et al., ICLR 2025, arXiv 2407.19580; docs/methods.md), where ``sim = C - ||g_i - g_s||``
+(CoLM uses the L1 distance between sparsified, Adam-normalised zeroth-order gradients). F is
+monotone submodular once the similarities are non-negative, so the greedy algorithm is a
+(1 - 1/e)-approximation under a cardinality constraint (Nemhauser, Wolsey & Fisher 1978) and a
+1/2-approximation under a matroid such as per-group budgets (Fisher, Nemhauser & Wolsey 1978).
+
+Objective and optimiser are separate axes (as in apricot): ``FacilityLocationGains`` answers the
+small gain/commit protocol ``GainOracle`` (gains of all or of some candidates for the current set,
+commit a pick), and each optimiser (``naive_greedy``, ``lazy_greedy``, ``stochastic_greedy``,
+looked up by name in ``OPTIMIZERS``) drives it under a ``PartitionBudget``.
 
 Implementation: pure torch, vectorised over candidates, with a running max-vector
 ``cur[i] = max_{s in S} sim[i, s]``; the gain of candidate j is ``sum_i relu(sim[i, j] - cur[i])``.
@@ -19,11 +24,13 @@ greedy see bit-identical gains and return the same ranking.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
 
+from mixsel.solvers._budgets import PartitionBudget
 from mixsel.solvers._checks import check_k, check_matrix, check_partition
 from mixsel.types import Selection
 
@@ -70,11 +77,31 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class _Gains:
-    """Evaluates facility-location gains of candidates against the running max-vector.
+# --------------------------------------------------------------------------- the objective
+class GainOracle(Protocol):
+    """What a greedy optimiser needs from a monotone submodular objective (apricot's split).
 
-    ``cand`` is candidate-major and contiguous (the similarity itself when it is symmetric, else
-    one transposed copy), so each gain is one contiguous row reduction whatever the batch.
+    ``all()`` and ``__call__(cols)`` return the marginal gains F(S + j) - F(S) of every candidate
+    / of the candidates ``cols`` for the current set S; ``commit(j)`` adds ``j`` to S. The two gain
+    methods must agree bit for bit, so that every exact optimiser returns the same ranking.
+    """
+
+    n: int
+    dtype: torch.dtype
+
+    def all(self) -> torch.Tensor: ...
+
+    def __call__(self, cols: torch.Tensor) -> torch.Tensor: ...
+
+    def commit(self, j: int) -> None: ...
+
+
+class FacilityLocationGains:
+    """Facility-location gains ``sum_i relu(sim[i, j] - shift - cur[i])`` against the running max.
+
+    ``cur[i] = max_{s in S} sim[i, s] - shift`` (0 for the empty set). ``cand`` is candidate-major
+    and contiguous (the similarity itself when it is symmetric, else one transposed copy), so
+    each gain is one contiguous row reduction whatever the batch.
     """
 
     def __init__(self, similarity: torch.Tensor, shift: float, chunk_size: int) -> None:
@@ -83,8 +110,8 @@ class _Gains:
         self.shift = shift
         self.chunk = chunk_size
         self.dtype = _acc_dtype(similarity.dtype)
-        n = similarity.shape[0]
-        self.cur = torch.zeros(n, dtype=self.dtype, device=similarity.device)
+        self.n = similarity.shape[0]
+        self.cur = torch.zeros(self.n, dtype=self.dtype, device=similarity.device)
         self.evaluations = 0
 
     def _reduce(self, block: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -101,12 +128,11 @@ class _Gains:
 
     def all(self) -> torch.Tensor:
         """Gains of every candidate (contiguous slices, no gather)."""
-        n = self.cand.shape[0]
-        out = torch.empty(n, dtype=self.dtype, device=self.cur.device)
+        out = torch.empty(self.n, dtype=self.dtype, device=self.cur.device)
         offset = self.cur + self.shift
-        for a in range(0, n, self.chunk):
+        for a in range(0, self.n, self.chunk):
             out[a : a + self.chunk] = self._reduce(self.cand[a : a + self.chunk], offset)
-        self.evaluations += n
+        self.evaluations += self.n
         return out
 
     def commit(self, j: int) -> None:
@@ -114,6 +140,111 @@ class _Gains:
         torch.maximum(self.cur, col, out=self.cur)
 
 
+# --------------------------------------------------------------------------- the optimisers
+@dataclass(frozen=True)
+class GreedyOptions:
+    """Knobs of the optimisers; each reads only its own.
+
+    Attributes:
+        lazy_batch: stale candidates re-evaluated at once by lazy greedy (doubles within a step).
+        epsilon: stochastic greedy accuracy parameter in (0, 1).
+        generator: torch.Generator of stochastic greedy (a fixed seed 0 when None).
+    """
+
+    lazy_batch: int = 16
+    epsilon: float = 0.1
+    generator: torch.Generator | None = None
+
+
+Picks = tuple[list[int], list[float]]
+Optimizer = Callable[[GainOracle, int, PartitionBudget, GreedyOptions], Picks]
+
+
+def _neg_inf(objective: GainOracle, device: torch.device) -> torch.Tensor:
+    return torch.tensor(-math.inf, dtype=objective.dtype, device=device)
+
+
+def naive_greedy(objective: GainOracle, k: int, budget: PartitionBudget, options: GreedyOptions) -> Picks:
+    """Re-evaluate every gain at each step; pick the feasible maximum (ties: lowest index)."""
+    picks: list[int] = []
+    gains: list[float] = []
+    neg_inf = _neg_inf(objective, budget.feasible.device)
+    for _ in range(k):
+        g = torch.where(budget.feasible, objective.all(), neg_inf)
+        j = int(torch.argmax(g))  # first maximum = lowest index
+        picks.append(j)
+        gains.append(float(g[j]))
+        objective.commit(j)
+        budget.take(j)
+    return picks, gains
+
+
+def lazy_greedy(objective: GainOracle, k: int, budget: PartitionBudget, options: GreedyOptions) -> Picks:
+    """Minoux's lazy greedy with vectorised batches of stale upper bounds; same ranking as naive.
+
+    Stale gains are upper bounds (submodularity). Each step re-evaluates the ``lazy_batch``
+    stale candidates of largest bound at once (doubling while the best bound is stale) until the
+    feasible maximum, ties to the lowest index, is a fresh gain.
+    """
+    feasible = budget.feasible
+    device = feasible.device
+    neg_inf = _neg_inf(objective, device)
+    ub = torch.where(feasible, objective.all(), neg_inf)
+    fresh = torch.ones(objective.n, dtype=torch.bool, device=device)
+    picks: list[int] = []
+    gains: list[float] = []
+    for _ in range(k):
+        feasible = budget.feasible
+        bounds = torch.where(feasible, ub, neg_inf)
+        batch = options.lazy_batch
+        while True:
+            j = int(torch.argmax(bounds))
+            if fresh[j]:
+                break
+            stale = feasible & ~fresh
+            m = min(batch, int(stale.sum()))
+            cand = torch.topk(torch.where(stale, ub, neg_inf), m).indices
+            g = objective(cand)
+            ub[cand] = g
+            bounds[cand] = g
+            fresh[cand] = True
+            batch *= 2
+        picks.append(j)
+        gains.append(float(ub[j]))
+        fresh.zero_()
+        objective.commit(j)
+        budget.take(j)
+    return picks, gains
+
+
+def stochastic_greedy(objective: GainOracle, k: int, budget: PartitionBudget, options: GreedyOptions) -> Picks:
+    """Each step picks the best of a random sample of ceil(n/k ln(1/epsilon)) feasible candidates."""
+    n = objective.n
+    gen = options.generator if options.generator is not None else torch.Generator().manual_seed(0)
+    sample_size = min(n, max(1, math.ceil(n / k * math.log(1.0 / options.epsilon))))
+    picks: list[int] = []
+    gains: list[float] = []
+    for _ in range(k):
+        cand = torch.nonzero(budget.feasible).reshape(-1)
+        if cand.numel() > sample_size:
+            cand = cand[torch.randperm(cand.numel(), generator=gen)[:sample_size].to(cand.device)]
+            cand = torch.sort(cand).values
+        g = objective(cand)
+        best = int(torch.argmax(g))
+        j = int(cand[best])
+        picks.append(j)
+        gains.append(float(g[best]))
+        objective.commit(j)
+        budget.take(j)
+    return picks, gains
+
+
+#: Optimisers by name. Naive and lazy greedy are exact (the same ranking; a test says so).
+OPTIMIZERS: dict[str, Optimizer] = {"naive": naive_greedy, "lazy": lazy_greedy, "stochastic": stochastic_greedy}
+EXACT_OPTIMIZERS = ("naive", "lazy")
+
+
+# --------------------------------------------------------------------------- the public function
 def facility_location(
     similarity: torch.Tensor,
     k: int,
@@ -171,8 +302,8 @@ def facility_location(
     n = similarity.shape[0]
     k = check_k(k, n)
     groups, budgets = check_partition(groups, budgets, n, k)
-    if method not in ("lazy", "naive", "stochastic"):
-        raise ValueError(f"method must be 'lazy', 'naive' or 'stochastic', got {method!r}")
+    if method not in OPTIMIZERS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, OPTIMIZERS))}, got {method!r}")
     if method == "stochastic" and not 0.0 < epsilon < 1.0:
         raise ValueError(f"epsilon must lie in (0, 1) for stochastic greedy, got {epsilon}")
     if lazy_batch < 1:
@@ -183,67 +314,15 @@ def facility_location(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
     shift = min(0.0, float(similarity.min()))
-    gains_of = _Gains(similarity, shift, chunk_size)
+    objective = FacilityLocationGains(similarity, shift, chunk_size)
     device = similarity.device
-    feasible = torch.ones(n, dtype=torch.bool, device=device)
-    taken = torch.zeros(int(budgets.numel()), dtype=torch.long) if budgets is not None else None
-    if budgets is not None:
-        feasible &= budgets[groups] > 0
-    picks: list[int] = []
-    picked_gains: list[float] = []
-    neg_inf = torch.tensor(-math.inf, dtype=gains_of.dtype, device=device)
-
-    if method == "lazy":
-        ub = torch.where(feasible, gains_of.all(), neg_inf)
-        fresh = torch.ones(n, dtype=torch.bool, device=device)
-    if method == "stochastic":
-        gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        sample_size = min(n, max(1, math.ceil(n / k * math.log(1.0 / epsilon))))
-
-    for _ in range(k):
-        if method == "naive":
-            g = torch.where(feasible, gains_of.all(), neg_inf)
-            j = int(torch.argmax(g))  # first maximum = lowest index
-            gain = float(g[j])
-        elif method == "lazy":
-            bounds = torch.where(feasible, ub, neg_inf)
-            batch = lazy_batch
-            while True:
-                j = int(torch.argmax(bounds))
-                if fresh[j]:
-                    break
-                stale = feasible & ~fresh
-                m = min(batch, int(stale.sum()))
-                cand = torch.topk(torch.where(stale, ub, neg_inf), m).indices
-                g = gains_of(cand)
-                ub[cand] = g
-                bounds[cand] = g
-                fresh[cand] = True
-                batch *= 2
-            gain = float(ub[j])
-            fresh.zero_()
-        else:
-            cand = torch.nonzero(feasible).reshape(-1)
-            if cand.numel() > sample_size:
-                cand = cand[torch.randperm(cand.numel(), generator=gen)[:sample_size].to(device)]
-                cand = torch.sort(cand).values
-            g = gains_of(cand)
-            best = int(torch.argmax(g))
-            j, gain = int(cand[best]), float(g[best])
-
-        picks.append(j)
-        picked_gains.append(gain)
-        gains_of.commit(j)
-        feasible[j] = False
-        if budgets is not None:
-            gid = int(groups[j])
-            taken[gid] += 1
-            if taken[gid] >= budgets[gid]:
-                feasible &= groups != gid
+    budget = PartitionBudget.for_torch(n, groups, budgets, device)
+    options = GreedyOptions(lazy_batch=lazy_batch, epsilon=epsilon, generator=generator)
+    picks, picked_gains = OPTIMIZERS[method](objective, k, budget, options)
 
     indices = torch.tensor(picks, dtype=torch.long, device=device)
     weights = _cluster_sizes(similarity, indices, chunk_size)
-    gains = torch.tensor(picked_gains, dtype=gains_of.dtype)
+    gains = torch.tensor(picked_gains, dtype=objective.dtype)
     return Selection(
         indices=indices,
         weights=weights,
@@ -254,7 +333,7 @@ def facility_location(
             "method": method,
             "objective": float(gains.sum()),
             "shift": shift,
-            "evaluations": gains_of.evaluations,
+            "evaluations": objective.evaluations,
         },
     )
 

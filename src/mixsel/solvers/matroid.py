@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mixsel.solvers._checks import check_finite, check_k, check_matrix, check_partition, top_per_group
+from mixsel.solvers._budgets import PartitionBudget, top_per_group
+from mixsel.solvers._checks import check_finite, check_k, check_matrix, check_partition
 from mixsel.solvers._pursuit import SupportSolver
 from mixsel.solvers.omp import _KernelForm
 from mixsel.types import Selection
@@ -40,7 +41,7 @@ def matroid_matching_pursuit(
     generator: torch.Generator | None = None,
     ridge: float = 0.0,
 ) -> Selection:
-    """PartitionSel's gradient-matching pursuit under a partition matroid (methods.md §2.1).
+    """PartitionSel's gradient-matching pursuit under a partition matroid (arXiv 2606.07954).
 
     Maximises the set utility F(S) = max_{w >= 0, supp(w) in S} U(w) with
     U(w) = <w, s> - 1/2 w^T K w over |S ∩ group g| <= budgets[g], |S| = k. Each of the k steps:
@@ -86,16 +87,13 @@ def matroid_matching_pursuit(
     device = gram.device
     form = _KernelForm(gram, scores, k)
     engine = SupportSolver(k, ridge=ridge, nonnegative=True, device=device)
-    feasible = torch.ones(n, dtype=torch.bool, device=device)
-    remaining = budgets.clone() if budgets is not None else None
-    if remaining is not None:
-        feasible &= remaining[groups] > 0
+    budget = PartitionBudget.for_torch(n, groups, budgets, device)
     picks: list[int] = []
     gains: list[float] = []
     utility = 0.0
     proxy = form.mu
     for step in range(k):
-        shortlist = top_per_group(proxy, feasible, groups, remaining, limit=None if groups is not None else k - step)
+        shortlist = top_per_group(proxy, budget, limit=None if groups is not None else k - step)
         if randomized:
             j = int(shortlist[int(torch.randint(shortlist.numel(), (1,), generator=gen))])
         else:
@@ -104,12 +102,7 @@ def matroid_matching_pursuit(
         engine.refit()  # the pick stays in S even with weight 0 (budgets are always filled)
         form.commit(j)
         picks.append(j)
-        feasible[j] = False
-        if remaining is not None:
-            gid = int(groups[j])
-            remaining[gid] -= 1
-            if remaining[gid] <= 0:
-                feasible &= groups != gid
+        budget.take(j)
         new_utility = engine.utility()
         gains.append(new_utility - utility)
         utility = new_utility
@@ -137,7 +130,7 @@ def greats_greedy(
     groups: torch.Tensor | Sequence[int] | None = None,
     budgets: torch.Tensor | Sequence[int] | None = None,
 ) -> Selection:
-    """GREATS greedy batch selection (Wang et al., NeurIPS 2024; methods.md §2.3).
+    """GREATS greedy batch selection (Wang et al., NeurIPS 2024; docs/methods.md, greats).
 
     Exact greedy maximisation of the second-order Taylor utility of one SGD step
 
@@ -171,24 +164,16 @@ def greats_greedy(
     device = gram.device
     acc = torch.float64 if gram.dtype == torch.float64 else torch.float32
     current = scores.to(acc) * lr
-    feasible = torch.ones(n, dtype=torch.bool, device=device)
-    remaining = budgets.clone() if budgets is not None else None
-    if remaining is not None:
-        feasible &= remaining[groups] > 0
+    budget = PartitionBudget.for_torch(n, groups, budgets, device)
     neg_inf = torch.tensor(-math.inf, dtype=acc, device=device)
     picks: list[int] = []
     gains: list[float] = []
     for _ in range(k):
-        j = int(torch.argmax(torch.where(feasible, current, neg_inf)))
+        j = int(torch.argmax(torch.where(budget.feasible, current, neg_inf)))
         picks.append(j)
         gains.append(float(current[j]))
         current -= (lr * lr) * gram[j].to(acc)
-        feasible[j] = False
-        if remaining is not None:
-            gid = int(groups[j])
-            remaining[gid] -= 1
-            if remaining[gid] <= 0:
-                feasible &= groups != gid
+        budget.take(j)
     return Selection(
         indices=torch.tensor(picks, dtype=torch.long, device=device),
         weights=torch.ones(k, dtype=gram.dtype, device=device),

@@ -32,7 +32,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mixsel.solvers._checks import check_finite, check_k, check_matrix, check_partition, top_per_group
+from mixsel.solvers._budgets import PartitionBudget, top_per_group
+from mixsel.solvers._checks import check_finite, check_k, check_matrix, check_partition
 from mixsel.solvers._pursuit import SupportSolver
 from mixsel.types import Selection
 
@@ -112,10 +113,7 @@ def _pursue(
     form_name: str,
 ) -> Selection:
     engine = SupportSolver(k, ridge=ridge, nonnegative=nonnegative, device=device)
-    feasible = torch.ones(n, dtype=torch.bool, device=device)
-    remaining = budgets.clone() if budgets is not None else None
-    if remaining is not None:
-        feasible &= remaining[groups] > 0
+    budget = PartitionBudget.for_torch(n, groups, budgets, device)
     corr_rtol = 100 * torch.finfo(dtype).eps
     picks: list[int] = []
     gains: list[float] = []
@@ -139,24 +137,20 @@ def _pursue(
                 stop = "tolerance"
                 break
             score = c if nonnegative else c.abs()
-            score = torch.where(feasible, score, torch.tensor(-math.inf, dtype=score.dtype, device=device))
+            score = torch.where(budget.feasible, score, torch.tensor(-math.inf, dtype=score.dtype, device=device))
             j = int(torch.argmax(score))  # ties: lowest index
             if not float(score[j]) > corr_rtol * float(scale[j]):
                 stop = "no positive correlation" if nonnegative else "no correlated candidate"
                 break
             engine.append(form.cross(j), float(form.diag[j]), float(form.mu[j]))
-            feasible[j] = False
+            budget.drop(j)
             if not engine.refit():
                 engine.pop()  # numerically dependent on the support: cannot lower the residual
                 rejected += 1
                 continue
             form.commit(j)
             picks.append(j)
-            if remaining is not None:
-                gid = int(groups[j])
-                remaining[gid] -= 1
-                if remaining[gid] <= 0:
-                    feasible &= groups != gid
+            budget.take(j)
             new_res2 = engine.residual_sqnorm(target_sqnorm)
             gains.append(res2 - new_res2)
             res2 = new_res2
@@ -167,7 +161,7 @@ def _pursue(
     filled = 0
     if fill and len(picks) < k:
         score = c if nonnegative else c.abs()
-        extra = top_per_group(score, feasible, groups, remaining, limit=k - len(picks))
+        extra = top_per_group(score, budget, limit=k - len(picks))
         filled = int(extra.numel())
         picks.extend(extra.tolist())
         gains.extend([0.0] * filled)
