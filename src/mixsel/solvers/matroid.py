@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from mixsel.solvers._budgets import PartitionBudget, top_per_group
@@ -28,6 +29,19 @@ def _check_scores_gram(scores: torch.Tensor, gram: torch.Tensor) -> tuple[torch.
         raise ValueError(f"scores has {scores.numel()} entries but gram is {gram.shape[0]} x {gram.shape[0]}")
     check_finite(scores, "scores")
     return scores.to(gram.dtype), gram
+
+
+def _host_scores(scores: torch.Tensor, dtype: torch.dtype, acc: torch.dtype, n: int) -> np.ndarray:
+    """``scores`` as a host array of the accumulation dtype (rounded through ``dtype`` first)."""
+    if not isinstance(scores, torch.Tensor):
+        scores = torch.as_tensor(scores)
+    scores = scores.detach().reshape(-1)
+    if scores.numel() != n:
+        raise ValueError(f"scores has {scores.numel()} entries but gram is {n} x {n}")
+    check_finite(scores, "scores")
+    if scores.dtype != acc:
+        scores = scores.to(dtype).to(acc)
+    return scores.cpu().numpy()
 
 
 def matroid_matching_pursuit(
@@ -155,28 +169,54 @@ def greats_greedy(
     Returns:
         Selection with unit weights, ``gains`` = the marginal utility of each pick.
     """
-    scores, gram = _check_scores_gram(scores, gram)
+    gram = check_matrix(gram, "gram", square=True)
     n = gram.shape[0]
+    acc = torch.float64 if gram.dtype == torch.float64 else torch.float32
+    host = gram.detach().to(acc).cpu().numpy()
+    current = _host_scores(scores, gram.dtype, acc, n) * lr
     k = check_k(k, n)
     groups, budgets = check_partition(groups, budgets, n, k)
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
-    device = gram.device
-    acc = torch.float64 if gram.dtype == torch.float64 else torch.float32
-    current = scores.to(acc) * lr
-    budget = PartitionBudget.for_torch(n, groups, budgets, device)
-    neg_inf = torch.tensor(-math.inf, dtype=acc, device=device)
-    picks: list[int] = []
-    gains: list[float] = []
-    for _ in range(k):
-        j = int(torch.argmax(torch.where(budget.feasible, current, neg_inf)))
-        picks.append(j)
-        gains.append(float(current[j]))
-        current -= (lr * lr) * gram[j].to(acc)
-        budget.take(j)
+    budget = PartitionBudget.for_numpy(n, groups, budgets)
+    picks, gains = _greats_loop(current, host, k, lr * lr, budget)
     return Selection(
-        indices=torch.tensor(picks, dtype=torch.long, device=device),
-        weights=torch.ones(k, dtype=gram.dtype, device=device),
-        gains=torch.tensor(gains, dtype=torch.float64),
-        info={"solver": "greats_greedy", "backend": f"torch-{device.type}", "lr": lr, "utility": sum(gains)},
+        indices=torch.from_numpy(picks).to(gram.device),
+        weights=torch.ones(k, dtype=gram.dtype, device=gram.device),
+        gains=torch.from_numpy(gains),
+        info={
+            "solver": "greats_greedy",
+            "backend": "numpy-cpu",
+            "device": str(gram.device),
+            "lr": lr,
+            "utility": sum(gains.tolist()),
+        },
     )
+
+
+def _greats_loop(
+    current: np.ndarray, gram: np.ndarray, k: int, penalty: float, budget: PartitionBudget
+) -> tuple[np.ndarray, np.ndarray]:
+    """The GREATS greedy on host arrays: k times, pick the argmax and subtract ``penalty * gram[j]``.
+
+    A plain numpy loop of four small operations per pick (a torch loop paid ~10 us of dispatch
+    per operation at n = 64-512). Infeasible entries of ``current`` hold -inf, so a pick is one
+    argmax (ties: the first maximum, the lowest index) and a full group is masked once. When the
+    picks touch a large part of the Gram, it is scaled once instead of row by row (the same
+    products).
+    """
+    if budget.constrained:
+        current[~budget.feasible] = -np.inf
+    rows = gram * penalty if 8 * k >= gram.shape[0] else None
+    take = budget.take if budget.constrained else None
+    picks = np.empty(k, dtype=np.int64)
+    gains = np.empty(k, dtype=np.float64)
+    for t in range(k):
+        j = int(current.argmax())
+        picks[t] = j
+        gains[t] = current[j]
+        current -= rows[j] if rows is not None else gram[j] * penalty
+        current[j] = -np.inf
+        if take is not None and (full := take(j)) is not None:
+            current[budget.groups == full] = -np.inf
+    return picks, gains
