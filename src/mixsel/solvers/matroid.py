@@ -14,12 +14,14 @@ import numpy as np
 import torch
 
 from mixsel.solvers._budgets import PartitionBudget, top_per_group
-from mixsel.solvers._checks import check_finite, check_k, check_matrix, check_partition
+from mixsel.solvers._checks import check_finite, check_gram, check_k, check_matrix, check_partition, host_matrix
 from mixsel.solvers._pursuit import SupportSolver
 from mixsel.solvers.omp import _KernelForm
 from mixsel.types import Selection
 
 __all__ = ["greats_greedy", "matroid_matching_pursuit"]
+
+_HOST_DTYPES = (torch.float32, torch.float64)
 
 
 def _check_scores_gram(scores: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,17 +33,19 @@ def _check_scores_gram(scores: torch.Tensor, gram: torch.Tensor) -> tuple[torch.
     return scores.to(gram.dtype), gram
 
 
-def _host_scores(scores: torch.Tensor, dtype: torch.dtype, acc: torch.dtype, n: int) -> np.ndarray:
-    """``scores`` as a host array of the accumulation dtype (rounded through ``dtype`` first)."""
+def _host_scores(scores: torch.Tensor, dtype: torch.dtype, acc: np.dtype, n: int) -> np.ndarray:
+    """``scores`` as a finite host array of dtype ``acc`` (rounded through the Gram's ``dtype`` first)."""
     if not isinstance(scores, torch.Tensor):
         scores = torch.as_tensor(scores)
-    scores = scores.detach().reshape(-1)
-    if scores.numel() != n:
-        raise ValueError(f"scores has {scores.numel()} entries but gram is {n} x {n}")
-    check_finite(scores, "scores")
-    if scores.dtype != acc:
-        scores = scores.to(dtype).to(acc)
-    return scores.cpu().numpy()
+    out = scores.detach().reshape(-1)
+    if out.shape[0] != n:
+        raise ValueError(f"scores has {out.shape[0]} entries but gram is {n} x {n}")
+    if out.dtype != dtype:
+        out = out.to(dtype)
+    host = out.cpu().numpy() if out.dtype in _HOST_DTYPES else out.float().cpu().numpy()
+    if not np.isfinite(host).all():
+        check_finite(out, "scores")
+    return host if host.dtype == acc else host.astype(acc)
 
 
 def matroid_matching_pursuit(
@@ -90,6 +94,12 @@ def matroid_matching_pursuit(
     Returns:
         Selection with ``indices`` in pick order, ``weights`` the NNLS weights w (some may be 0),
         ``gains`` the increase of U at each pick, ``info["utility"]`` the final F(S).
+
+    Raises:
+        ValueError: bad shapes, non-finite ``scores`` or ``gram``, bad ``k``, ``groups``,
+            ``budgets`` or ``ridge``, or a ``gram`` that is clearly not a Gram matrix: a negative
+            diagonal entry, or asymmetry / a Cauchy-Schwarz violation on the rows of the first
+            picks (``mixsel.solvers._checks.check_gram``; O(n), no eigendecomposition).
     """
     scores, gram = _check_scores_gram(scores, gram)
     n = gram.shape[0]
@@ -121,6 +131,7 @@ def matroid_matching_pursuit(
         gains.append(new_utility - utility)
         utility = new_utility
         proxy = form.correlations(engine.weights())
+    check_gram(host_matrix(gram, "gram"), picks, "gram")
     return Selection(
         indices=torch.tensor(picks, dtype=torch.long, device=device),
         weights=engine.weights().clone().to(gram.dtype),
@@ -167,27 +178,40 @@ def greats_greedy(
         budgets: optional per-group maximum counts (requires ``groups``).
 
     Returns:
-        Selection with unit weights, ``gains`` = the marginal utility of each pick.
+        Selection with unit weights, ``gains`` = the marginal utility of each pick; the greedy
+        runs as a numpy loop on the host (``info["backend"] = "numpy-cpu"``; a CUDA ``gram`` is
+        copied once and the indices come back on its device).
+
+    Raises:
+        ValueError: bad shapes, non-finite ``scores`` or ``gram``, bad ``k``, ``lr``, ``groups``
+            or ``budgets``, or a ``gram`` that is clearly not a Gram matrix (as in
+            ``matroid_matching_pursuit``).
     """
-    gram = check_matrix(gram, "gram", square=True)
-    n = gram.shape[0]
-    acc = torch.float64 if gram.dtype == torch.float64 else torch.float32
-    host = gram.detach().to(acc).cpu().numpy()
-    current = _host_scores(scores, gram.dtype, acc, n) * lr
+    host = host_matrix(gram, "gram", square=True)
+    n = host.shape[0]
+    dtype = gram.dtype if gram.is_floating_point() else torch.get_default_dtype()
+    current = _host_scores(scores, dtype, host.dtype, n) * lr
     k = check_k(k, n)
     groups, budgets = check_partition(groups, budgets, n, k)
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
-    budget = PartitionBudget.for_numpy(n, groups, budgets)
+    if not np.isfinite(host).all():
+        check_finite(gram, "gram")
+    budget = PartitionBudget.for_numpy(n, groups, budgets) if budgets is not None else None
     picks, gains = _greats_loop(current, host, k, lr * lr, budget)
+    check_gram(host, picks, "gram")
+    indices, weights = torch.from_numpy(picks), torch.ones(k, dtype=dtype)
+    on_cpu = gram.is_cpu
+    if not on_cpu:
+        indices, weights = indices.to(gram.device), weights.to(gram.device)
     return Selection(
-        indices=torch.from_numpy(picks).to(gram.device),
-        weights=torch.ones(k, dtype=gram.dtype, device=gram.device),
+        indices=indices,
+        weights=weights,
         gains=torch.from_numpy(gains),
         info={
             "solver": "greats_greedy",
             "backend": "numpy-cpu",
-            "device": str(gram.device),
+            "device": "cpu" if on_cpu else str(gram.device),
             "lr": lr,
             "utility": sum(gains.tolist()),
         },
@@ -195,28 +219,34 @@ def greats_greedy(
 
 
 def _greats_loop(
-    current: np.ndarray, gram: np.ndarray, k: int, penalty: float, budget: PartitionBudget
+    current: np.ndarray, gram: np.ndarray, k: int, penalty: float, budget: PartitionBudget | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The GREATS greedy on host arrays: k times, pick the argmax and subtract ``penalty * gram[j]``.
 
-    A plain numpy loop of four small operations per pick (a torch loop paid ~10 us of dispatch
-    per operation at n = 64-512). Infeasible entries of ``current`` hold -inf, so a pick is one
-    argmax (ties: the first maximum, the lowest index) and a full group is masked once. When the
-    picks touch a large part of the Gram, it is scaled once instead of row by row (the same
-    products).
+    A plain numpy loop of three small operations per pick (a torch loop paid ~10 us of dispatch
+    per operation at n = 64-512). Masked entries of ``current`` hold -inf, so a pick is one argmax
+    (ties: the first maximum, the lowest index) and a full group is masked once. When the picks
+    touch a large part of the Gram it is scaled once (the same products as row by row), with +inf
+    on the diagonal, so that subtracting row j also masks j.
     """
-    if budget.constrained:
+    if budget is not None:
         current[~budget.feasible] = -np.inf
-    rows = gram * penalty if 8 * k >= gram.shape[0] else None
-    take = budget.take if budget.constrained else None
-    picks = np.empty(k, dtype=np.int64)
-    gains = np.empty(k, dtype=np.float64)
-    for t in range(k):
-        j = int(current.argmax())
-        picks[t] = j
-        gains[t] = current[j]
-        current -= rows[j] if rows is not None else gram[j] * penalty
-        current[j] = -np.inf
-        if take is not None and (full := take(j)) is not None:
+    scaled = None
+    if 8 * k >= gram.shape[0]:
+        scaled = gram * penalty
+        np.fill_diagonal(scaled, np.inf)
+    argmax, subtract = current.argmax, current.__isub__
+    picks: list[int] = []
+    gains: list[float] = []
+    for _ in range(k):
+        j = int(argmax())
+        picks.append(j)
+        gains.append(float(current[j]))
+        if scaled is not None:
+            subtract(scaled[j])
+        else:
+            subtract(gram[j] * penalty)
+            current[j] = -np.inf
+        if budget is not None and (full := budget.take(j)) is not None:
             current[budget.groups == full] = -np.inf
-    return picks, gains
+    return np.array(picks, dtype=np.int64), np.array(gains, dtype=np.float64)

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from mixsel.solvers._budgets import PartitionBudget, top_per_group
-from mixsel.solvers._checks import check_finite, check_k, check_matrix, check_partition
+from mixsel.solvers._checks import check_finite, check_gram, check_k, check_matrix, check_partition, host_matrix
 from mixsel.solvers._pursuit import SupportSolver
 from mixsel.types import Selection
 
@@ -282,6 +282,10 @@ def omp_kernel(
 ) -> Selection:
     """Kernel form of ``omp``: the same picks and weights from K = G G^T, mu = G t and ||t||^2.
 
+    A ``gram`` that is clearly not a Gram matrix (a negative diagonal entry, or asymmetry / a
+    Cauchy-Schwarz violation on the rows of the first picks; ``mixsel.solvers._checks.check_gram``)
+    raises a ValueError.
+
     Args:
         gram: Tensor[n, n] symmetric positive semi-definite Gram matrix of the features.
         mu: Tensor[n] inner products of each feature row with the target.
@@ -300,7 +304,7 @@ def omp_kernel(
     k = check_k(k, n)
     groups, budgets = check_partition(groups, budgets, n, k)
     _check_common(ridge, tol)
-    return _pursue(
+    sel = _pursue(
         _KernelForm(gram, mu, k),
         n,
         k,
@@ -315,6 +319,8 @@ def omp_kernel(
         device=gram.device,
         form_name="kernel",
     )
+    check_gram(host_matrix(gram, "gram"), sel.indices.tolist(), "gram")
+    return sel
 
 
 omp.__doc__ = (omp.__doc__ or "") + _OMP_DOC_COMMON
