@@ -116,12 +116,13 @@ def matroid_matching_pursuit(
     gains: list[float] = []
     utility = 0.0
     proxy = form.mu
+    neg_inf = torch.tensor(-math.inf, dtype=proxy.dtype, device=device)
     for step in range(k):
-        shortlist = top_per_group(proxy, budget, limit=None if groups is not None else k - step)
         if randomized:
+            shortlist = top_per_group(proxy, budget, limit=None if groups is not None else k - step)
             j = int(shortlist[int(torch.randint(shortlist.numel(), (1,), generator=gen))])
-        else:
-            j = int(shortlist[0])
+        else:  # the shortlist's head, without building it: the feasible maximum, lowest index first
+            j = int(torch.argmax(torch.where(budget.feasible, proxy, neg_inf)))
         engine.append(form.cross(j), float(form.diag[j]), float(form.mu[j]))
         engine.refit()  # the pick stays in S even with weight 0 (budgets are always filled)
         form.commit(j)
