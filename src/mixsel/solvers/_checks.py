@@ -193,23 +193,24 @@ def check_gram(gram: np.ndarray, rows: np.ndarray | Sequence[int], name: str = "
         return
     root = np.sqrt(np.abs(diag))
     bound = np.multiply.outer(root[rows], root)  # sqrt(|K_ii K_jj|) for i in rows
-    block, mirror = gram[rows], gram[:, rows].T
+    block = gram[rows]
+    size = np.abs(block)
+    asymmetry = np.abs(block - gram[:, rows].T) - _GRAM_RTOL * np.maximum(bound, size)
+    excess = size - (1.0 + _GRAM_RTOL) * bound  # Cauchy-Schwarz
     floor = 64 * float(np.finfo(gram.dtype).eps) * max(abs(dmin), abs(dmax))  # round-off of an entry
-    excess = np.abs(block - mirror) - _GRAM_RTOL * np.maximum(bound, np.abs(block)) - floor
-    if (excess > 0).any():
-        a, j = np.unravel_index(int(excess.argmax()), excess.shape)
+    if float(np.maximum(asymmetry, excess).max()) <= floor:
+        return
+    if float(asymmetry.max()) > floor:
+        a, j = np.unravel_index(int(asymmetry.argmax()), asymmetry.shape)
         i = int(rows[a])
         raise ValueError(
             f"{name} is not symmetric: {name}[{i}, {j}] = {gram[i, j]:.4g} but {name}[{j}, {i}] = {gram[j, i]:.4g}; "
             f"pass the Gram matrix G @ G.T (or (K + K.T) / 2 if the asymmetry is round-off)."
         )
-    slack = _GRAM_RTOL * bound + floor
-    excess = np.abs(block) - bound - slack
-    if (excess > 0).any():
-        a, j = np.unravel_index(int(excess.argmax()), excess.shape)
-        i = int(rows[a])
-        raise ValueError(
-            f"{name} is not positive semi-definite: |{name}[{i}, {j}]| = {abs(gram[i, j]):.4g} > "
-            f"sqrt({name}[{i}, {i}] * {name}[{j}, {j}]) = {bound[a, j]:.4g}; pass the Gram matrix G @ G.T of "
-            f"the features, not a similarity or distance matrix."
-        )
+    a, j = np.unravel_index(int(excess.argmax()), excess.shape)
+    i = int(rows[a])
+    raise ValueError(
+        f"{name} is not positive semi-definite: |{name}[{i}, {j}]| = {abs(gram[i, j]):.4g} > "
+        f"sqrt({name}[{i}, {i}] * {name}[{j}, {j}]) = {bound[a, j]:.4g}; pass the Gram matrix G @ G.T of "
+        f"the features, not a similarity or distance matrix."
+    )
