@@ -191,11 +191,12 @@ def greats_greedy(
     host = host_matrix(gram, "gram", square=True)
     n = host.shape[0]
     dtype = gram.dtype if gram.is_floating_point() else torch.get_default_dtype()
-    current = _host_scores(scores, dtype, host.dtype, n) * lr
+    host_scores = _host_scores(scores, dtype, host.dtype, n)
     k = check_k(k, n)
     groups, budgets = check_partition(groups, budgets, n, k)
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
+    current = host_scores * lr
     if not np.isfinite(host).all():
         check_finite(gram, "gram")
     budget = PartitionBudget.for_numpy(n, groups, budgets) if budgets is not None else None
