@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mixsel.solvers import facility_location, pairwise_l1, similarity_from_distance
+from mixsel.solvers.facility_location import EXACT_OPTIMIZERS, OPTIMIZERS
 
 # Five points on a line, x = [0, 1, 2, 10, 11]; sim = max(D) - D with D the L1 distance.
 # Hand computation (see the comments of test_golden_ranking): picks 2, 3, 0 with gains 35, 16, 2.
@@ -160,3 +161,25 @@ def test_stochastic_is_seeded_and_close_to_greedy():
     greedy = facility_location(sim, 20)
     assert a.info["objective"] >= (1 - 1 / math.e - 0.1) * greedy.info["objective"]
     assert a.indices.unique().numel() == 20
+
+
+@pytest.mark.parametrize("method", EXACT_OPTIMIZERS)
+@pytest.mark.parametrize("seed", range(6))
+def test_every_exact_optimiser_gives_the_naive_ranking(method, seed):
+    # theory: lazy greedy only skips evaluations whose stale upper bound cannot win, so every
+    # exact optimiser returns naive greedy's ranking and gains, with and without budgets
+    n = 24
+    sim = random_similarity(300 + seed, n, integer=seed % 2 == 0)
+    groups = torch.arange(n) % 3
+    for kwargs in ({}, {"groups": groups, "budgets": [3, 2, 4]}):
+        k = 9 if kwargs else n
+        naive = facility_location(sim, k, method="naive", **kwargs)
+        other = facility_location(sim, k, method=method, lazy_batch=1 + seed, **kwargs)
+        assert other.indices.tolist() == naive.indices.tolist()
+        assert torch.equal(other.gains, naive.gains)
+        assert torch.equal(other.weights, naive.weights)
+
+
+def test_optimiser_table_matches_the_method_names():
+    assert set(OPTIMIZERS) == {"naive", "lazy", "stochastic"}
+    assert set(EXACT_OPTIMIZERS) <= set(OPTIMIZERS)

@@ -32,7 +32,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mixsel.solvers._checks import check_finite, check_k, check_matrix, check_partition, top_per_group
+from mixsel.solvers._budgets import PartitionBudget, top_per_group
+from mixsel.solvers._checks import check_finite, check_gram, check_k, check_matrix, check_partition, host_matrix
 from mixsel.solvers._pursuit import SupportSolver
 from mixsel.types import Selection
 
@@ -112,10 +113,7 @@ def _pursue(
     form_name: str,
 ) -> Selection:
     engine = SupportSolver(k, ridge=ridge, nonnegative=nonnegative, device=device)
-    feasible = torch.ones(n, dtype=torch.bool, device=device)
-    remaining = budgets.clone() if budgets is not None else None
-    if remaining is not None:
-        feasible &= remaining[groups] > 0
+    budget = PartitionBudget.for_torch(n, groups, budgets, device)
     corr_rtol = 100 * torch.finfo(dtype).eps
     picks: list[int] = []
     gains: list[float] = []
@@ -139,24 +137,20 @@ def _pursue(
                 stop = "tolerance"
                 break
             score = c if nonnegative else c.abs()
-            score = torch.where(feasible, score, torch.tensor(-math.inf, dtype=score.dtype, device=device))
+            score = torch.where(budget.feasible, score, torch.tensor(-math.inf, dtype=score.dtype, device=device))
             j = int(torch.argmax(score))  # ties: lowest index
             if not float(score[j]) > corr_rtol * float(scale[j]):
                 stop = "no positive correlation" if nonnegative else "no correlated candidate"
                 break
             engine.append(form.cross(j), float(form.diag[j]), float(form.mu[j]))
-            feasible[j] = False
+            budget.drop(j)
             if not engine.refit():
                 engine.pop()  # numerically dependent on the support: cannot lower the residual
                 rejected += 1
                 continue
             form.commit(j)
             picks.append(j)
-            if remaining is not None:
-                gid = int(groups[j])
-                remaining[gid] -= 1
-                if remaining[gid] <= 0:
-                    feasible &= groups != gid
+            budget.take(j)
             new_res2 = engine.residual_sqnorm(target_sqnorm)
             gains.append(res2 - new_res2)
             res2 = new_res2
@@ -167,7 +161,7 @@ def _pursue(
     filled = 0
     if fill and len(picks) < k:
         score = c if nonnegative else c.abs()
-        extra = top_per_group(score, feasible, groups, remaining, limit=k - len(picks))
+        extra = top_per_group(score, budget, limit=k - len(picks))
         filled = int(extra.numel())
         picks.extend(extra.tolist())
         gains.extend([0.0] * filled)
@@ -288,6 +282,10 @@ def omp_kernel(
 ) -> Selection:
     """Kernel form of ``omp``: the same picks and weights from K = G G^T, mu = G t and ||t||^2.
 
+    A ``gram`` that is clearly not a Gram matrix (a negative diagonal entry, or asymmetry / a
+    Cauchy-Schwarz violation on the rows of the first picks; ``mixsel.solvers._checks.check_gram``)
+    raises a ValueError.
+
     Args:
         gram: Tensor[n, n] symmetric positive semi-definite Gram matrix of the features.
         mu: Tensor[n] inner products of each feature row with the target.
@@ -306,7 +304,7 @@ def omp_kernel(
     k = check_k(k, n)
     groups, budgets = check_partition(groups, budgets, n, k)
     _check_common(ridge, tol)
-    return _pursue(
+    sel = _pursue(
         _KernelForm(gram, mu, k),
         n,
         k,
@@ -321,6 +319,8 @@ def omp_kernel(
         device=gram.device,
         form_name="kernel",
     )
+    check_gram(host_matrix(gram, "gram"), sel.indices.tolist(), "gram")
+    return sel
 
 
 omp.__doc__ = (omp.__doc__ or "") + _OMP_DOC_COMMON
