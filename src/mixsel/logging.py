@@ -30,6 +30,7 @@ __all__ = [
     "check_report_to",
     "check_world",
     "launch_message",
+    "progress_postfix",
     "truncate_jsonl",
 ]
 
@@ -191,33 +192,61 @@ def build_loggers(
 
 
 _MODES = {
-    "global": "every rank computes the features of the same pool of {pool} and selects the same {batch}; "
-    "each rank trains on its share",
-    "gather": "each rank computes the features of its shard of the pool of {pool}; the features are all-gathered "
-    "and every rank selects the same {batch}, then trains on its own picks",
-    "local": "each rank selects {batch} of its own pool of {pool}",
+    "global": "every rank computes the features of the whole pool and makes the same selection, then trains on "
+    "its share",
+    "gather": "each rank computes the features of its shard of the pool; they are all-gathered, every rank makes "
+    "the same selection and trains on its own picks",
+    "local": "each rank selects from its own pool (shard)",
 }
 
 
 def launch_message(
-    who: str, *, world_size: int, backend: str, mode: str, selector: str, batch: int, pool: int, rank: int = 0
+    who: str,
+    *,
+    world_size: int,
+    backend: str,
+    mode: str,
+    selector: str,
+    batch: int,
+    pool: int,
+    rank: int = 0,
+    per_rank: bool = False,
 ) -> str:
     """The line a training loop logs at start: world size, backend and what each rank selects.
 
     Args:
         who: the loop (``"mixsel train"``, ``"SelectionTrainer"``...).
         world_size: number of processes.
-        backend: ``gloo``, ``nccl``, ``MULTI_CPU``...; ignored for one process.
+        backend: the ``torch.distributed`` backend (``gloo``, ``nccl``); ignored for one process.
         mode: ``global``, ``gather`` or ``local`` (``train.distributed_selection``; the Trainers select locally).
         selector: the selector name.
-        batch: selected rows (per rank in ``local`` mode, per step otherwise).
-        pool: candidates (per rank in ``local`` mode, per step otherwise).
+        batch: selected rows per step (per rank with ``per_rank``).
+        pool: candidates per step (per rank with ``per_rank``).
         rank: this process's rank.
+        per_rank: ``batch`` and ``pool`` are per rank (the Trainers' per-device sizes).
     """
+    scope = "per rank" if per_rank else "per step"
     if world_size <= 1:
-        return f"{who}: world size 1 (one process); {selector} selects {batch} of a pool of {pool} per step"
-    how = _MODES.get(mode, "{batch} of {pool}").format(batch=batch, pool=pool)
-    return f"{who}: world size {world_size} ({backend}), rank {rank}; selection {mode!r} with {selector}: {how}"
+        return f"{who}: world size 1 (one process); {selector} selects {batch} of a pool of {pool} {scope}"
+    how = _MODES.get(mode, mode)
+    return (
+        f"{who}: world size {world_size} ({backend}), rank {rank}; {selector} selects {batch} of a pool of {pool} "
+        f"{scope}; selection {mode!r}: {how}"
+    )
+
+
+def progress_postfix(metrics: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's postfix: training loss, seconds per step and the share spent selecting."""
+    out = {}
+    if isinstance(metrics.get("train/loss"), (int, float)):
+        out["loss"] = f"{metrics['train/loss']:.3f}"
+    step = metrics.get("time/step")
+    if isinstance(step, (int, float)) and step > 0:
+        out["s/step"] = f"{step:.2f}"
+        select = metrics.get("time/select")
+        if isinstance(select, (int, float)):
+            out["select"] = f"{select:.2f}s ({100 * select / step:.0f}%)"
+    return out
 
 
 def check_world(world_size: int) -> None:

@@ -410,6 +410,7 @@ class SelectionTrainer(Trainer):
                 batch=self._train_batch_size,
                 pool=self.pool_size,
                 rank=self.accelerator.process_index,
+                per_rank=True,
             )
         )
         check_world(self.accelerator.num_processes)
