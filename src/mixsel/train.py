@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -190,18 +191,20 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         mode=cfg.train.distributed_selection,
         world=world,
     )
-    log.info(
-        launch_message(
-            "mixsel train",
-            world_size=world.world_size,
-            backend=torch.distributed.get_backend() if world.distributed else "none",
-            mode=online.mode,
-            selector=cfg.selection.method,
-            batch=k,
-            pool=pool_size,
-            rank=world.rank,
-        )
+    launch = launch_message(
+        "mixsel train",
+        world_size=world.world_size,
+        backend=torch.distributed.get_backend() if world.distributed else "none",
+        mode=online.mode,
+        selector=cfg.selection.method,
+        batch=k,
+        pool=pool_size,
+        rank=world.rank,
     )
+    if progress:  # where the progress bar goes: seen on every rank without any logging set up
+        tqdm.write(launch, file=sys.stderr)
+    else:
+        log.info(launch)
     rw_options = _weights_from(dict(cfg.reweighting.options), domains)
     reweighter = get_reweighter(
         cfg.reweighting.method, domains=domains, update_every=cfg.reweighting.update_every, **rw_options
