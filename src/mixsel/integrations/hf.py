@@ -27,6 +27,11 @@ Example::
     trainer = SelectionTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
     trainer.train()
 
+The TRL trainer (:mod:`mixsel.integrations.trl`) is this class on top of ``trl.SFTTrainer``: it
+overrides the small hooks below (``_default_collator``, ``_pool_collator``,
+``_prepare_selection_val``, ``_selected_inputs``, ``_weighted_loss``) and nothing of the step itself.
+A :class:`ReweightingCallback` attached to any other Trainer raises instead of silently never updating.
+
 Distributed runs (``torchrun`` / ``accelerate launch``) select *locally*: each rank selects from its
 own pool shard and the loss is a per-rank mean (DDP then averages gradients); per-domain statistics
 are all-reduced, so every rank's reweighter holds the same weights. Features are computed on the
