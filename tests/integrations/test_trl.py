@@ -232,3 +232,22 @@ def test_errors_are_clear(tmp_path):
     )
     with pytest.raises(TypeError, match="ReweightingCallback"):
         plain.train()
+
+
+def test_raw_selection_val_dataset_is_prepared_like_the_eval_set(tmp_path):
+    with pytest.raises(ValueError, match="need validation examples"):
+        make_trainer(tmp_path, conversations(), selector="partitionsel")  # no eval set, no anchors
+    tok = chat_tokenizer()
+    model = make_tiny_llama(vocab_size=len(tok))
+    trainer = SelectionSFTTrainer(
+        model=model,
+        args=make_args(tmp_path, selector="partitionsel"),
+        train_dataset=conversations(),
+        processing_class=tok,
+        selection_val_dataset=conversations(6),
+    )
+    val = trainer.selection_val_dataset
+    assert "input_ids" in val.column_names and "domain" in val.column_names
+    assert tok.decode(val[0]["input_ids"]).startswith("<|user|>")
+    batch = trainer._anchor_batch(0)
+    assert batch["input_ids"].shape[0] == trainer.args.val_anchors and "domain" not in batch
