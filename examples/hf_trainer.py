@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 
 import torch
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # the launch line
 
     from mixsel.config import ModelConfig, ModelLoraConfig
     from mixsel.data.embedded import EMBEDDED_DOMAINS, load_embedded_tokenizer

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install mixsel with every extra. CPU PyTorch is pinned; for a GPU machine set
+# Create .venv and install mixsel with every extra (TRL and W&B included). CPU PyTorch is pinned; for a GPU machine set
 # TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +12,4 @@ python -m pip install --quiet --upgrade pip
 # torch first and pinned: an unpinned torch (also via peft/accelerate) pulls a multi-GB CUDA build.
 python -m pip install --quiet ${TORCH_SPEC:-torch==2.13.0}
 python -m pip install --quiet -e ".[all]" "${TORCH_PIN:-torch==2.13.0}"
-python -c "import torch, transformers, peft, mixsel; print('mixsel', mixsel.__version__, 'torch', torch.__version__)"
+python -c "import torch, transformers, peft, trl, mixsel; print('mixsel', mixsel.__version__, 'torch', torch.__version__, 'trl', trl.__version__)"

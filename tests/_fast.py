@@ -15,4 +15,5 @@ FAST = [
     "eval.max_per_domain=4",
     "eval.exact_match=2",
     "eval.max_new_tokens=4",
+    "train.plots=false",  # matplotlib figures cost ~1.5 s a run; tests/test_plots.py draws them
 ]

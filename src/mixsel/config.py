@@ -223,6 +223,10 @@ class TrainConfig:
     distributed_selection: str = "global"
     # forward passes under torch.autocast: bf16 | None
     autocast: str | None = None
+    # metric loggers besides metrics.jsonl (always written): tensorboard | wandb (offline without an API key)
+    report_to: list[str] = field(default_factory=list)
+    # write single-run plots (loss, per-domain loss, domain weights, selection composition) to <output_dir>/plots
+    plots: bool = True
 
 
 @dataclass

@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -149,11 +150,13 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     from mixsel.data.sampler import CandidateSampler
     from mixsel.evaluate import domain_losses, exact_match
     from mixsel.features.loss import per_example_loss
-    from mixsel.logging import build_loggers, truncate_jsonl
+    from mixsel.logging import build_loggers, check_report_to, launch_message, progress_postfix, truncate_jsonl
     from mixsel.model import build_model, build_tokenizer
+    from mixsel.plots import plot_run
 
     # ---- set-up: world, seeds, output folder -------------------------------------------------
     validate(cfg)  # value ranges, also for configs built in Python rather than loaded
+    check_report_to(cfg.train.report_to)
     world = init_world(cfg.train.device)
     device = _device(cfg.train.device, world.local_rank)
     if cfg.train.threads:
@@ -188,6 +191,20 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         mode=cfg.train.distributed_selection,
         world=world,
     )
+    launch = launch_message(
+        "mixsel train",
+        world_size=world.world_size,
+        backend=torch.distributed.get_backend() if world.distributed else "none",
+        mode=online.mode,
+        selector=cfg.selection.method,
+        batch=k,
+        pool=pool_size,
+        rank=world.rank,
+    )
+    if progress:  # where the progress bar goes: seen on every rank without any logging set up
+        tqdm.write(launch, file=sys.stderr)
+    else:
+        log.info(launch)
     rw_options = _weights_from(dict(cfg.reweighting.options), domains)
     reweighter = get_reweighter(
         cfg.reweighting.method, domains=domains, update_every=cfg.reweighting.update_every, **rw_options
@@ -220,7 +237,17 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         start = state["step"]
         log.info("resumed from step %d", start)
     # metrics.jsonl keeps the lines up to the resumed step (all of them are dropped on a fresh start)
-    loggers = build_loggers(out, [], truncate_from=start + 1 if start else 0) if world.is_main else []
+    loggers = (
+        build_loggers(
+            out,
+            cfg.train.report_to,
+            truncate_from=start + 1 if start else 0,
+            run_name=cfg.name,
+            config=config_to_dict(cfg),
+        )
+        if world.is_main
+        else []
+    )
     if world.is_main and cfg.train.log_selections:  # the same for the selections log
         truncate_jsonl(out / "selections.jsonl", start + 1 if start else 0)
 
@@ -389,7 +416,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                 fh.write(json.dumps({**row, "weights": sel.weights.tolist()}) + "\n")
         if world.is_main and ((step + 1) % cfg.train.log_every == 0 or "val/loss_mean" in metrics):
             log_metrics(metrics, step + 1)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+        if world.is_main:
+            bar.set_postfix(progress_postfix(metrics), refresh=False)
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
             checkpoint(step + 1)
         if cfg.train.stop_after is not None and step + 1 >= cfg.train.stop_after:
@@ -427,6 +455,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         for logger in loggers:
             logger.close()
         (out / "result.json").write_text(json.dumps(result, indent=2))
+        if cfg.train.plots:
+            plot_run(out)
         final_dir = out / "final"
         model.save_pretrained(final_dir)
         tokenizer.save_pretrained(final_dir)

@@ -27,6 +27,11 @@ Example::
     trainer = SelectionTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
     trainer.train()
 
+The TRL trainer (:mod:`mixsel.integrations.trl`) is this class on top of ``trl.SFTTrainer``: it
+overrides the small hooks below (``_default_collator``, ``_pool_collator``,
+``_prepare_selection_val``, ``_selected_inputs``, ``_weighted_loss``) and nothing of the step itself.
+A :class:`ReweightingCallback` attached to any other Trainer raises instead of silently never updating.
+
 Distributed runs (``torchrun`` / ``accelerate launch``) select *locally*: each rank selects from its
 own pool shard and the loss is a per-rank mean (DDP then averages gradients); per-domain statistics
 are all-reduced, so every rank's reweighter holds the same weights. Features are computed on the
@@ -58,6 +63,7 @@ from mixsel.integrations.hf_utils import (
     infer_domains,
     to_jsonable,
 )
+from mixsel.logging import check_world, launch_message
 from mixsel.registry import get_reweighter, get_selector
 from mixsel.reweighting.common import accumulate_stats
 from mixsel.step import OnlineSelector
@@ -163,6 +169,13 @@ class SelectionTrainingArguments(TrainingArguments):
         )
 
 
+_NOT_FED = (
+    "ReweightingCallback gets its per-domain statistics from mixsel's trainers; attached to another Trainer it "
+    "would never update the weights: use mixsel.integrations.hf.SelectionTrainer or "
+    "mixsel.integrations.trl.SelectionSFTTrainer with reweighter=<name> in their arguments"
+)
+
+
 class ReweightingCallback(TrainerCallback, ExportableState):
     """Owns a reweighter, updates it once per optimiser step, and checkpoints it with the Trainer.
 
@@ -206,12 +219,14 @@ class ReweightingCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         if self._window is None:
-            return
+            raise RuntimeError(_NOT_FED)
         window, self._window = self._window, None
         window.step = int(state.global_step) - 1
         self.reweighter.update(window)
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if not isinstance(args, SelectionTrainingArguments):
+            raise TypeError(_NOT_FED)
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, list):
             saved = next((s for s in saved if s.get("args", {}).get("domains") == self.domains), None)
@@ -332,9 +347,7 @@ class SelectionTrainer(Trainer):
         self.domains: list[str] = list(domains)
 
         if data_collator is None:
-            pad = getattr(processing_class, "pad_token_id", None)
-            data_collator = CausalLMCollator(pad_token_id=0 if pad is None else pad)
-        data_collator = DomainCollator(data_collator, args.domain_column, self.domains)
+            data_collator = self._default_collator(processing_class)
 
         callbacks = list(callbacks or [])
         existing = [cb for cb in callbacks if isinstance(cb, ReweightingCallback)]
@@ -351,6 +364,8 @@ class SelectionTrainer(Trainer):
             **kwargs,
         )
         self.args: SelectionTrainingArguments
+        # pools and validation anchors are collated with the domain column kept (padded rows)
+        self.data_collator = DomainCollator(self._pool_collator(self.data_collator), args.domain_column, self.domains)
 
         selector = get_selector(args.selector, **args.selector_options)
         self.online = OnlineSelector(
@@ -377,19 +392,73 @@ class SelectionTrainer(Trainer):
             if why
         }
         if selection_val_dataset is None and wants_val:
-            selection_val_dataset = eval_dataset
+            selection_val_dataset = self.eval_dataset  # for the TRL trainer: the prepared (tokenised) eval set
             if isinstance(selection_val_dataset, dict):
                 raise ValueError("eval_dataset is a dict; pass selection_val_dataset=<one dataset> for the anchors")
             if selection_val_dataset is None:
                 raise ValueError(
                     f"{' and '.join(wants_val)} need validation examples: pass eval_dataset or selection_val_dataset"
                 )
-        self.selection_val_dataset = selection_val_dataset
+        self.selection_val_dataset = self._prepare_selection_val(selection_val_dataset)
         self._val_prepared: Any = None
         self._val_domains: torch.Tensor | None = None
         self._pending: _Pending | None = None
         self._sel_metrics: dict[str, list[float]] = defaultdict(list)
         self._micro = (-1, 0)  # (global step, micro-steps done in it)
+        log.info(
+            launch_message(
+                type(self).__name__,
+                world_size=self.accelerator.num_processes,
+                backend=torch.distributed.get_backend() if torch.distributed.is_initialized() else "none",
+                mode="local",
+                selector=args.selector,
+                batch=self._train_batch_size,
+                pool=self.pool_size,
+                rank=self.accelerator.process_index,
+                per_rank=True,
+            )
+        )
+        check_world(self.accelerator.num_processes)
+
+    # ---- hooks the TRL trainer overrides ----------------------------------------------------------
+
+    def _default_collator(self, processing_class: Any) -> Any:
+        """The collator used when none is given: right-padding :class:`CausalLMCollator`."""
+        pad = getattr(processing_class, "pad_token_id", None)
+        return CausalLMCollator(pad_token_id=0 if pad is None else pad)
+
+    def _pool_collator(self, collator: Any) -> Any:
+        """The collator of pools and validation anchors (padded rows, one per example)."""
+        return collator
+
+    def _prepare_selection_val(self, dataset: Any) -> Any:
+        """The selection validation set in the training data's format (as given here)."""
+        return dataset
+
+    def _selected_inputs(self, inputs: dict[str, Any], idx: torch.Tensor, n: int) -> dict[str, Any]:
+        """The model inputs of the selected rows ``idx`` of a pool of ``n`` rows (sliced here)."""
+        selected = {}
+        for key, value in inputs.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
+                selected[key] = value[idx.to(value.device)]
+            else:
+                selected[key] = value
+        return selected
+
+    def _weighted_loss(
+        self, model: torch.nn.Module, inputs: dict[str, Any], pending: _Pending, return_outputs: bool
+    ) -> Any:
+        """``sum_i w_i l_i / sum_i w_i`` over the selected rows; records the per-example losses."""
+        from mixsel.features.loss import per_example_loss
+
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        per_example = per_example_loss(logits.float(), labels)
+        w = pending.weights.to(per_example.device)
+        loss = (per_example * w).sum() / w.sum().clamp_min(1e-12)
+        pending.losses = per_example.detach()
+        return (loss, outputs) if return_outputs else loss
 
     # ---- data -----------------------------------------------------------------------------------
 
@@ -514,12 +583,7 @@ class SelectionTrainer(Trainer):
             bookkeeping.warn_unused_weights(
                 selection, use_weights=self.args.use_selection_weights, method=self.args.selector
             )
-        selected = {}
-        for key, value in inputs.items():
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
-                selected[key] = value[idx.to(value.device)]
-            else:
-                selected[key] = value
+        selected = self._selected_inputs(inputs, idx, n)
         self._pending = _Pending(weights=w)
         try:
             loss = super().training_step(model, selected, num_items_in_batch=None)
@@ -528,7 +592,7 @@ class SelectionTrainer(Trainer):
             self._pending = None
         if per_example is None:
             raise RuntimeError("compute_loss did not record per-example losses; do not override it without super()")
-        self._after_step(pool, selected, chosen, per_example.detach(), result.metrics, t_select, n)
+        self._after_step(pool, idx, chosen, per_example.detach(), result.metrics, t_select, n)
         return loss
 
     def compute_loss(
@@ -546,16 +610,7 @@ class SelectionTrainer(Trainer):
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        from mixsel.features.loss import per_example_loss
-
-        labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        per_example = per_example_loss(logits.float(), labels)
-        w = pending.weights.to(per_example.device)
-        loss = (per_example * w).sum() / w.sum().clamp_min(1e-12)
-        pending.losses = per_example.detach()
-        return (loss, outputs) if return_outputs else loss
+        return self._weighted_loss(model, inputs, pending, return_outputs)
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         inputs = dict(inputs)
@@ -570,7 +625,7 @@ class SelectionTrainer(Trainer):
         return self.accelerator.reduce(t.to(self.args.device), reduction="sum").cpu()
 
     def _domain_stats(
-        self, pool: dict[str, torch.Tensor], selected: dict[str, Any], chosen: torch.Tensor, per_example: torch.Tensor
+        self, pool: dict[str, torch.Tensor], idx: torch.Tensor, chosen: torch.Tensor, per_example: torch.Tensor
     ) -> DomainStats:
         """This micro-step's per-domain statistics, summed over ranks (what the reweighter needs, no more)."""
         num = len(self.domains)
@@ -578,10 +633,11 @@ class SelectionTrainer(Trainer):
         ref = None
         if rw is not None and rw.needs_reference and self.reference_model is not None:
             ref_model = self.reference_model
-            if next(ref_model.parameters()).device != selected["input_ids"].device:
-                ref_model.to(selected["input_ids"].device)
+            if next(ref_model.parameters()).device != self.args.device:
+                ref_model.to(self.args.device)
             ref_model.eval().requires_grad_(False)
-            ref = bookkeeping.reference_losses(ref_model, selected)
+            trained = {key: pool[key][idx.to(pool[key].device)] for key in ("input_ids", "attention_mask", "labels")}
+            ref = bookkeeping.reference_losses(ref_model, trained)
         stats = bookkeeping.domain_stats(chosen, per_example, num, step=self.state.global_step, ref_losses=ref)
         if rw is not None and rw.needs_grad:  # DoGraph: domain gradients of this rank's pool
             fc = self.args.feature_config()
@@ -603,14 +659,14 @@ class SelectionTrainer(Trainer):
     def _after_step(
         self,
         pool: dict[str, torch.Tensor],
-        selected: dict[str, Any],
+        idx: torch.Tensor,
         chosen: torch.Tensor,
         per_example: torch.Tensor,
         step_metrics: dict[str, float],
         t_select: float,
         pool_n: int,
     ) -> None:
-        stats = self._domain_stats(pool, selected, chosen, per_example)
+        stats = self._domain_stats(pool, idx, chosen, per_example)
         reweighting = self.reweighting_callback
         if reweighting is not None:
             reweighting.record(stats)

@@ -1,0 +1,248 @@
+"""Online selection and domain reweighting inside TRL's ``SFTTrainer`` (``pip install "mixsel[trl]"``).
+
+:class:`SelectionSFTTrainer` is :class:`mixsel.integrations.hf.SelectionTrainer` on top of
+``trl.SFTTrainer``: the same pool -> select -> slice -> weighted step -> reweight loop (one piece of
+code, in ``hf.py``), with TRL's own data preparation, loss and metrics kept:
+
+* **data**: TRL prepares the datasets as usual (language modelling ``text``, conversational
+  ``messages``, ``prompt``/``completion`` pairs, the tokenizer's chat template, completion-only and
+  assistant-only loss, truncation to ``max_length``); the domain column survives TRL's column
+  pruning (it is added to the signature columns);
+* **anchors**: selectors that target a validation gradient (``partitionsel``, ``greats``...) draw
+  their anchors from the *prepared* eval set (or a ``selection_val_dataset``, prepared the same way);
+* **loss**: TRL's fused-LM-head per-token loss, with every token of selected example ``i``
+  weighted by ``m_i = w_i N / sum_j w_j n_j`` (``w_i`` as in ``SelectionTrainer``: selection weight
+  x domain multiplier ``D alpha_d``; ``n_j`` the example's target tokens, ``N = sum_j n_j``), so
+  the loss is ``sum_i w_i sum_t l_it / sum_i w_i n_i`` and equals TRL's token mean when every
+  ``w_i = 1``;
+* **metrics**: TRL's ``mean_token_accuracy``, ``entropy`` and ``num_tokens`` (now counting the
+  selected rows), next to mixsel's ``time/select``, ``select/frac/<domain>``, ``weights/<domain>``;
+* **padding-free** (``padding_free=True``): pools are collated padded (features need one row per
+  example); the selected rows are then flattened by TRL's padding-free collator;
+* **packing** packs several examples (of any domains) into one row and drops the domain column, so
+  a per-example selection is not defined on it: ``packing=True`` is rejected with a one-line error
+  (``padding_free=True`` gives the same padding savings).
+
+Example::
+
+    from mixsel.integrations.trl import SelectionSFTConfig, SelectionSFTTrainer
+
+    args = SelectionSFTConfig(output_dir="runs/sft", selector="partitionsel", pool_factor=4,
+                              reweighter="doremi", per_device_train_batch_size=8, max_steps=200)
+    trainer = SelectionSFTTrainer(model="HuggingFaceTB/SmolLM2-135M-Instruct", args=args,
+                                  train_dataset=train, eval_dataset=val)   # "messages" + "domain"
+    trainer.train()
+
+Tested with trl 1.16 (its fused LM head, ``model(..., fused_lm_head=True)``, returns the per-token
+log-probabilities that the weights act on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+try:
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(f'mixsel.integrations.trl needs TRL ({err}); pip install "mixsel[trl]"') from None
+
+from mixsel.integrations.hf import SelectionTrainer, SelectionTrainingArguments, _Pending
+
+__all__ = ["SelectionSFTConfig", "SelectionSFTTrainer", "token_weights"]
+
+
+@dataclass
+class SelectionSFTConfig(SFTConfig, SelectionTrainingArguments):
+    """``trl.SFTConfig`` plus the selection fields of :class:`SelectionTrainingArguments`.
+
+    TRL's defaults are kept (``learning_rate=2e-5``, ``logging_steps=10``, ``gradient_checkpointing=True``,
+    ``bf16`` on GPUs that support it); ``per_device_train_batch_size`` is the *selected* batch, and each
+    step draws ``pool_factor`` times as many candidates. ``packing`` is not supported (see module doc).
+    """
+
+    restore_callback_states_from_checkpoint: bool = field(
+        default=True, metadata={"help": "restore callback states (the reweighter) on resume"}
+    )
+
+
+def token_weights(
+    weights: torch.Tensor, rows: torch.Tensor, label_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss multipliers that weight examples inside a token-mean loss.
+
+    Args:
+        weights: Tensor[k] example weights ``w_i`` (>= 0).
+        rows: LongTensor, the shape of ``label_mask``: the example each token position belongs to.
+        label_mask: BoolTensor, True where the token is a target.
+
+    Returns:
+        ``(multiplier, counts)``: Tensor of the shape of ``label_mask`` with ``m_i = w_i N / sum_j w_j n_j``
+        at the tokens of example ``i`` (so ``sum m l / N = sum_i w_i sum_t l_it / sum_i w_i n_i``), and
+        Tensor[k] the target tokens ``n_i`` of each example.
+    """
+    k = weights.numel()
+    w = weights.to(torch.float32).to(label_mask.device)
+    targets = rows[label_mask]
+    counts = torch.bincount(targets, minlength=k).to(torch.float32)
+    total = (w * counts).sum()
+    scale = counts.sum() / total if bool(total > 0) else torch.ones((), device=w.device)
+    return (w * scale)[rows], counts
+
+
+class _WeightedTokens:
+    """Calls the model, records per-example losses and scales TRL's per-token log-probabilities.
+
+    TRL's ``compute_loss`` calls ``model(**inputs, fused_lm_head=True)`` and takes the loss as
+    ``-sum(log_probs) / num_tokens``; multiplying each token's log-probability by its example's
+    multiplier (:func:`token_weights`) makes that the weighted loss, while the entropy and
+    top-1 outputs behind TRL's metrics stay untouched.
+    """
+
+    def __init__(self, model: torch.nn.Module, pending: _Pending) -> None:
+        self.model = model
+        self.pending = pending
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("fused_lm_head"):
+            raise RuntimeError(
+                "SelectionSFTTrainer weights TRL's fused-LM-head loss, which this TRL version does not call; "
+                'install trl>=1.16 (pip install "mixsel[trl]")'
+            )
+        outputs = self.model(*args, **kwargs)
+        log_probs, mask = outputs.log_probs, outputs.label_mask
+        k = self.pending.weights.numel()
+        rows = _token_rows(kwargs, log_probs.shape, k, log_probs.device)
+        multiplier, counts = token_weights(self.pending.weights, rows, mask)
+        nll = -log_probs.detach().float().reshape(-1)
+        sums = torch.zeros(k, device=log_probs.device).index_add_(0, rows.reshape(-1), nll)
+        self.pending.losses = sums / counts.clamp_min(1)
+        outputs.log_probs = log_probs * multiplier.to(log_probs.dtype)
+        return outputs
+
+
+def _token_rows(inputs: dict[str, Any], shape: torch.Size, k: int, device: torch.device) -> torch.Tensor:
+    """The example index of each (shifted) target position of a batch (padded rows or one flat row)."""
+    batch, length = shape
+    if batch == k:  # one row per example
+        return torch.arange(k, device=device).unsqueeze(1).expand(batch, length)
+    # padding-free: one row; a sequence starts where position_ids == 0 (trailing padding is clamped in)
+    position_ids = inputs["position_ids"].to(device)
+    starts = (position_ids[0] == 0).long().cumsum(0) - 1
+    return starts[1 : length + 1].clamp(0, k - 1).unsqueeze(0)
+
+
+class SelectionSFTTrainer(SelectionTrainer, SFTTrainer):
+    """TRL's ``SFTTrainer`` whose every step selects its minibatch from a larger pool.
+
+    Args:
+        model: a model or a hub id / local path, as for ``trl.SFTTrainer``.
+        args: a :class:`SelectionSFTConfig`.
+        data_collator, train_dataset, eval_dataset, processing_class, callbacks, peft_config,
+            formatting_func: as for ``trl.SFTTrainer``. Examples need the domain column
+            (``args.domain_column``) next to TRL's columns (``messages``, ``prompt``/``completion``,
+            ``text`` or ``input_ids``).
+        selection_val_dataset: validation examples for the selection target (prepared by TRL like the
+            eval set); default the prepared ``eval_dataset``.
+        reference_model: frozen reference LM for ``reweighter="doremi"``.
+        **kwargs: passed to ``trl.SFTTrainer``.
+
+    Raises:
+        TypeError: ``args`` is not a :class:`SelectionSFTConfig`.
+        ValueError: ``packing=True``, ``eval_packing=True``, ``loss_type="dft"``, label smoothing or a
+            ``compute_loss_func`` (the selection weights act on TRL's per-token NLL).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        args: SelectionSFTConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        *,
+        callbacks: list[Any] | None = None,
+        selection_val_dataset: Any = None,
+        reference_model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = SelectionSFTConfig(output_dir="trainer_output")
+        if not isinstance(args, SelectionSFTConfig):
+            raise TypeError(
+                f"SelectionSFTTrainer needs args=SelectionSFTConfig(...), got {type(args).__name__}; "
+                "SelectionSFTConfig accepts every SFTConfig field"
+            )
+        if args.packing or args.eval_packing:
+            raise ValueError(
+                "packing puts several examples (of any domains) in one row and drops the domain column, so "
+                "per-example selection is undefined: set packing=False and eval_packing=False "
+                "(padding_free=True saves the padding instead)"
+            )
+        if args.loss_type != "nll":
+            raise ValueError(f"loss_type={args.loss_type!r}: the selection weights act on TRL's NLL; use 'nll'")
+        self._padding_free = bool(args.padding_free)
+        self._selected_collator: Any = None
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            selection_val_dataset=selection_val_dataset,
+            reference_model=reference_model,
+            **kwargs,
+        )
+
+    # ---- hooks of SelectionTrainer ----------------------------------------------------------------
+
+    def _default_collator(self, processing_class: Any) -> Any:
+        return None  # TRL builds its own (padding-free when asked)
+
+    def _pool_collator(self, collator: Any) -> Any:
+        if getattr(self, "_is_vision_dataset", False):
+            raise ValueError("SelectionSFTTrainer supports text datasets; TRL collates vision datasets on the fly")
+        if not self._padding_free:
+            return collator
+        # features need one padded row per example; TRL's collator flattens the selected rows afterwards
+        self._selected_collator = collator
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        return DataCollatorForLanguageModeling(
+            pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=self.args.pad_to_multiple_of
+        )
+
+    def _prepare_selection_val(self, dataset: Any) -> Any:
+        if dataset is None or dataset is self.eval_dataset:
+            return dataset
+        import datasets
+
+        if isinstance(dataset, datasets.Dataset) and "input_ids" not in dataset.column_names:
+            # the same preparation as the eval set (TRL applies it to datasets passed to `evaluate`, too)
+            dataset = self._prepare_dataset(
+                dataset, self.processing_class, self.args, False, self._formatting_func, "selection validation"
+            )
+        return dataset
+
+    def _selected_inputs(self, inputs: dict[str, Any], idx: torch.Tensor, n: int) -> dict[str, Any]:
+        if self._selected_collator is None:
+            return super()._selected_inputs(inputs, idx, n)
+        examples = []
+        for i in idx.tolist():
+            keep = inputs["attention_mask"][i].bool()
+            examples.append({key: inputs[key][i][keep].tolist() for key in ("input_ids", "labels")})
+        return self._selected_collator(examples)
+
+    def _weighted_loss(
+        self, model: torch.nn.Module, inputs: dict[str, Any], pending: _Pending, return_outputs: bool
+    ) -> Any:
+        # TRL's own compute_loss (its loss and metrics), with each example's tokens weighted
+        return SFTTrainer.compute_loss(self, _WeightedTokens(model, pending), inputs, return_outputs=return_outputs)
