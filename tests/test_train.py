@@ -243,7 +243,8 @@ def test_selections_log_starts_fresh_and_resumes_without_duplicates(tmp_path):
 
     args = ["eval.exact_match=0", "train.log_selections=true", "selection.method=stratified"]
     train(_cfg(tmp_path, "train.max_steps=3", *args), progress=False)
-    train(_cfg(tmp_path, "train.max_steps=3", *args), progress=False)  # a fresh run into the same folder
+    # a fresh run replacing the one in the same folder
+    train(_cfg(tmp_path, "train.max_steps=3", "train.overwrite=true", *args), progress=False)
     steps = [json.loads(line)["step"] for line in (tmp_path / "selections.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
 

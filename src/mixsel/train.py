@@ -25,31 +25,59 @@ Each step:
    size; ``train.autocast=bf16`` runs this forward under ``torch.autocast``;
 4. per-domain statistics (:class:`mixsel.DomainStats`, all-reduced) update the reweighter;
 5. every ``eval.every`` steps: per-domain validation loss and exact match; metrics go to
-   ``<output_dir>/metrics.jsonl``; checkpoints are atomic and ``train.resume=true`` continues exactly.
+   ``<output_dir>/metrics.jsonl``; checkpoints are atomic and verified, and ``train.resume=true``
+   continues exactly (:mod:`mixsel.checkpoint`).
+
+Before anything is loaded or written, the config, the method names and options, the device, the
+model paths and the run folder are checked (:func:`preflight`): a folder holding another run is
+refused unless ``--resume`` (same run-defining config, :mod:`mixsel.runfolder`) or ``--overwrite``.
+A step whose loss or gradient norm is not finite, whose loss exceeds ``train.max_loss_factor`` x
+ln(vocab size), or after which the gradient vanishes for 3 steps in a row stops the run as diverged,
+with the last good checkpoint intact; non-finite weights are never saved.
 
 The run folder gets ``config.yaml``, ``metrics.jsonl``, ``result.json`` and ``final/`` (the model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mixsel import bookkeeping
-from mixsel.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from mixsel.config import ExperimentConfig, config_to_dict, load_config, save_config, validate
+from mixsel.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    read_manifest,
+    remove_leftovers,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from mixsel.config import (
+    ExperimentConfig,
+    config_fingerprint,
+    config_to_dict,
+    load_config,
+    run_fields,
+    save_config,
+    validate,
+)
 from mixsel.distributed import all_gather_object, all_reduce_sum, barrier, init_world
-from mixsel.registry import get_reweighter, get_selector
+from mixsel.registry import available_reweighters, get_reweighter, get_selector
+from mixsel.runfolder import check_resume, clear_run, plan_run_folder
 from mixsel.step import OnlineSelector
 
-__all__ = ["main", "train"]
+__all__ = ["default_threads", "main", "preflight", "summarize_mixture", "train"]
 
 log = logging.getLogger("mixsel.train")
 
@@ -141,8 +169,203 @@ def _weights_from(options: dict[str, Any], domains: list[str]) -> dict[str, Any]
     return {**options, "weights": {d: float(loaded[d]) for d in domains}}
 
 
+def default_threads() -> int:
+    """``train.threads=null``: the physical cores this process may use, shared among the processes that
+    ``torchrun`` started on this machine (``LOCAL_WORLD_SIZE``), at least 1.
+
+    Physical, not logical, cores: hyper-threads and a second job on the same cores make every thread
+    wait on the others (oversubscription), which slows small models by several times.
+    """
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        available = os.cpu_count() or 1
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or available
+    except ImportError:  # torch's own default is the physical core count
+        physical = torch.get_num_threads()
+    local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(min(available, physical) // local, 1)
+
+
+def _set_threads(cfg: ExperimentConfig) -> str:
+    """Apply ``train.threads`` (or the default); returns how the count was chosen, for the start lines."""
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+        return f"{cfg.train.threads} (train.threads)"
+    if "OMP_NUM_THREADS" in os.environ:
+        return f"{torch.get_num_threads()} (OMP_NUM_THREADS)"
+    threads = default_threads()
+    torch.set_num_threads(threads)
+    return f"{threads} (physical cores / processes; set train.threads to share the machine)"
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed torch, Python's ``random`` and numpy from the run seed (their states go into checkpoints)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _check_device(name: str) -> None:
+    """Raise one clear line if ``train.device`` names a CUDA device this machine does not have."""
+    if not name.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(
+            f"train.device={name!r} but torch finds no CUDA device (torch {torch.__version__}, {built}); "
+            "use train.device=cpu or train.device=auto"
+        )
+    index = int(name.split(":", 1)[1]) if ":" in name else 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(
+            f"train.device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+            f"use cuda:0..cuda:{torch.cuda.device_count() - 1} or auto"
+        )
+
+
+def _check_model_paths(cfg: ExperimentConfig) -> None:
+    """One clear line for a model, tokenizer, reference or config path that cannot work, before any load."""
+    from mixsel.model import check_model_source, resolve_config_file
+
+    if cfg.model.name_or_path:
+        check_model_source(cfg.model.name_or_path, "model.name_or_path", "model")
+    elif cfg.model.config_file:
+        resolve_config_file(cfg.model.config_file)
+    else:
+        raise ValueError("set model.name_or_path (a checkpoint) or model.config_file (a fresh model)")
+    if cfg.model.tokenizer and cfg.model.tokenizer != "embedded":
+        check_model_source(cfg.model.tokenizer, "model.tokenizer", "tokenizer")
+    elif cfg.model.name_or_path and not cfg.model.tokenizer:
+        check_model_source(cfg.model.name_or_path, "model.name_or_path", "tokenizer")
+    if cfg.reweighting.reference_model:
+        check_model_source(cfg.reweighting.reference_model, "reweighting.reference_model", "model")
+
+
+def preflight(cfg: ExperimentConfig) -> tuple[Any, str, dict[str, Any] | None]:
+    """Every check that needs no data and no model, before anything is loaded or written.
+
+    Checks the value ranges, the selector and reweighter names (and builds the selector, which checks
+    its options), their needs (validation anchors, a reference model), the device, the model paths
+    and the run folder; on ``--resume`` loads the checkpoint and checks its config fingerprint.
+
+    Returns:
+        ``(selector, mode, state)``: the built selector; ``"fresh"``, ``"overwrite"`` or ``"resume"``;
+        the checkpoint state when resuming, else ``None``.
+    """
+    from mixsel.registry import _REWEIGHTERS
+
+    validate(cfg)
+    try:
+        selector = get_selector(cfg.selection.method, **cfg.selection.options)
+    except TypeError as err:  # an unknown or missing keyword option
+        raise ValueError(
+            f"selection.options for {cfg.selection.method!r}: {err}; docs/methods.md lists the options"
+        ) from None
+    names = available_reweighters()
+    if cfg.reweighting.method not in names:
+        raise KeyError(
+            f"unknown reweighter {cfg.reweighting.method!r}; valid names: {', '.join(names)}. "
+            "Set reweighting.method to one of them."
+        )
+    needs_val = sorted(set(selector.requires) & {"val_scores", "val_gram"})
+    if needs_val and cfg.selection.features.val_anchors == 0:
+        raise ValueError(
+            f"selection.method={cfg.selection.method!r} scores candidates against validation anchors ({needs_val}) "
+            "but selection.features.val_anchors=0: set selection.features.val_anchors >= 1"
+        )
+    if getattr(_REWEIGHTERS[cfg.reweighting.method], "needs_reference", False) and not cfg.reweighting.reference_model:
+        raise ValueError(
+            f"reweighting.method={cfg.reweighting.method!r} needs a reference model: train one on the natural "
+            "mixture (mixsel train selection.method=random) and set reweighting.reference_model=<run>/final"
+        )
+    _check_device(cfg.train.device)
+    _check_model_paths(cfg)
+    mode = plan_run_folder(cfg)
+    state = None
+    if mode == "resume":
+        state = load_checkpoint(cfg.train.output_dir)
+        if state is None:  # pragma: no cover - plan_run_folder found a checkpoint folder
+            raise ValueError(f"--resume: no checkpoint in {cfg.train.output_dir!r}")
+        check_resume(state, cfg)
+    return selector, mode, state
+
+
+def summarize_mixture(mixture: Any) -> str:
+    """A short table of the loaded data: domains and rows per split (printed at the start of a run).
+
+    Warns (through the log) about a domain without validation rows: its validation loss is not
+    measured and no validation anchor comes from it.
+    """
+    splits = (("train", mixture.train), ("validation", mixture.validation), ("test", mixture.test))
+    counts = {name: split.domain_counts().tolist() for name, split in splits}
+    width = max(len(d) for d in mixture.domains)
+    lines = [f"{len(mixture.domains)} domains; rows per split (train / validation / test):"]
+    for d, domain in enumerate(mixture.domains):
+        rows = " / ".join(str(counts[name][d]) for name, _ in splits)
+        lines.append(f"  {domain:<{width}}  {rows}")
+        if counts["validation"][d] == 0:
+            log.warning(
+                "domain %r has no validation rows: its validation loss is not measured and no selection anchor "
+                "comes from it; raise data.val_per_domain or add validation rows",
+                domain,
+            )
+    return "\n".join(lines)
+
+
+def _describe_source(cfg: ExperimentConfig) -> str:
+    if cfg.data.source == "embedded":
+        return "the embedded corpus"
+    return f"{cfg.data.source} ({cfg.data.format or 'format from the file names'})"
+
+
+def _last_good(out: Path) -> str:
+    """Where a stopped run can continue from, for divergence messages."""
+    manifest = read_manifest(out / CHECKPOINT_NAME)
+    if manifest is None:
+        return "no checkpoint was saved yet (train.save_every=N keeps one every N steps)"
+    return f"the last good checkpoint (step {manifest.get('step')}) in {out / CHECKPOINT_NAME} is intact"
+
+
+def _check_finite_weights(model: torch.nn.Module, step: int, out: Path) -> None:
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FloatingPointError(
+            f"training diverged: the weights hold NaN or inf after step {step} ({', '.join(bad[:2])}) "
+            f"and were not saved; {_last_good(out)}: lower train.lr or raise train.grad_clip, then --resume"
+        )
+
+
+@contextlib.contextmanager
+def _no_hf_progress() -> Any:
+    """Silence transformers' own progress bars (e.g. "Writing model shards") for a block."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is needed to build the model anyway
+        yield
+        return
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+# steps in a row with a zero gradient (and a positive loss) after which a model counts as dead
+_DEAD_STEPS = 3
+
+
 def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Run one experiment; returns the content of ``result.json``."""
+    """Run one experiment; returns the content of ``result.json``.
+
+    ``progress`` shows the progress bar and prints the start lines (run folder, data, threads, the
+    data summary) on stdout.
+    """
     from tqdm.auto import tqdm
 
     from mixsel.data.build import load_mixture
@@ -152,23 +375,39 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     from mixsel.logging import build_loggers, truncate_jsonl
     from mixsel.model import build_model, build_tokenizer
 
-    # ---- set-up: world, seeds, output folder -------------------------------------------------
-    validate(cfg)  # value ranges, also for configs built in Python rather than loaded
+    # ---- checks before anything is loaded or written -----------------------------------------
+    selector, mode, state = preflight(cfg)
     world = init_world(cfg.train.device)
     device = _device(cfg.train.device, world.local_rank)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.seed)
+    threads = _set_threads(cfg)
+    _seed_everything(cfg.seed)
     out = Path(cfg.train.output_dir)
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    say = print if (progress and world.is_main) else (lambda *args, **kwargs: None)
+    verb = {"fresh": "a new run", "overwrite": "replacing the earlier run", "resume": "resuming"}[mode]
+    if state is not None:
+        verb += f" from step {state['step']}"
+    say(f"run folder: {out.absolute()} ({verb})", flush=True)
+    say(f"data: {_describe_source(cfg)}; threads: {threads}", flush=True)
 
     # ---- data and model ----------------------------------------------------------------------
     tokenizer = build_tokenizer(cfg.model)
     mixture = load_mixture(cfg.data, tokenizer, seed=cfg.seed)
+    say(summarize_mixture(mixture), flush=True)
     domains, train_split = mixture.domains, mixture.train
     num_domains = len(domains)
+    if (
+        len(mixture.validation) == 0
+        and cfg.selection.features.val_anchors
+        and selector.requires
+        & {
+            "val_scores",
+            "val_gram",
+        }
+    ):
+        raise ValueError(
+            f"selection.method={cfg.selection.method!r} needs validation anchors but the validation split is empty: "
+            "set data.val_per_domain >= 1 (or give validation rows in data.split_column)"
+        )
     pad_id = tokenizer.pad_token_id
     model = build_model(cfg.model, tokenizer).to(device)
     model.train()
@@ -178,7 +417,6 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
 
     # ---- selection and reweighting -----------------------------------------------------------
     k, pool_size = cfg.train.batch_size, cfg.train.pool_size  # validate(cfg) checked k <= pool_size
-    selector = get_selector(cfg.selection.method, **cfg.selection.options)
     online = OnlineSelector(
         selector,
         cfg.selection.features,
@@ -189,26 +427,27 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         world=world,
     )
     rw_options = _weights_from(dict(cfg.reweighting.options), domains)
-    reweighter = get_reweighter(
-        cfg.reweighting.method, domains=domains, update_every=cfg.reweighting.update_every, **rw_options
-    )
+    try:
+        reweighter = get_reweighter(
+            cfg.reweighting.method, domains=domains, update_every=cfg.reweighting.update_every, **rw_options
+        )
+    except TypeError as err:  # an unknown or missing keyword option
+        raise ValueError(
+            f"reweighting.options for {cfg.reweighting.method!r}: {err}; docs/reweighting.md lists the options"
+        ) from None
     reference = None
     if cfg.reweighting.reference_model:
         from mixsel.config import ModelConfig
 
-        reference = build_model(ModelConfig(name_or_path=cfg.reweighting.reference_model), tokenizer).to(device)
+        reference = build_model(
+            ModelConfig(name_or_path=cfg.reweighting.reference_model), tokenizer, field="reweighting.reference_model"
+        ).to(device)
         reference.eval().requires_grad_(False)
-    elif reweighter.needs_reference:
-        raise ValueError(
-            f"reweighting.method={cfg.reweighting.method!r} needs a reference model: train one on the natural "
-            "mixture (mixsel train selection.method=random) and set reweighting.reference_model=<run>/final"
-        )
     sampler = CandidateSampler(train_split.domain_ids, pool_size, seed=cfg.seed, num_domains=num_domains)
     autocast = _autocast(cfg.train.autocast, device)
 
     # ---- resume ------------------------------------------------------------------------------
     start = 0
-    state = load_checkpoint(out) if cfg.train.resume else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -219,6 +458,18 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         set_rng_state(state["rng"])
         start = state["step"]
         log.info("resumed from step %d", start)
+    state = None  # the checkpoint's tensors are in the model and optimizer now
+
+    # ---- the run folder: written only now that config, data and model are known to work ------
+    barrier()  # every rank has checked the folder before rank 0 writes into it
+    if world.is_main:
+        remove_leftovers(out)
+        if mode == "overwrite":
+            clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    fingerprint = config_fingerprint(cfg)
+    run_config = json.loads(json.dumps(run_fields(cfg), default=str))
     # metrics.jsonl keeps the lines up to the resumed step (all of them are dropped on a fresh start)
     loggers = build_loggers(out, [], truncate_from=start + 1 if start else 0) if world.is_main else []
     if world.is_main and cfg.train.log_selections:  # the same for the selections log
@@ -231,11 +482,14 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     def checkpoint(step: int) -> None:
         # "local" selection: every rank's selector has its own state (a collective, on all ranks)
         selectors = all_gather_object(selector.state_dict()) if online.mode == "local" else None
+        _check_finite_weights(model, step, out)
         if world.is_main:
             save_checkpoint(
                 out,
                 {
                     "step": step,
+                    "fingerprint": fingerprint,
+                    "run_config": run_config,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
@@ -245,6 +499,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                     "reweighter": reweighter.state_dict(),
                     "rng": rng_state(),
                 },
+                meta={"fingerprint": fingerprint},
             )
         barrier()
 
@@ -267,6 +522,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
 
     # ---- the loop ----------------------------------------------------------------------------
     val_split = mixture.validation
+    vocab = 0  # the model's output size, read from the first logits (ln V = uniform guessing)
+    dead_steps = 0  # steps in a row with a zero gradient and a positive loss
     t_start = time.perf_counter()
     bar = tqdm(
         range(start, cfg.train.max_steps),
@@ -312,11 +569,13 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             batch = {key: pool[key][rows].to(device) for key in ("input_ids", "attention_mask", "labels")}
             with autocast:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            vocab = logits.shape[-1]
             per_ex = per_example_loss(logits.float(), batch["labels"])
             if not torch.isfinite(per_ex).all():
                 raise FloatingPointError(
-                    f"non-finite loss at step {step} (domains {chosen_domains[s : s + mb].tolist()}); "
-                    "lower train.lr or check the data; resume from the last checkpoint with train.resume=true"
+                    f"training diverged: non-finite loss at step {step + 1} (domains "
+                    f"{chosen_domains[s : s + mb].tolist()}); {_last_good(out)}: lower train.lr or check the "
+                    "data, then resume from the last checkpoint with --resume (train.resume=true)"
                 )
             (per_ex * w[s : s + mb].to(device)).sum().div(total_w.to(device)).mul(world.world_size).backward()
             losses.append(per_ex.detach().cpu())
@@ -325,7 +584,14 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 all_reduce_sum(p.grad).div_(world.world_size)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip) if cfg.train.grad_clip else None
+        # the total gradient norm, clipped to train.grad_clip (0 = measured only: a factor of exactly 1)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or math.inf))
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"training diverged: the gradient norm is {grad_norm} at step {step + 1} (the weights were not "
+                f"updated); {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}) or set train.grad_clip, "
+                "then --resume"
+            )
         optimizer.step()
         scheduler.step()
         t2 = time.perf_counter()
@@ -371,8 +637,22 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                 "time/step": time.perf_counter() - t0,
             }
         )
-        if grad_norm is not None:
-            metrics["train/grad_norm"] = float(grad_norm)
+        metrics["train/grad_norm"] = grad_norm
+        train_loss = metrics["train/loss"]
+        ceiling = cfg.train.max_loss_factor * math.log(vocab) if cfg.train.max_loss_factor and vocab > 1 else None
+        if ceiling is not None and train_loss > ceiling:
+            raise FloatingPointError(
+                f"training diverged: the train loss {train_loss:.4g} at step {step + 1} exceeds train.max_loss_factor="
+                f"{cfg.train.max_loss_factor:g} x ln(vocab size {vocab}) = {ceiling:.4g} (uniform guessing scores "
+                f"{math.log(vocab):.3g}); {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}), then --resume"
+            )
+        dead_steps = dead_steps + 1 if grad_norm == 0.0 and train_loss > 0 else 0
+        if dead_steps >= _DEAD_STEPS:
+            raise FloatingPointError(
+                f"training diverged: the gradient has been exactly 0 for {dead_steps} steps (up to step {step + 1}) "
+                f"with a train loss of {train_loss:.4g}: the model stopped learning, typically after a too-large "
+                f"step; {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}), then --resume"
+            )
         metrics.update({k: v for k, v in reweighter.log_dict().items() if not k.startswith("weights/")})
         comp = stats.counts / stats.counts.sum().clamp_min(1)
         for d, name in enumerate(domains):
@@ -421,13 +701,17 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         **test,
         "config": config_to_dict(cfg),
     }
+    _check_finite_weights(model, cfg.train.max_steps, out)
     if world.is_main:
         for logger in loggers:
             logger.close()
-        (out / "result.json").write_text(json.dumps(result, indent=2))
         final_dir = out / "final"
-        model.save_pretrained(final_dir)
+        with _no_hf_progress():
+            model.save_pretrained(final_dir)
         tokenizer.save_pretrained(final_dir)
+        tmp = out / ".result.json.tmp"  # written last, atomically: a result.json marks a finished run
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, out / "result.json")
     if cfg.train.save_every:  # on every rank: checkpoint() is a collective
         checkpoint(cfg.train.max_steps)
     barrier()
