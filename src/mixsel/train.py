@@ -64,10 +64,10 @@ from mixsel.checkpoint import (
     set_rng_state,
 )
 from mixsel.config import (
+    RESULT_SAFE_FIELDS,
     ExperimentConfig,
     config_fingerprint,
     config_to_dict,
-    load_config,
     run_fields,
     save_config,
     validate,
@@ -77,7 +77,7 @@ from mixsel.registry import available_reweighters, get_reweighter, get_selector
 from mixsel.runfolder import check_resume, clear_run, plan_run_folder
 from mixsel.step import OnlineSelector
 
-__all__ = ["default_threads", "main", "preflight", "summarize_mixture", "train"]
+__all__ = ["check_methods", "default_threads", "main", "preflight", "summarize_mixture", "train"]
 
 log = logging.getLogger("mixsel.train")
 
@@ -245,20 +245,19 @@ def _check_model_paths(cfg: ExperimentConfig) -> None:
         check_model_source(cfg.reweighting.reference_model, "reweighting.reference_model", "model")
 
 
-def preflight(cfg: ExperimentConfig) -> tuple[Any, str, dict[str, Any] | None]:
-    """Every check that needs no data and no model, before anything is loaded or written.
+def check_methods(cfg: ExperimentConfig) -> Any:
+    """Check the selector and reweighter names and what they need; return the built selector.
 
-    Checks the value ranges, the selector and reweighter names (and builds the selector, which checks
-    its options), their needs (validation anchors, a reference model), the device, the model paths
-    and the run folder; on ``--resume`` loads the checkpoint and checks its config fingerprint.
+    Building the selector checks its options. A reweighter's options are checked when it is built,
+    once the data has named the domains.
 
-    Returns:
-        ``(selector, mode, state)``: the built selector; ``"fresh"``, ``"overwrite"`` or ``"resume"``;
-        the checkpoint state when resuming, else ``None``.
+    Raises:
+        KeyError: an unknown method name (the valid ones are listed).
+        ValueError: bad selector options, no validation anchors for a selector that scores against
+            them, no reference model for a reweighter that needs one.
     """
     from mixsel.registry import _REWEIGHTERS
 
-    validate(cfg)
     try:
         selector = get_selector(cfg.selection.method, **cfg.selection.options)
     except TypeError as err:  # an unknown or missing keyword option
@@ -282,6 +281,22 @@ def preflight(cfg: ExperimentConfig) -> tuple[Any, str, dict[str, Any] | None]:
             f"reweighting.method={cfg.reweighting.method!r} needs a reference model: train one on the natural "
             "mixture (mixsel train selection.method=random) and set reweighting.reference_model=<run>/final"
         )
+    return selector
+
+
+def preflight(cfg: ExperimentConfig) -> tuple[Any, str, dict[str, Any] | None]:
+    """Every check that needs no data and no model, before anything is loaded or written.
+
+    Checks the value ranges, the selector and reweighter names (and builds the selector, which checks
+    its options), their needs (validation anchors, a reference model), the device, the model paths
+    and the run folder; on ``--resume`` loads the checkpoint and checks its config fingerprint.
+
+    Returns:
+        ``(selector, mode, state)``: the built selector; ``"fresh"``, ``"overwrite"`` or ``"resume"``;
+        the checkpoint state when resuming, else ``None``.
+    """
+    validate(cfg)
+    selector = check_methods(cfg)
     _check_device(cfg.train.device)
     _check_model_paths(cfg)
     mode = plan_run_folder(cfg)
@@ -468,7 +483,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    fingerprint = config_fingerprint(cfg)
+    fingerprint = config_fingerprint(cfg)  # what a resume must match
+    result_fingerprint = config_fingerprint(cfg, RESULT_SAFE_FIELDS)  # what mixsel compare resumes on
     run_config = json.loads(json.dumps(run_fields(cfg), default=str))
     # metrics.jsonl keeps the lines up to the resumed step (all of them are dropped on a fresh start)
     loggers = build_loggers(out, [], truncate_from=start + 1 if start else 0) if world.is_main else []
@@ -499,7 +515,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                     "reweighter": reweighter.state_dict(),
                     "rng": rng_state(),
                 },
-                meta={"fingerprint": fingerprint},
+                meta={"fingerprint": fingerprint, "result_fingerprint": result_fingerprint},
             )
         barrier()
 
@@ -718,16 +734,14 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mixsel.train ...``: the same as ``mixsel train ...`` (flags, errors, exit status)."""
+    import sys
 
-    parser = argparse.ArgumentParser(description="mixsel training loop")
-    parser.add_argument("--config", default=None, help="YAML experiment (default: the embedded default)")
-    parser.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. train.max_steps=20")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("MIXSEL_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
-    train(load_config(args.config, args.overrides))
+    from mixsel.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
