@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -75,7 +76,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":
         return 0
     if "stopped_at" in result:
-        print(f"stopped after step {result['stopped_at']} (train.stop_after); resume with train.resume=true")
+        print(f"stopped after step {result['stopped_at']} (train.stop_after); continue it with --resume")
         return 0
     keys = [k for k in result if k.startswith(("test/", "val/loss_mean", "val/loss_worst"))]
     for key in sorted(keys):
@@ -117,10 +118,11 @@ def _load_features(path: str) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             data = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" (it references {found.group(1)})" if found else ""
         raise ValueError(
-            f"--features {path!r} holds pickled Python objects that torch.load(weights_only=True) refuses "
-            f"({str(err).strip().splitlines()[-1][:120]}); mixsel never runs code from a file: save only tensors, "
-            "lists and numbers with torch.save"
+            f"--features {path!r} holds pickled Python objects that torch.load(weights_only=True) refuses{what}; "
+            "mixsel never runs code from a file: save only tensors, lists and numbers with torch.save"
         ) from None
     except (RuntimeError, EOFError, KeyError, ValueError) as err:
         raise ValueError(
@@ -259,10 +261,24 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, letting ``a.b=c`` overrides come after flags too (``train --resume a.b=c``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = "INFO" if getattr(args, "verbose", False) else "WARNING"
-    logging.basicConfig(level=os.environ.get("MIXSEL_LOG", level), format="%(levelname)s %(name)s: %(message)s")
+    args = _parse(argv)
+    level = os.environ.get("MIXSEL_LOG", "INFO" if getattr(args, "verbose", False) else "WARNING").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        level = "WARNING"  # an unknown MIXSEL_LOG level
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
