@@ -119,7 +119,11 @@ def _load_features(path: str) -> dict[str, Any]:
             data = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f" (it references {found.group(1)})" if found else ""
+        if found is None:  # not a pickle of objects at all (text, another format)
+            raise ValueError(
+                f"--features {path!r} is not a readable torch.save file; save it again with torch.save"
+            ) from None
+        what = f" (it references {found.group(1)})"
         raise ValueError(
             f"--features {path!r} holds pickled Python objects that torch.load(weights_only=True) refuses{what}; "
             "mixsel never runs code from a file: save only tensors, lists and numbers with torch.save"

@@ -231,6 +231,8 @@ class TrainConfig:
     force_resume: bool = False
     # stop as diverged when the train loss exceeds this multiple of ln(vocab size) (uniform guessing); null = never
     max_loss_factor: float | None = 3.0
+    # stop as diverged when one step multiplies the weight norm by more than this; null = never
+    max_weight_growth: float | None = 100.0
     # stop (with a checkpoint) after this many steps, keeping the schedule of max_steps
     stop_after: int | None = None
     # write every step's selected example ids to selections.jsonl
@@ -424,7 +426,11 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
-        raise ValueError(f"{where}: invalid YAML ({err.problem or err.context}); fix the syntax there") from None
+        context = err.context or ""
+        if err.context_mark is not None and err.context_mark is not mark:
+            context += f" at line {err.context_mark.line + 1}"
+        problem = "; ".join(part for part in (err.problem, context.strip()) if part)
+        raise ValueError(f"{where}: invalid YAML ({problem}); fix the syntax there") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{source}: invalid YAML ({err}); fix the syntax") from None
 
@@ -622,6 +628,7 @@ _MINIMA: tuple[tuple[str, float, str], ...] = (
     ("train.threads", 1, "CPU threads for torch (null = physical cores / processes)"),
     ("train.stop_after", 1, "the step after which to stop with a checkpoint"),
     ("train.max_loss_factor", 1, "the multiple of ln(vocab size) above which the loss counts as diverged"),
+    ("train.max_weight_growth", 1, "the one-step growth of the weight norm that counts as diverged"),
     ("data.max_length", 2, "tokens per example (a prompt token and a target at least)"),
     ("data.val_per_domain", 0, "validation rows held out per domain"),
     ("data.test_per_domain", 0, "test rows held out per domain"),
@@ -745,6 +752,7 @@ RESUME_SAFE_FIELDS = frozenset(
         "train.overwrite",
         "train.force_resume",
         "train.max_loss_factor",
+        "train.max_weight_growth",
         "train.threads",
         "train.device",
         "eval",
@@ -763,6 +771,7 @@ RESULT_SAFE_FIELDS = frozenset(
         "train.overwrite",
         "train.force_resume",
         "train.max_loss_factor",
+        "train.max_weight_growth",
         "train.threads",
     }
 )

@@ -93,6 +93,20 @@ def check_output_dir(path: str | Path, field: str = "train.output_dir") -> None:
         ) from None
 
 
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a ``config.yaml`` that mixsel wrote (every section of an experiment), not a
+    user's own file of that name."""
+    import dataclasses
+
+    import yaml
+
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(tree, dict) and set(tree) == {f.name for f in dataclasses.fields(ExperimentConfig)}
+
+
 def _listing(names: list[str], limit: int = 4) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -123,7 +137,9 @@ def plan_run_folder(cfg: ExperimentConfig) -> str:
         return "resume"
     if not entries:
         return "fresh"
-    foreign = [name for name in entries if name not in RUN_FILES]
+    foreign = [
+        name for name in entries if name not in RUN_FILES or (name == "config.yaml" and not _is_run_config(out / name))
+    ]
     if foreign:
         raise ValueError(
             f"train.output_dir={str(out)!r} holds files that are not a mixsel run's ({_listing(foreign)}); "

@@ -32,8 +32,9 @@ Before anything is loaded or written, the config, the method names and options, 
 model paths and the run folder are checked (:func:`preflight`): a folder holding another run is
 refused unless ``--resume`` (same run-defining config, :mod:`mixsel.runfolder`) or ``--overwrite``.
 A step whose loss or gradient norm is not finite, whose loss exceeds ``train.max_loss_factor`` x
-ln(vocab size), or after which the gradient vanishes for 3 steps in a row stops the run as diverged,
-with the last good checkpoint intact; non-finite weights are never saved.
+ln(vocab size) (the loss of uniform guessing), that multiplies the weight norm by more than
+``train.max_weight_growth``, or after which the gradient vanishes for 3 steps in a row stops the run
+as diverged, with the last good checkpoint intact; non-finite weights are never saved.
 
 The run folder gets ``config.yaml``, ``metrics.jsonl``, ``result.json`` and ``final/`` (the model).
 """
@@ -98,6 +99,19 @@ def _lr_lambda(cfg: ExperimentConfig):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn
+
+
+def _restate_schedule(optimizer: Any, scheduler: Any, cfg: ExperimentConfig) -> None:
+    """After loading a checkpoint, make this config's ``train.lr``, ``weight_decay`` and schedule
+    (``max_steps``) the ones in force: a loaded optimizer keeps the saved ones otherwise. With an
+    unchanged config the values are the same ones LambdaLR computes, bit for bit."""
+    fn = _lr_lambda(cfg)
+    scheduler.base_lrs = [cfg.train.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.train.lr
+        group["weight_decay"] = cfg.train.weight_decay
+        group["lr"] = cfg.train.lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -354,6 +368,11 @@ def _check_finite_weights(model: torch.nn.Module, step: int, out: Path) -> None:
         )
 
 
+def _weight_norm(params: list[torch.nn.Parameter]) -> float:
+    """The L2 norm of all ``params`` together."""
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach()) for p in params])))
+
+
 @contextlib.contextmanager
 def _no_hf_progress() -> Any:
     """Silence transformers' own progress bars (e.g. "Writing model shards") for a block."""
@@ -467,6 +486,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        _restate_schedule(optimizer, scheduler, cfg)
         sampler.load_state_dict(state["sampler"])
         selector.load_state_dict(_selector_state(state, world))
         reweighter.load_state_dict(state["reweighter"])
@@ -608,7 +628,16 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                 f"updated); {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}) or set train.grad_clip, "
                 "then --resume"
             )
+        norm_before = _weight_norm(params) if cfg.train.max_weight_growth else 0.0
         optimizer.step()
+        if cfg.train.max_weight_growth:
+            growth = _weight_norm(params) / max(norm_before, 1.0)
+            if not growth <= cfg.train.max_weight_growth:  # also NaN
+                raise FloatingPointError(
+                    f"training diverged: step {step + 1} multiplied the weight norm by {growth:.3g} (more than "
+                    f"train.max_weight_growth={cfg.train.max_weight_growth:g}); {_last_good(out)}: lower train.lr "
+                    f"(now {cfg.train.lr:g}), then --resume"
+                )
         scheduler.step()
         t2 = time.perf_counter()
 
