@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -254,3 +255,28 @@ def test_selections_log_starts_fresh_and_resumes_without_duplicates(tmp_path):
     train(_cfg(cut, "train.max_steps=4", "train.stop_after=2", *args), progress=False)
     train(_cfg(cut, "train.max_steps=4", "train.resume=true", *args), progress=False)
     assert (cut / "selections.jsonl").read_text() == (straight / "selections.jsonl").read_text()
+
+
+def test_default_threads_share_the_physical_cores(monkeypatch):
+    from mixsel.train import default_threads
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = default_threads()
+    assert 1 <= alone <= (os.cpu_count() or 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1000")  # many processes on the machine: one thread each
+    assert default_threads() == 1
+
+
+def test_data_summary_names_domains_and_rows_per_split(caplog):
+    from mixsel.data.tokenize import Mixture, TokenizedSplit
+    from mixsel.train import summarize_mixture
+
+    def split(ids):
+        return TokenizedSplit(["a", "b"], ids, [torch.ones(3, dtype=torch.long)] * len(ids), [torch.ones(3)] * len(ids))
+
+    mixture = Mixture(["a", "b"], split([0, 0, 1]), split([0]), split([0, 1]))
+    with caplog.at_level("WARNING"):
+        text = summarize_mixture(mixture)
+    header = "2 domains; rows per split (train / validation / test):"
+    assert text.splitlines() == [header, "  a  2 / 1 / 1", "  b  1 / 0 / 1"]
+    assert "domain 'b' has no validation rows" in caplog.text
