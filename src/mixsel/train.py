@@ -720,7 +720,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             checkpoint(step + 1)
             for logger in loggers:
                 logger.close()
-            log.info("stopping after step %d (train.stop_after); resume with train.resume=true", step + 1)
+            log.info("stopping after step %d (train.stop_after); continue with --resume", step + 1)
             return {"stopped_at": step + 1}
 
     # ---- final evaluation on the test split and result.json ----------------------------------
