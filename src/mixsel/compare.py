@@ -259,8 +259,9 @@ def run_compare(path: str | Path, extra_overrides: list[str] | None = None, *, p
 
     ``progress`` shows each run's progress bar and start lines, and a line per skipped or rerun run.
     """
+    from mixsel.preflight import check_methods
     from mixsel.runfolder import check_output_dir
-    from mixsel.train import check_methods, train
+    from mixsel.train import train
 
     path = Path(path)
     spec = load_compare_spec(path)
