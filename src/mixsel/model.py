@@ -11,6 +11,7 @@ Three ways to get a model, all through ``transformers``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,14 @@ import torch
 
 from mixsel.config import ModelConfig
 
-__all__ = ["build_model", "build_tokenizer", "check_model_source", "resolve_config_file", "unwrap_model"]
+__all__ = [
+    "build_model",
+    "build_tokenizer",
+    "check_model_source",
+    "quiet_hf_progress",
+    "resolve_config_file",
+    "unwrap_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,23 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # files that make a folder a tokenizer / a model checkpoint (full weights or a peft adapter)
 _TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt"})
 _MODEL_FILES = frozenset({"config.json", "adapter_config.json"})
+
+
+@contextlib.contextmanager
+def quiet_hf_progress() -> Any:
+    """Silence transformers' own progress bars (e.g. "Writing model shards") for a block."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is needed to build the model anyway
+        yield
+        return
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _hub_offline() -> bool:
@@ -150,7 +175,8 @@ def build_model(
     if cfg.name_or_path:
         check_model_source(cfg.name_or_path, field, "model")
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **kwargs)
+            with quiet_hf_progress():  # transformers' own "Loading weights" bar
+                model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **kwargs)
         except (OSError, ValueError) as err:
             raise ValueError(
                 f"{field}={cfg.name_or_path!r}: no model could be loaded from it ({_first_line(err)})"

@@ -41,7 +41,6 @@ The run folder gets ``config.yaml``, ``metrics.jsonl``, ``result.json`` and ``fi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -272,23 +271,6 @@ def _weight_norm(params: list[torch.nn.Parameter]) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach()) for p in params])))
 
 
-@contextlib.contextmanager
-def _no_hf_progress() -> Any:
-    """Silence transformers' own progress bars (e.g. "Writing model shards") for a block."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - transformers is needed to build the model anyway
-        yield
-        return
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 # steps in a row with a zero gradient (and a positive loss) after which a model counts as dead
 _DEAD_STEPS = 3
 
@@ -306,7 +288,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     from mixsel.evaluate import domain_losses, exact_match
     from mixsel.features.loss import per_example_loss
     from mixsel.logging import build_loggers, truncate_jsonl
-    from mixsel.model import build_model, build_tokenizer
+    from mixsel.model import build_model, build_tokenizer, quiet_hf_progress
 
     # ---- checks before anything is loaded or written -----------------------------------------
     selector, mode, state = preflight(cfg)
@@ -650,7 +632,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         for logger in loggers:
             logger.close()
         final_dir = out / "final"
-        with _no_hf_progress():
+        with quiet_hf_progress():
             model.save_pretrained(final_dir)
         tokenizer.save_pretrained(final_dir)
         tmp = out / ".result.json.tmp"  # written last, atomically: a result.json marks a finished run
