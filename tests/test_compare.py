@@ -103,3 +103,49 @@ def test_cli_offline_select(tmp_path, capsys):
     )
     record = json.loads(capsys.readouterr().out)
     assert sorted(record["indices"]) == [1, 2]
+
+
+def test_compare_from_another_directory_reruns_only_changed_runs(tmp_path, monkeypatch, capsys):
+    """Paths in a compare file resolve against it; unchanged runs are kept, changed ones trained again."""
+    data = ["data.source=data/mix.jsonl", "data.val_per_domain=2", "data.test_per_domain=2"]
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    rows = [{"domain": d, "text": f"{d} example {i} " * 4} for d in ("alpha", "beta") for i in range(16)]
+    (project / "data" / "mix.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {
+        "overrides": [*FAST, *data, "train.max_steps=1", "eval.exact_match=0"],
+        "output_dir": "runs",
+        "runs": {"random": ["selection.method=random"], "big": ["selection.method=big_loss"]},
+    }
+    config = project / "cmp.yaml"
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    def stamps():
+        return {n: (project / "runs" / n / "seed0" / "result.json").stat().st_mtime_ns for n in ("random", "big")}
+
+    assert main(["compare", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"data: {project / 'data' / 'mix.jsonl'}" in out  # the resolved data path, printed at the start
+    assert f"run folder: {project / 'runs' / 'random' / 'seed0'}" in out
+    assert "2 domains; rows per split" in out
+    assert list(elsewhere.iterdir()) == []  # nothing lands in the working directory
+    first = stamps()
+
+    assert main(["compare", "-q", "--config", str(config)]) == 0  # nothing changed: nothing trains
+    assert stamps() == first
+    assert capsys.readouterr().out.startswith("| run |")  # -q: the table only
+
+    spec["runs"]["big"].append("selection.options={per_domain_budgets: false}")
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert main(["compare", "--config", str(config)]) == 0
+    assert "big/seed0: training again (selection.options.per_domain_budgets" in capsys.readouterr().out
+    second = stamps()
+    assert second["random"] == first["random"] and second["big"] != first["big"]
+
+    assert main(["compare", "-q", "--config", str(config), "train.max_steps=2"]) == 0  # more steps: all rerun
+    assert all(a != b for a, b in zip(stamps().values(), second.values()))
+    result = json.loads((project / "runs" / "random" / "seed0" / "result.json").read_text())
+    assert result["steps"] == 2

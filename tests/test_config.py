@@ -105,3 +105,57 @@ def test_help_config_prints_fields_values_and_comments(capsys):
     assert "train.lr = 0.5  # peak AdamW learning rate" in out
     assert any(line.startswith("selection.features.val_anchors = 2  # ") for line in out)
     assert "# model.lora: LoRA adapters" in out
+
+
+def test_exponent_floats_read_as_numbers(tmp_path):
+    """YAML 1.1 reads 3e-4 as a string; mixsel reads it as the float, in files and overrides alike."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 3e-4\n  max_loss_factor: 1e1\n")
+    cfg = load_config(path, ["train.weight_decay=1E-2", "train.min_lr_ratio=1.0e-1"])
+    assert (cfg.train.lr, cfg.train.max_loss_factor) == (3e-4, 10.0)
+    assert (cfg.train.weight_decay, cfg.train.min_lr_ratio) == (1e-2, 0.1)
+
+
+def test_paths_resolve_against_the_config_file_and_overrides_against_cwd(tmp_path, monkeypatch):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "c.yaml").write_text(
+        "data:\n  source: data/mix.jsonl\n"
+        "model:\n  name_or_path: HuggingFaceTB/SmolLM2-135M\n  config_file: null\n  tokenizer: ./tok\n"
+        "train:\n  output_dir: ../runs/x\n"
+        "reweighting:\n  options:\n    weights_from: ../runs/proxy\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(tmp_path / "exp" / "c.yaml", ["reweighting.reference_model=runs/ref/final"])
+    assert cfg.data.source == str(tmp_path / "exp" / "data" / "mix.jsonl")
+    assert cfg.model.name_or_path == "HuggingFaceTB/SmolLM2-135M"  # a hub id is kept
+    assert cfg.model.tokenizer == str(tmp_path / "exp" / "tok")
+    assert cfg.train.output_dir == str(tmp_path / "runs" / "x")
+    assert cfg.reweighting.options["weights_from"] == str(tmp_path / "runs" / "proxy")
+    assert cfg.reweighting.reference_model == str(tmp_path / "runs" / "ref" / "final")  # an override: the cwd
+    # the saved config holds absolute paths, so it reloads the same from anywhere
+    save_config(cfg, tmp_path / "saved.yaml")
+    monkeypatch.chdir(tmp_path / "exp")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    assert load_config(None, ["data.source=embedded"]).data.source == "embedded"
+
+
+def test_resolve_override_for_compare_files(tmp_path):
+    from mixsel.config import resolve_override
+
+    assert resolve_override("data.source=d/x.jsonl", tmp_path) == f'data.source="{tmp_path}/d/x.jsonl"'
+    assert resolve_override("train.lr=0.1", tmp_path) == "train.lr=0.1"
+    assert resolve_override("model.name_or_path=org/name", tmp_path) == "model.name_or_path=org/name"
+
+
+def test_fingerprint_ignores_fields_that_do_not_alter_the_run():
+    from mixsel.config import RESULT_SAFE_FIELDS, config_diff, config_fingerprint, run_fields
+
+    base = load_config(None, [])
+    for override in ("train.max_steps=500", "train.log_every=3", "eval.every=7", "train.threads=1", "name=x"):
+        assert config_fingerprint(load_config(None, [override])) == config_fingerprint(base), override
+    changed = load_config(None, ["train.lr=0.1", "selection.options={budget: uniform}"])
+    diff = config_diff(run_fields(base), run_fields(changed))
+    assert [d[0] for d in diff] == ["selection.options.budget", "train.lr"]
+    # mixsel compare also reruns when the steps or the evaluation change
+    longer = load_config(None, ["train.max_steps=500"])
+    assert config_fingerprint(longer, RESULT_SAFE_FIELDS) != config_fingerprint(base, RESULT_SAFE_FIELDS)

@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL and resumed ends exactly where an uninterrupted run ends."""
+"""A run killed with SIGKILL (between steps, or in the middle of a checkpoint save) and resumed ends
+exactly where an uninterrupted run ends."""
 
 from __future__ import annotations
 
@@ -8,15 +9,49 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+
+import mixsel
 
 from _fast import FAST
 
 pytest.importorskip("transformers")
 
-STEPS = 60
+STEPS = 24
+
+# Runs mixsel in a process that kills itself (SIGKILL, as a power cut) during its KILL_AT-th
+# checkpoint save: "mid-write" after writing half of state.pt, "between-renames" after the latest
+# checkpoint became checkpoint.prev but before the new one took its place.
+KILLER = """
+import os, signal, sys
+import torch
+import mixsel.checkpoint as ck
+
+where, at = os.environ["KILL_WHERE"], int(os.environ["KILL_AT"])
+count = {"save": 0, "swap": 0}
+real_save, real_replace = torch.save, os.replace
+
+def save(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    count["save"] += 1
+    if where == "mid-write" and count["save"] == at:
+        os.truncate(f, os.path.getsize(f) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def replace(src, dst, *args, **kwargs):
+    if str(src).endswith(ck.TMP_NAME):
+        count["swap"] += 1
+        if where == "between-renames" and count["swap"] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *args, **kwargs)
+
+torch.save, os.replace = save, replace
+from mixsel.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def _cmd(out, *extra):
@@ -29,20 +64,45 @@ def _cmd(out, *extra):
         *FAST,
         f"train.output_dir={out}",
         f"train.max_steps={STEPS}",
-        "train.save_every=5",
-        "eval.every=20",
+        "train.save_every=4",
+        "eval.every=8",
         "eval.exact_match=0",
         *extra,
     ]
 
 
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def _env(**extra):
+    src = str(Path(mixsel.__file__).parents[1])  # this checkout's code in the child processes
+    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}
+    env.pop("MIXSEL_CACHE", None)
+    return env
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_cmd(straight), check=True, env=_env(), capture_output=True, timeout=600)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run every interrupted one must end equal to."""
+    out = tmp_path_factory.mktemp("sigkill") / "straight"
+    subprocess.run(_cmd(out), check=True, env=_env(), capture_output=True, timeout=600)
+    return out
+
+
+def _assert_same_run(a_dir, b_dir):
+    a = json.loads((a_dir / "result.json").read_text())
+    b = json.loads((b_dir / "result.json").read_text())
+    for key in a:
+        if key.startswith(("val/", "test/")):
+            assert a[key] == b[key], key
+    from transformers import AutoModelForCausalLM
+
+    pa = AutoModelForCausalLM.from_pretrained(a_dir / "final").state_dict()
+    pb = AutoModelForCausalLM.from_pretrained(b_dir / "final").state_dict()
+    for key in pa:
+        assert torch.equal(pa[key], pb[key]), key
+
+
+def test_sigkill_then_resume_matches_uninterrupted(straight, tmp_path):
+    killed = tmp_path / "killed"
 
     proc = subprocess.Popen(_cmd(killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = killed / "checkpoint" / "state.pt"
@@ -55,17 +115,23 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert state.exists()
 
     subprocess.run([*_cmd(killed), "--resume"], check=True, env=_env(), capture_output=True, timeout=600)
-    a = json.loads((straight / "result.json").read_text())
-    b = json.loads((killed / "result.json").read_text())
-    for key in a:
-        if key.startswith(("val/", "test/")):
-            assert a[key] == b[key], key
-    from transformers import AutoModelForCausalLM
+    _assert_same_run(straight, killed)
 
-    pa = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
-    pb = AutoModelForCausalLM.from_pretrained(killed / "final").state_dict()
-    for key in pa:
-        assert torch.equal(pa[key], pb[key]), key
+
+@pytest.mark.parametrize("where", ["mid-write", "between-renames"])
+def test_kill_during_checkpoint_save_then_resume_matches(straight, tmp_path, where):
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-c", KILLER, *_cmd(killed)[3:]]  # the same arguments after "-m mixsel"
+    proc = subprocess.run(cmd, env=_env(KILL_WHERE=where, KILL_AT="3"), capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert (killed / ".checkpoint.tmp").exists()  # the interrupted save
+    assert (killed / "checkpoint.prev").exists() and not (killed / "result.json").exists()
+    resumed = subprocess.run([*_cmd(killed), "--resume"], env=_env(), capture_output=True, timeout=600, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    if where == "between-renames":
+        assert "resuming from the previous checkpoint (step 8)" in resumed.stderr
+    assert not (killed / ".checkpoint.tmp").exists()
+    _assert_same_run(straight, killed)
 
 
 def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -243,7 +244,8 @@ def test_selections_log_starts_fresh_and_resumes_without_duplicates(tmp_path):
 
     args = ["eval.exact_match=0", "train.log_selections=true", "selection.method=stratified"]
     train(_cfg(tmp_path, "train.max_steps=3", *args), progress=False)
-    train(_cfg(tmp_path, "train.max_steps=3", *args), progress=False)  # a fresh run into the same folder
+    # a fresh run replacing the one in the same folder
+    train(_cfg(tmp_path, "train.max_steps=3", "train.overwrite=true", *args), progress=False)
     steps = [json.loads(line)["step"] for line in (tmp_path / "selections.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
 
@@ -253,3 +255,52 @@ def test_selections_log_starts_fresh_and_resumes_without_duplicates(tmp_path):
     train(_cfg(cut, "train.max_steps=4", "train.stop_after=2", *args), progress=False)
     train(_cfg(cut, "train.max_steps=4", "train.resume=true", *args), progress=False)
     assert (cut / "selections.jsonl").read_text() == (straight / "selections.jsonl").read_text()
+
+
+def test_default_threads_share_the_physical_cores(monkeypatch):
+    from mixsel.train import default_threads
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = default_threads()
+    assert 1 <= alone <= (os.cpu_count() or 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1000")  # many processes on the machine: one thread each
+    assert default_threads() == 1
+
+
+def test_data_summary_names_domains_and_rows_per_split(tmp_path, caplog):
+    """The start-of-run summary is the data layer's table; a domain without validation rows is warned about."""
+    import json
+
+    from mixsel.config import DataConfig, EvalConfig
+    from mixsel.data.build import load_mixture
+    from mixsel.data.embedded import load_embedded_tokenizer
+    from mixsel.train import summarize_mixture
+
+    rows = [
+        {"domain": "a", "text": f"row {i} of a", "split": s}
+        for i, s in enumerate(["train", "train", "validation", "test"])
+    ]
+    rows += [{"domain": "b", "text": f"row {i} of b", "split": s} for i, s in enumerate(["train", "test"])]
+    source = tmp_path / "mix.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(source=str(source), split_column="split", max_length=32)
+    mixture = load_mixture(cfg, load_embedded_tokenizer())
+    with caplog.at_level("WARNING"):
+        text = summarize_mixture(mixture, EvalConfig())
+    lines = text.splitlines()
+    assert lines[0] == f"data: {source}"
+    table = {line.split()[0]: line.split()[1:5] for line in lines[3:5]}
+    assert table == {"a": ["text", "2", "1", "1"], "b": ["text", "1", "0", "1"]}
+    assert "domain 'b' has no validation rows" in caplog.text
+
+
+def test_identical_runs_write_identical_checkpoints(tmp_path):
+    """Every generator (torch, Python, numpy) is seeded and saved, so equal configs give equal bytes."""
+    from mixsel.checkpoint import read_manifest
+    from mixsel.train import train
+
+    for name in ("a", "b"):
+        cfg = _cfg(tmp_path / name, "train.max_steps=4", "train.stop_after=2", "eval.exact_match=0")
+        assert train(cfg, progress=False) == {"stopped_at": 2}
+    a, b = (read_manifest(tmp_path / name / "checkpoint") for name in ("a", "b"))
+    assert a["files"] == b["files"] and a["step"] == 2

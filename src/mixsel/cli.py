@@ -1,11 +1,19 @@
 """The ``mixsel`` command line.
 
 mixsel train   [--config FILE] [a.b=c ...]    one experiment (default: the embedded default)
+               [--resume | --overwrite] [--force-resume] [-q | -v]
 mixsel train --help-config [--config FILE]    every config field with its value and what it does
-mixsel compare [--config FILE] [a.b=c ...]    several methods, same data and seeds; table + plots
+mixsel compare [--config FILE] [a.b=c ...] [-q | -v]
+                                              several methods, same data and seeds; table + plots
 mixsel select  --features FILE --method NAME --k K [--out FILE] [--option key=value ...]
                                               offline selection from saved features
 mixsel methods                                registered selectors and reweighters
+
+Output: the result table on stdout; by default also the start lines (run folder, data, threads, the
+data summary) and a progress bar; ``-q`` prints the result only, ``-v`` adds INFO logs
+(``MIXSEL_LOG=LEVEL`` sets the level directly). Bad input gets one line on stderr,
+``mixsel: error: <what is wrong and how to fix it>``, and exit status 2; ``MIXSEL_DEBUG=1`` shows
+the traceback instead. An unexpected failure (a bug) gets one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -14,24 +22,42 @@ import argparse
 import json
 import logging
 import os
+import pickle
+import re
 import sys
+import warnings
 from pathlib import Path
+from typing import Any, NoReturn
 
 __all__ = ["main"]
 
 DEFAULT_COMPARE = "configs/compare.yaml"
 
 
-def _parse_options(items: list[str]) -> dict:
-    import yaml
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (and exit status 2) like every other mixsel error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    from mixsel.config import parse_yaml
 
     options = {}
     for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--option {item!r} must look like key=value")
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ValueError(f"--option {item!r} must look like key=value (e.g. --option budget=uniform)")
         key, raw = item.split("=", 1)
-        options[key] = yaml.safe_load(raw)
+        options[key.strip()] = parse_yaml(raw, f"--option {item!r}")
     return options
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``train.*`` overrides of ``--resume`` / ``--overwrite`` / ``--force-resume``."""
+    flags = (("resume", "train.resume=true"), ("overwrite", "train.overwrite=true"))
+    flags += (("force_resume", "train.force_resume=true"),)
+    return [override for name, override in flags if getattr(args, name, False)]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -44,12 +70,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     from mixsel.train import train
 
-    overrides = [*args.overrides, *(["train.resume=true"] if args.resume else [])]
-    result = train(load_config(args.config, overrides), progress=not args.quiet)
+    if args.force_resume and not args.resume:
+        raise ValueError("--force-resume only applies with --resume; add --resume")
+    result = train(load_config(args.config, [*args.overrides, *_flag_overrides(args)]), progress=not args.quiet)
     if os.environ.get("RANK", "0") != "0":
         return 0
     if "stopped_at" in result:
-        print(f"stopped after step {result['stopped_at']} (train.stop_after); resume with train.resume=true")
+        print(f"stopped after step {result['stopped_at']} (train.stop_after); continue it with --resume")
         return 0
     keys = [k for k in result if k.startswith(("test/", "val/loss_mean", "val/loss_worst"))]
     for key in sorted(keys):
@@ -63,11 +90,61 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     config = args.config or DEFAULT_COMPARE
     if not Path(config).exists():
-        raise SystemExit(f"compare config {config!r} not found; pass --config FILE (see configs/compare.yaml)")
+        raise FileNotFoundError(f"compare config {config!r} not found; pass --config FILE (see configs/compare.yaml)")
     out = run_compare(config, args.overrides, progress=not args.quiet)
     print(out["table"])
     print(f"\nresults: {out['output_dir']}/summary.json, plots: {out['output_dir']}/plots/")
     return 0
+
+
+def _load_features(path: str) -> dict[str, Any]:
+    """The ``torch.save``'d dict of ``mixsel select --features``, read with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError / ValueError: one line for a missing, empty, unreadable, truncated or
+            code-carrying file, or one that is not a dict with ``domains``.
+    """
+    import torch
+
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"--features {path!r}: no such file")
+    if file.is_dir():
+        raise ValueError(f"--features {path!r} is a folder; pass the file written by torch.save")
+    if file.stat().st_size == 0:
+        raise ValueError(f"--features {path!r} is empty; write it with torch.save({{'domains': ..., ...}}, path)")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file
+            warnings.simplefilter("ignore")
+            data = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found is None:  # not a pickle of objects at all (text, another format)
+            raise ValueError(
+                f"--features {path!r} is not a readable torch.save file; save it again with torch.save"
+            ) from None
+        what = f" (it references {found.group(1)})"
+        raise ValueError(
+            f"--features {path!r} holds pickled Python objects that torch.load(weights_only=True) refuses{what}; "
+            "mixsel never runs code from a file: save only tensors, lists and numbers with torch.save"
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as err:
+        raise ValueError(
+            f"--features {path!r} is not a readable torch.save file ({type(err).__name__}: "
+            f"{str(err).strip()[:80] or 'no data'}); it may be truncated or a text file: save it again with torch.save"
+        ) from None
+    if not isinstance(data, dict) or "domains" not in data:
+        raise ValueError(f"--features {path!r} must hold a dict with 'domains' (LongTensor[n]) and feature tensors")
+    return data
+
+
+def _as_tensor(value: Any, name: str, path: str) -> Any:
+    import torch
+
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"--features {path!r}: {name!r} is not a tensor or a list of numbers") from None
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
@@ -76,17 +153,36 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from mixsel.registry import get_selector
     from mixsel.selection import Pool
 
-    data = torch.load(args.features, map_location="cpu", weights_only=False)
-    if "domains" not in data:
-        raise SystemExit(f"{args.features} must hold a dict with 'domains' (LongTensor[n]) and feature tensors")
-    domains = torch.as_tensor(data["domains"], dtype=torch.long)
-    selector = get_selector(args.method, **_parse_options(args.option))
-    feats = {k: torch.as_tensor(v) for k, v in data.items() if k not in ("domains", "num_domains")}
+    try:
+        selector = get_selector(args.method, **_parse_options(args.option))
+    except TypeError as err:  # an unknown or missing keyword option
+        raise ValueError(f"--option for selector {args.method!r}: {err}") from None
+    data = _load_features(args.features)
+    domains = _as_tensor(data["domains"], "domains", args.features)
+    if domains.is_floating_point() or domains.dtype == torch.bool or domains.dim() != 1:
+        raise ValueError(
+            f"--features {args.features!r}: 'domains' must be a 1-D integer tensor of domain ids, "
+            f"got {domains.dtype} of shape {tuple(domains.shape)}"
+        )
+    feats = {k: _as_tensor(v, k, args.features) for k, v in data.items() if k not in ("domains", "num_domains")}
     missing = sorted(set(selector.requires) - set(feats))
     if missing:
-        raise SystemExit(f"selector {args.method!r} needs features {missing}; {args.features} has {sorted(feats)}")
-    num_domains = int(data.get("num_domains", int(domains.max()) + 1))
-    pool = Pool(domains=domains, num_domains=num_domains, features=feats, seed=args.seed)
+        raise ValueError(
+            f"selector {args.method!r} needs features {missing}; --features {args.features!r} has {sorted(feats)}"
+        )
+    if domains.numel() == 0:
+        raise ValueError(f"--features {args.features!r} holds no candidates ('domains' is empty)")
+    num_domains = data.get("num_domains", int(domains.max()) + 1)
+    if isinstance(num_domains, torch.Tensor) and num_domains.numel() == 1:
+        num_domains = int(num_domains)
+    if not isinstance(num_domains, int) or isinstance(num_domains, bool):
+        raise ValueError(f"--features {args.features!r}: 'num_domains' must be an integer, got {num_domains!r}")
+    pool = Pool(
+        domains=domains.long(),
+        num_domains=num_domains,
+        features={k: v for k, v in feats.items() if k in selector.requires},
+        seed=args.seed,
+    )
     sel = selector.select(pool, args.k)
     record = {"method": args.method, "indices": sel.indices.tolist(), "weights": sel.weights.tolist()}
     if args.out:
@@ -103,16 +199,35 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "-q", "--quiet", action="store_true", help="print the result only (no start lines, no progress bar)"
+    )
+    group.add_argument("-v", "--verbose", action="store_true", help="also print INFO logs")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mixsel", description="Online minibatch selection and domain reweighting for LM data mixtures."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="train one experiment")
     p.add_argument("--config", default=None, help="experiment YAML (default: the embedded default experiment)")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. train.max_steps=20")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoint (train.resume=true)")
+    _add_verbosity(p)
+    folder = p.add_mutually_exclusive_group()
+    folder.add_argument(
+        "--resume", action="store_true", help="continue the run in train.output_dir from its checkpoint"
+    )
+    folder.add_argument(
+        "--overwrite", action="store_true", help="replace the run in train.output_dir (its files are deleted)"
+    )
+    p.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="with --resume: continue even though fields that alter the run changed since the checkpoint",
+    )
     p.add_argument(
         "--help-config", action="store_true", help="print every config field, its value and what it does, then exit"
     )
@@ -120,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="compare several methods on the same data and seeds")
     p.add_argument("--config", default=None, help=f"compare YAML (default: {DEFAULT_COMPARE})")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides applied to every run")
-    p.add_argument("--quiet", action="store_true")
+    _add_verbosity(p)
     p.set_defaults(func=_cmd_compare)
     p = sub.add_parser("select", help="offline selection from saved features (torch.save'd dict)")
     p.add_argument("--features", required=True)
@@ -135,16 +250,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# errors that mean "the input is wrong": one line naming it and the fix, exit status 2
+_EXPLAINED = (KeyError, ValueError, TypeError, OSError, FloatingPointError)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (never a bare errno such as ``2``)."""
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    elif isinstance(exc, OSError) and exc.strerror and exc.filename:
+        text = f"{exc.strerror}: {exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
+    else:
+        text = str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, letting ``a.b=c`` overrides come after flags too (``train --resume a.b=c``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("MIXSEL_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    args = _parse(argv)
+    level = os.environ.get("MIXSEL_LOG", "INFO" if getattr(args, "verbose", False) else "WARNING").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        level = "WARNING"  # an unknown MIXSEL_LOG level
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (KeyError, ValueError, FileNotFoundError, TypeError) as exc:
+    except KeyboardInterrupt:
+        print("mixsel: interrupted", file=sys.stderr)
+        return 130
+    except _EXPLAINED as exc:
         if os.environ.get("MIXSEL_DEBUG"):
             raise
-        print(f"mixsel: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        print(f"mixsel: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if os.environ.get("MIXSEL_DEBUG"):
+            raise
+        print(
+            f"mixsel: internal error: {type(exc).__name__}: {_one_line(exc)} (a bug: rerun with MIXSEL_DEBUG=1 for "
+            "the traceback and report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

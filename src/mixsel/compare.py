@@ -15,7 +15,23 @@ A compare file is YAML::
 model is the random-selection run trained on the natural mixture). Each run writes its own folder
 ``<output_dir>/<name>/seed<s>/`` (config, metrics, result); the summary goes to
 ``<output_dir>/summary.json`` and ``summary.md``, plots to ``<output_dir>/plots/``.
-A run whose ``result.json`` exists is skipped, so an interrupted comparison continues.
+
+Paths: ``base``, ``output_dir`` and relative paths in the file's overrides resolve against the compare
+file's folder; overrides given on the command line against the working directory. Without
+``output_dir``, runs go to ``runs/compare`` under the working directory.
+
+Reruns: a run whose ``result.json`` exists is skipped only when its config is unchanged (every field
+but those in ``mixsel.config.RESULT_SAFE_FIELDS``); a changed run, and every run that refers to a
+rerun one through ``{run:NAME}``, is trained again (its folder replaced). An interrupted run resumes
+from its checkpoint when the config is unchanged, and starts again otherwise. So an interrupted or
+edited comparison continues with the least work, and the table never shows stale results.
+
+Jobs: the runs go one at a time, in file order, seeds inner, in this process (each with
+``train.threads`` threads); for parallel runs, start several ``mixsel compare`` processes on
+different files (``benchmarks/run_experiments.py --jobs`` does) and set ``train.threads`` to the
+cores each may use.
+
+Every run's config and method names are checked before the first run starts.
 """
 
 from __future__ import annotations
@@ -26,9 +42,16 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mixsel.config import load_config
+from mixsel.config import (
+    RESULT_SAFE_FIELDS,
+    config_diff,
+    config_fingerprint,
+    describe_diff,
+    load_config,
+    read_yaml,
+    resolve_override,
+    run_fields,
+)
 
 __all__ = ["format_table", "run_compare", "summarize"]
 
@@ -101,50 +124,184 @@ def _with_run_means(result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return result
 
 
-def _substitute(override: str, out: Path, seed: int, done: dict[str, list[dict[str, Any]]]) -> str:
-    """Replace ``{run:NAME}`` by the folder of run NAME with the same seed (it must come earlier)."""
+def _substitute(override: str, out: Path, seed: int, runs: dict[str, Any], current: str) -> str:
+    """Replace ``{run:NAME}`` by the folder of run NAME with the same seed (listed before ``current``)."""
+    earlier = list(runs)[: list(runs).index(current)]
     while "{run:" in override:
         start = override.index("{run:")
-        end = override.index("}", start)
+        end = override.find("}", start)
+        if end < 0:
+            raise ValueError(f"runs.{current}: override {override!r} has '{{run:' without a closing '}}'")
         name = override[start + 5 : end]
-        if name not in done:
-            raise ValueError(f"override {override!r} refers to run {name!r}, which must be listed before it")
+        if name not in earlier:
+            raise ValueError(
+                f"runs.{current}: override {override!r} refers to run {name!r}, which must be listed before it"
+            )
         override = override[:start] + str(out / name / f"seed{seed}") + override[end + 1 :]
     return override
 
 
+_SPEC_KEYS = ("base", "overrides", "seeds", "output_dir", "runs")
+
+
+def _string_list(value: Any, where: str, path: Path) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        raise ValueError(f"{path}: {where} must be a list of overrides, got the string {value!r}; write [{value}]")
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{path}: {where} must be a list of a.b=c strings, got {value!r}")
+    return list(value)
+
+
+def load_compare_spec(path: str | Path) -> dict[str, Any]:
+    """Read and check a compare file: one clear line for each way it can be wrong.
+
+    Returns:
+        ``{"base": Path | None, "overrides": [...], "seeds": [...], "output_dir": Path | None,
+        "runs": {name: [...]}}`` with ``base`` and ``output_dir`` resolved against the file's folder.
+    """
+    path = Path(path)
+    spec = read_yaml(path, what="compare file")
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, dict):
+        raise ValueError(
+            f"compare file {path} must hold a mapping ({', '.join(_SPEC_KEYS)}), not a {type(spec).__name__}"
+        )
+    unknown = set(spec) - set(_SPEC_KEYS)
+    if unknown:
+        raise KeyError(f"unknown compare keys {sorted(unknown)} in {path}; valid: {', '.join(_SPEC_KEYS)}")
+    folder = path.resolve().parent
+    runs = spec.get("runs")
+    if isinstance(runs, list):
+        raise ValueError(
+            f"{path}: 'runs' must map run names to lists of overrides, got a list; write "
+            "runs: {random: [selection.method=random], ...}"
+        )
+    if not isinstance(runs, dict) or not runs:
+        raise ValueError(f"{path}: 'runs' must map run names to lists of overrides (runs: {{name: [a.b=c]}})")
+    checked: dict[str, list[str]] = {}
+    for name, overrides in runs.items():
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise ValueError(f"{path}: run name {name!r} must be a plain folder name (no '/', not '.' or '..')")
+        checked[name] = _string_list(overrides, f"runs.{name}", path)
+    seeds = spec.get("seeds", [0])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        raise ValueError(f"{path}: seeds must be a list of integers, got {seeds!r}; write seeds: [{seeds}]")
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ValueError(f"{path}: seeds must be a non-empty list of distinct integers (e.g. [0, 1]), got {seeds!r}")
+    base = spec.get("base")
+    if base is not None and (not isinstance(base, str) or not base.strip()):
+        raise ValueError(f"{path}: base must be the path of an experiment YAML, got {base!r}")
+    base_path = (folder / Path(base).expanduser()) if base else None
+    if base_path is not None and not base_path.is_file():
+        raise FileNotFoundError(
+            f"{path}: base {base!r} is not a file (paths in a compare file resolve against its folder, {folder})"
+        )
+    output_dir = spec.get("output_dir")
+    if output_dir is not None and (not isinstance(output_dir, str) or not output_dir.strip()):
+        raise ValueError(f"{path}: output_dir must be a folder path, got {output_dir!r}")
+    return {
+        "base": base_path,
+        "overrides": [resolve_override(o, folder) for o in _string_list(spec.get("overrides"), "overrides", path)],
+        "seeds": seeds,
+        "output_dir": (folder / Path(output_dir).expanduser()) if output_dir else None,
+        "runs": checked,
+        "folder": folder,
+    }
+
+
+def _refs(overrides: list[str]) -> set[str]:
+    """The run names an override list refers to through ``{run:NAME}``."""
+    names = set()
+    for item in overrides:
+        rest = item
+        while "{run:" in rest and "}" in rest[rest.index("{run:") :]:
+            start = rest.index("{run:") + 5
+            end = rest.index("}", start)
+            names.add(rest[start:end])
+            rest = rest[end + 1 :]
+    return names
+
+
+def _decide(run_dir: Path, cfg: Any, forced: bool) -> tuple[str, str]:
+    """``("skip" | "rerun" | "resume" | "fresh", why)`` for one (run, seed) of a comparison."""
+    from mixsel.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, read_manifest
+
+    done = run_dir / "result.json"
+    if done.exists():
+        if forced:
+            return "rerun", "a run it refers to was trained again"
+        try:
+            old = run_fields(json.loads(done.read_text())["config"], RESULT_SAFE_FIELDS)
+        except (ValueError, KeyError, TypeError):
+            return "rerun", "its result.json is unreadable or from another version"
+        diff = config_diff(old, run_fields(cfg, RESULT_SAFE_FIELDS))
+        return ("rerun", describe_diff(diff)) if diff else ("skip", "unchanged")
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return "fresh", ""
+    wanted = config_fingerprint(cfg, RESULT_SAFE_FIELDS)
+    for name in (CHECKPOINT_NAME, PREVIOUS_NAME):
+        manifest = read_manifest(run_dir / name)
+        if manifest is not None and not forced and manifest.get("result_fingerprint") == wanted:
+            return "resume", f"from step {manifest.get('step')}"
+    return "rerun", "an interrupted run with another config (or no checkpoint)"
+
+
 def run_compare(path: str | Path, extra_overrides: list[str] | None = None, *, progress: bool = True) -> dict[str, Any]:
-    """Run every (run, seed) of the compare file ``path``; return the summary."""
+    """Run every (run, seed) of the compare file ``path``; return the summary.
+
+    ``progress`` shows each run's progress bar and start lines, and a line per skipped or rerun run.
+    """
+    from mixsel.preflight import check_methods
+    from mixsel.runfolder import check_output_dir
     from mixsel.train import train
 
     path = Path(path)
-    spec = yaml.safe_load(path.read_text()) or {}
-    unknown = set(spec) - {"base", "overrides", "seeds", "output_dir", "runs"}
-    if unknown:
-        raise KeyError(f"unknown compare keys {sorted(unknown)}; valid: base, overrides, seeds, output_dir, runs")
-    if not spec.get("runs"):
-        raise ValueError(f"{path}: 'runs' must map run names to lists of overrides")
-    base = spec.get("base")
-    base_path = (path.parent / base) if base else None
-    common = list(spec.get("overrides") or []) + list(extra_overrides or [])
-    seeds = list(spec.get("seeds") or [0])
-    out = Path(spec.get("output_dir", "runs/compare"))
-    for item in common:
+    spec = load_compare_spec(path)
+    extra = list(extra_overrides or [])
+    common = [*spec["overrides"], *extra]
+    seeds = spec["seeds"]
+    out = spec["output_dir"] or Path.cwd() / "runs" / "compare"
+    for item in common:  # the last train.output_dir override wins (file ones are absolute by now)
         if item.startswith("train.output_dir="):
-            out = Path(item.split("=", 1)[1])
+            out = Path(item.split("=", 1)[1].strip().strip('"')).absolute()
+    check_output_dir(out, "output_dir")
+    say = print if progress else (lambda *args, **kwargs: None)
+
+    def config(name: str, seed: int, overrides: list[str]) -> Any:
+        run_dir = out / name / f"seed{seed}"
+        own = [resolve_override(_substitute(o, out, seed, spec["runs"], name), spec["folder"]) for o in overrides]
+        return load_config(spec["base"], [*common, *own, f"seed={seed}", f"train.output_dir={run_dir}", f"name={name}"])
+
+    # every run's config and methods are checked before the first one trains
+    for name, overrides in spec["runs"].items():
+        for seed in seeds:
+            check_methods(config(name, seed, overrides))
+
     results: dict[str, list[dict[str, Any]]] = {}
+    retrained: dict[int, set[str]] = {seed: set() for seed in seeds}
     for name, overrides in spec["runs"].items():
         results[name] = []
         for seed in seeds:
             run_dir = out / name / f"seed{seed}"
-            done = run_dir / "result.json"
-            if done.exists():
-                results[name].append(_with_run_means(json.loads(done.read_text()), run_dir))
+            cfg = config(name, seed, overrides)
+            action, why = _decide(run_dir, cfg, forced=bool(_refs(overrides) & retrained[seed]))
+            if action == "skip":
+                say(f"{name}/seed{seed}: unchanged, kept", flush=True)
+                results[name].append(_with_run_means(json.loads((run_dir / "result.json").read_text()), run_dir))
                 continue
-            run_overrides = [_substitute(o, out, seed, results) for o in overrides or []]
-            cfg = load_config(
-                base_path, [*common, *run_overrides, f"seed={seed}", f"train.output_dir={run_dir}", f"name={name}"]
-            )
+            if action != "fresh":
+                say(f"{name}/seed{seed}: {'resuming' if action == 'resume' else 'training again'} ({why})", flush=True)
+            cfg.train.resume = action == "resume"
+            cfg.train.overwrite = action == "rerun"
+            retrained[seed].add(name)
             results[name].append(_with_run_means(train(cfg, progress=progress), run_dir))
     summary = summarize(results)
     out.mkdir(parents=True, exist_ok=True)

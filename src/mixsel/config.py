@@ -7,12 +7,27 @@ Example::
 
 Unknown keys are errors (with the valid keys listed), values are parsed as YAML scalars and checked
 against the field's type, and the resolved config is saved next to every run.
+
+Numbers: YAML 1.1 (PyYAML's default) reads ``3e-4`` and ``1e6`` as strings; mixsel's loader reads them
+as floats, as YAML 1.2 does, in config files, overrides and compare files alike.
+
+Paths: a relative path written in a config file (``data.source``, ``model.name_or_path``,
+``model.tokenizer``, ``model.config_file``, ``reweighting.reference_model``,
+``reweighting.options.weights_from``, ``train.output_dir``) resolves against that file's folder; a
+relative path given as a command-line override resolves against the working directory. The saved
+``config.yaml`` holds absolute paths, so it reloads from anywhere. ``model.*`` and
+``reweighting.reference_model`` values that look like hub ids (``org/name``, not an existing folder)
+are kept as given.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
+import json
+import math
+import os
 import re
 import types
 import typing
@@ -33,11 +48,18 @@ __all__ = [
     "SelectionConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_diff",
+    "config_fingerprint",
     "config_to_dict",
     "describe_config",
+    "describe_diff",
     "field_help",
     "from_dict",
     "load_config",
+    "parse_yaml",
+    "read_yaml",
+    "resolve_override",
+    "run_fields",
     "save_config",
     "validate",
 ]
@@ -209,15 +231,23 @@ class TrainConfig:
     save_every: int = 0
     # steps between metric rows in metrics.jsonl
     log_every: int = 10
-    # continue from the run folder's last checkpoint
+    # continue from the run folder's last checkpoint (refused if a field that alters the run changed)
     resume: bool = False
+    # start afresh in a run folder that holds an earlier run, deleting that run's files (never others)
+    overwrite: bool = False
+    # resume even though fields that alter the run changed since the checkpoint (they are listed)
+    force_resume: bool = False
+    # stop as diverged when the train loss exceeds this multiple of ln(vocab size) (uniform guessing); null = never
+    max_loss_factor: float | None = 3.0
+    # stop as diverged when one step multiplies the weight norm by more than this; null = never
+    max_weight_growth: float | None = 100.0
     # stop (with a checkpoint) after this many steps, keeping the schedule of max_steps
     stop_after: int | None = None
     # write every step's selected example ids to selections.jsonl
     log_selections: bool = False
     # auto (CUDA when available) | cpu | cuda | cuda:N
     device: str = "auto"
-    # CPU threads for torch; None = torch's default
+    # CPU threads for torch; None = physical cores / processes on this machine (OMP_NUM_THREADS wins if set)
     threads: int | None = None
     # under torchrun, who computes selection features: global | gather | local (docs/distributed.md)
     distributed_selection: str = "global"
@@ -309,6 +339,9 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+_KINDS = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+
+
 def _check_value(path: str, tp: Any, value: Any) -> Any:
     """Check (and lightly coerce) ``value`` against the annotation ``tp``."""
     origin = typing.get_origin(tp)
@@ -316,24 +349,24 @@ def _check_value(path: str, tp: Any, value: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _check_value(path, arg, value)
-            except (TypeError, ValueError) as exc:
-                errors.append(str(exc))
-        raise TypeError(f"{path}: {value!r} does not match {tp} ({'; '.join(errors)})")
+            except (TypeError, ValueError):
+                continue
+        kinds = " or ".join(_KINDS.get(a, "null" if a is type(None) else getattr(a, "__name__", str(a))) for a in args)
+        raise TypeError(f"{path}: expected {kinds}, got {value!r}; set {path}=<{kinds}>")
     if tp is Any:
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{path}: expected a list, got {value!r}")
+            raise TypeError(f"{path}: expected a list, got {value!r}; write {path}=[a, b]")
         return [_check_value(f"{path}[]", args[0] if args else Any, v) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{path}: expected a mapping, got {value!r}")
+            raise TypeError(f"{path}: expected a mapping, got {value!r}; write {path}={{key: value}}")
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
@@ -345,7 +378,7 @@ def _check_value(path: str, tp: Any, value: Any) -> Any:
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{path}: expected a number, got {value!r}")
+            raise TypeError(f"{path}: expected a number, got {value!r} (e.g. {path}=3e-4)")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -382,6 +415,65 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# --------------------------------------------------------------------------------------------------
+# reading YAML: floats as YAML 1.2 writes them, and errors that name the file, line and fix
+# --------------------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads ``3e-4``, ``1e6`` and ``1.0e2`` as floats (YAML 1.2)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML ``text`` with mixsel's loader; a syntax error names ``source:line:column``.
+
+    Raises:
+        ValueError: ``"<source>:<line>:<column>: invalid YAML (<problem>); ..."``.
+    """
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        context = err.context or ""
+        if err.context_mark is not None and err.context_mark is not mark:
+            context += f" at line {err.context_mark.line + 1}"
+        problem = "; ".join(part for part in (err.problem, context.strip()) if part)
+        raise ValueError(f"{where}: invalid YAML ({problem}); fix the syntax there") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{source}: invalid YAML ({err}); fix the syntax") from None
+
+
+def read_yaml(path: str | Path, what: str = "config file", flag: str = "--config") -> Any:
+    """Read and parse the YAML file ``path``, with one clear line for each way it can be wrong.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is a folder, is not UTF-8 (the byte offset is named), or is not valid YAML
+            (file:line:column).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} not found; pass {flag} with an existing YAML file")
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a folder; pass {flag} with a YAML file inside it")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{what} {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); save it as UTF-8"
+        ) from None
+    return parse_yaml(text, str(path))
+
+
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -396,36 +488,147 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _split_override(item: str) -> tuple[str, Any]:
+    """``"a.b=c"`` -> ``("a.b", <c parsed as YAML>)``, with one clear line for each malformed form."""
+    if not isinstance(item, str) or "=" not in item:
+        raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=20)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {item!r} has an empty key; write section.key=value (e.g. train.max_steps=20)")
+    if not raw.strip():
+        return key, None
+    try:
+        return key, yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "unreadable value"
+        raise ValueError(f"override {item!r}: the value is not valid YAML ({problem}); quote it or fix it") from None
+
+
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=c`` overrides to a nested dict; values are parsed as YAML scalars."""
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=20)")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise ValueError(f"override {item!r} has an empty key")
-        _set_path(tree, key, yaml.safe_load(raw) if raw.strip() else None)
+        key, value = _split_override(item)
+        _set_path(tree, key, value)
     return tree
+
+
+# --------------------------------------------------------------------------------------------------
+# paths: relative to the config file that wrote them, overrides relative to the working directory
+# --------------------------------------------------------------------------------------------------
+
+# config fields holding paths: "file" always resolves; "model" and "data" may name a hub id instead
+_PATH_FIELDS: dict[str, str] = {
+    "data.source": "data",
+    "model.name_or_path": "model",
+    "model.tokenizer": "model",
+    "model.config_file": "file",
+    "reweighting.reference_model": "model",
+    "reweighting.options.weights_from": "file",
+    "train.output_dir": "file",
+}
+_PATH_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".pq", ".csv", ".yaml", ".yml", ".pt", ".safetensors", ".bin")
+
+
+def looks_like_path(value: str) -> bool:
+    """True for values that cannot be hub ids (``org/name``): ``./x``, ``a/b/c``, ``x.jsonl``, globs."""
+    return (
+        value.startswith((".", "/", "~"))
+        or value.count("/") >= 2
+        or "\\" in value
+        or value.lower().endswith(_PATH_SUFFIXES)
+        or any(ch in value for ch in "*?[")
+    )
+
+
+def _resolve_path(dotted: str, value: Any, base: Path, data_format: str | None) -> Any:
+    """``value`` of path field ``dotted`` made absolute against ``base`` (hub ids and embedded kept)."""
+    if not isinstance(value, str) or not value.strip() or value == "embedded" or value.startswith("embedded:"):
+        return value
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded):
+        return expanded
+    candidate = os.path.abspath(os.path.join(base, expanded))
+    kind = _PATH_FIELDS[dotted]
+    if kind == "file" or (kind == "data" and data_format not in ("hf", "?")):
+        return candidate
+    return candidate if os.path.exists(candidate) or looks_like_path(value) else value
+
+
+def _resolve_tree(tree: Any, base: Path, data_format: str | None) -> None:
+    """Resolve the path fields present in the nested mapping ``tree`` in place (see the module docstring)."""
+    for dotted in _PATH_FIELDS:
+        *parents, last = dotted.split(".")
+        node = tree
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node:
+            node[last] = _resolve_path(dotted, node[last], base, data_format)
+
+
+def _resolve_fields(cfg: ExperimentConfig, base: Path) -> None:
+    """Resolve the still-relative path fields of ``cfg`` (overrides, defaults) against ``base`` in place."""
+    for dotted in _PATH_FIELDS:
+        *parents, last = dotted.split(".")
+        node: Any = cfg
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else getattr(node, key, None)
+        if isinstance(node, dict) and last in node:
+            node[last] = _resolve_path(dotted, node[last], base, cfg.data.format)
+        elif node is not None and not isinstance(node, dict) and hasattr(node, last):
+            setattr(node, last, _resolve_path(dotted, getattr(node, last), base, cfg.data.format))
+
+
+def resolve_override(item: str, base: str | Path) -> str:
+    """The override ``item`` with a relative path value made absolute against ``base``.
+
+    ``mixsel compare`` passes the overrides written in a compare file through this, so that their
+    paths resolve against that file's folder (overrides typed on the command line resolve against the
+    working directory when the config is loaded).
+    """
+    key, value = _split_override(item)
+    sub: dict[str, Any] = {}
+    _set_path(sub, key, value)
+    before = json.dumps(sub, sort_keys=True, default=str)
+    _resolve_tree(sub, Path(base), "?")
+    if json.dumps(sub, sort_keys=True, default=str) == before:
+        return item
+    node: Any = sub
+    for part in key.split("."):
+        node = node[part]
+    return f"{key}={json.dumps(node)}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load an :class:`ExperimentConfig` from YAML (or defaults) and apply overrides.
 
     ``path`` may be a YAML file, or ``None`` for the dataclass defaults (the embedded default experiment).
+    Relative paths in the file resolve against its folder; those in ``overrides`` (and the defaults)
+    against the working directory.
     """
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {str(path)!r} not found; pass --config with an existing YAML file")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml(path)
+        if loaded is None:
+            loaded = {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping at the top level")
+            raise ValueError(
+                f"config file {path} must hold a mapping of sections (data:, train:, ...) at the top level, "
+                f"not a {type(loaded).__name__}"
+            )
         tree = loaded
+        data = tree.get("data")
+        _resolve_tree(tree, path.resolve().parent, data.get("format") if isinstance(data, dict) else None)
     tree = apply_overrides(tree, list(overrides or []))
-    return validate(from_dict(ExperimentConfig, tree))
+    cfg = from_dict(ExperimentConfig, tree)
+    _resolve_fields(cfg, Path.cwd())
+    return validate(cfg)
 
+
+# --------------------------------------------------------------------------------------------------
+# range checks
+# --------------------------------------------------------------------------------------------------
 
 # (dotted field, smallest allowed value, what the field means): checked by ``validate``
 _MINIMA: tuple[tuple[str, float, str], ...] = (
@@ -437,14 +640,58 @@ _MINIMA: tuple[tuple[str, float, str], ...] = (
     ("train.log_every", 1, "steps between metric rows"),
     ("train.save_every", 0, "steps between checkpoints (0 = only the final one)"),
     ("train.weight_decay", 0, "AdamW weight decay"),
+    ("train.grad_clip", 0, "the gradient-norm clipping threshold (0 = off; a negative value would ascend)"),
+    ("train.threads", 1, "CPU threads for torch (null = physical cores / processes)"),
+    ("train.stop_after", 1, "the step after which to stop with a checkpoint"),
+    ("train.max_loss_factor", 1, "the multiple of ln(vocab size) above which the loss counts as diverged"),
+    ("train.max_weight_growth", 1, "the one-step growth of the weight norm that counts as diverged"),
+    ("data.max_length", 2, "tokens per example (a prompt token and a target at least)"),
+    ("data.val_per_domain", 0, "validation rows held out per domain"),
+    ("data.test_per_domain", 0, "test rows held out per domain"),
+    ("data.max_train_per_domain", 1, "the cap on training rows per domain (null = all)"),
+    ("model.lora.r", 1, "the LoRA rank"),
+    ("model.lora.alpha", 1, "the LoRA alpha"),
+    ("model.lora.dropout", 0, "the LoRA dropout probability"),
     ("eval.every", 1, "steps between evaluations (the last step is always evaluated)"),
     ("eval.max_per_domain", 1, "validation examples per domain"),
     ("eval.exact_match", 0, "exact-match prompts per scored domain (0 = off)"),
     ("eval.max_new_tokens", 1, "generated tokens per exact-match prompt"),
     ("reweighting.update_every", 1, "steps between reweighting updates"),
     ("reweighting.projection_dim", 1, "dimension of the projected domain gradients"),
+    ("reweighting.val_per_domain", 1, "validation rows per domain for the target gradient"),
     ("selection.features.val_anchors", 0, "validation examples per domain for the target gradient"),
+    ("selection.features.projection_dim", 1, "the gradient projection dimension (null = exact)"),
 )
+
+# (dotted field, allowed values): checked by ``validate``
+_CHOICES: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    ("data.format", (None, "jsonl", "json", "parquet", "csv", "hf")),
+    ("model.dtype", ("float32", "bfloat16", "float16", "float64")),
+    ("train.autocast", (None, "bf16", "bfloat16", "none", "false")),
+    ("train.distributed_selection", ("global", "gather", "local")),
+    ("selection.features.source", ("lm_head", "linear")),
+)
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for key in dotted.split("."):
+        node = getattr(node, key)
+    return node
+
+
+def _floats(cfg: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float-valued field of ``cfg`` as ``(dotted name, value)``."""
+    out: list[tuple[str, float]] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(_floats(value, f"{prefix}{f.name}."))
+        elif isinstance(value, float):
+            out.append((f"{prefix}{f.name}", value))
+    return out
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -453,23 +700,144 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     Raises:
         ValueError: naming the field, its value and the allowed range.
     """
+    for dotted, value in _floats(cfg):
+        if not math.isfinite(value):
+            raise ValueError(f"{dotted}={value} is not a finite number; set a finite value (e.g. train.lr=3e-4)")
     for dotted, low, meaning in _MINIMA:
-        node: Any = cfg
-        for key in dotted.split("."):
-            node = getattr(node, key)
-        if node < low:
-            raise ValueError(f"{dotted}={node} is {meaning} and must be >= {low}: set {dotted}=<a value >= {low}>")
+        value = _get(cfg, dotted)
+        if value is not None and value < low:
+            raise ValueError(f"{dotted}={value} is {meaning} and must be >= {low}: set {dotted}=<a value >= {low}>")
+    for dotted, allowed in _CHOICES:
+        value = _get(cfg, dotted)
+        if value not in allowed:
+            shown = ", ".join("null" if a is None else str(a) for a in allowed)
+            raise ValueError(f"{dotted}={value!r} is not one of {shown}: set {dotted} to one of them")
     if not cfg.train.lr > 0:
         raise ValueError(f"train.lr={cfg.train.lr} must be > 0 (e.g. train.lr=3e-4)")
     if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
         raise ValueError(f"train.min_lr_ratio={cfg.train.min_lr_ratio} must lie in [0, 1]")
+    if not cfg.model.lora.dropout < 1.0:
+        raise ValueError(f"model.lora.dropout={cfg.model.lora.dropout} must lie in [0, 1)")
+    if not cfg.selection.features.zo_eps > 0:
+        raise ValueError(f"selection.features.zo_eps={cfg.selection.features.zo_eps} must be > 0 (CoLM uses 1e-3)")
     if cfg.train.batch_size > cfg.train.pool_size:
         raise ValueError(
             f"train.batch_size={cfg.train.batch_size} exceeds train.pool_size={cfg.train.pool_size}: the batch is "
             "selected from the pool, so set train.pool_size >= train.batch_size"
         )
+    if not _DEVICE.match(cfg.train.device):
+        raise ValueError(f"train.device={cfg.train.device!r} is not auto, cpu, mps, cuda or cuda:N")
+    if not cfg.train.output_dir.strip():
+        raise ValueError("train.output_dir is empty; name a run folder (e.g. train.output_dir=runs/my_run)")
+    if cfg.train.resume and cfg.train.overwrite:
+        raise ValueError(
+            "train.resume and train.overwrite are both set: --resume continues the run in the folder, "
+            "--overwrite replaces it; keep one"
+        )
+    options = (("selection.options", cfg.selection.options), ("reweighting.options", cfg.reweighting.options))
+    for name, section in options:
+        bad = [key for key in section if not isinstance(key, str)]
+        if bad:
+            raise ValueError(f"{name} has non-string keys {bad}; write {name}={{name: value}}")
     return cfg
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write ``cfg`` as YAML to ``path`` atomically (a temporary sibling, then ``os.replace``)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# fingerprints: which fields define a run (resume checks, mixsel compare's reruns)
+# --------------------------------------------------------------------------------------------------
+
+# fields a resumed run may change: they do not alter the weights it trains (max_steps only past the checkpoint)
+RESUME_SAFE_FIELDS = frozenset(
+    {
+        "name",
+        "train.max_steps",
+        "train.stop_after",
+        "train.save_every",
+        "train.log_every",
+        "train.log_selections",
+        "train.output_dir",
+        "train.resume",
+        "train.overwrite",
+        "train.force_resume",
+        "train.max_loss_factor",
+        "train.max_weight_growth",
+        "train.threads",
+        "train.device",
+        "eval",
+    }
+)
+
+# fields mixsel compare ignores when it decides whether a finished run's result is still current
+RESULT_SAFE_FIELDS = frozenset(
+    {
+        "train.stop_after",
+        "train.save_every",
+        "train.log_every",
+        "train.log_selections",
+        "train.output_dir",
+        "train.resume",
+        "train.overwrite",
+        "train.force_resume",
+        "train.max_loss_factor",
+        "train.max_weight_growth",
+        "train.threads",
+    }
+)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):  # an empty mapping adds nothing, so {} and a missing key agree
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_fields(cfg: Any, ignore: frozenset[str] = RESUME_SAFE_FIELDS) -> dict[str, Any]:
+    """The fields of ``cfg`` (a config or its dict) that define the run, flattened to dotted names.
+
+    ``ignore`` lists fields (or whole sections) left out: :data:`RESUME_SAFE_FIELDS` for resuming,
+    :data:`RESULT_SAFE_FIELDS` for ``mixsel compare``. A dict is read through :func:`from_dict`, so
+    fields added since it was written take their defaults.
+    """
+    tree = config_to_dict(cfg if dataclasses.is_dataclass(cfg) else from_dict(ExperimentConfig, cfg))
+    return {
+        key: value
+        for key, value in _flatten(tree).items()
+        if not any(key == skip or key.startswith(skip + ".") for skip in ignore)
+    }
+
+
+def config_fingerprint(cfg: Any, ignore: frozenset[str] = RESUME_SAFE_FIELDS) -> str:
+    """A SHA-256 of :func:`run_fields`: equal fingerprints, equal runs."""
+    blob = json.dumps(run_fields(cfg, ignore), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(field, old value, new value)`` for every field that differs between two :func:`run_fields`."""
+    missing = object()
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a != b:
+            out.append((key, None if a is missing else a, None if b is missing else b))
+    return out
+
+
+def describe_diff(diff: list[tuple[str, Any, Any]], limit: int = 6) -> str:
+    """``"train.lr 0.003 -> 0.001, seed 0 -> 1"`` for :func:`config_diff` output."""
+    shown = [f"{key} {a!r} -> {b!r}" for key, a, b in diff[:limit]]
+    if len(diff) > limit:
+        shown.append(f"and {len(diff) - limit} more")
+    return ", ".join(shown)

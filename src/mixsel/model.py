@@ -11,8 +11,10 @@ Three ways to get a model, all through ``transformers``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,14 @@ import torch
 
 from mixsel.config import ModelConfig
 
-__all__ = ["build_model", "build_tokenizer", "resolve_config_file", "unwrap_model"]
+__all__ = [
+    "build_model",
+    "build_tokenizer",
+    "check_model_source",
+    "quiet_hf_progress",
+    "resolve_config_file",
+    "unwrap_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +38,103 @@ _PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
+# files that make a folder a tokenizer / a model checkpoint (full weights or a peft adapter)
+_TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt"})
+_MODEL_FILES = frozenset({"config.json", "adapter_config.json"})
+
+
+@contextlib.contextmanager
+def quiet_hf_progress() -> Any:
+    """Silence transformers' own progress bars (e.g. "Writing model shards") for a block."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is needed to build the model anyway
+        yield
+        return
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _hub_offline() -> bool:
+    """Whether ``huggingface_hub`` may not download (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    flags = (os.environ.get(name, "") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(flag.strip().lower() in ("1", "true", "yes", "on") for flag in flags)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0].strip() if text else type(err).__name__
+
+
+def check_model_source(value: str, field: str, need: str = "model") -> None:
+    """Raise one clear line if ``value`` (config field ``field``) cannot give a ``need`` (model or tokenizer).
+
+    A local folder must hold the files of a ``need``; a value that is not a local folder must be a hub
+    id, and the hub must be online. Checked before any data or weights are loaded.
+
+    Raises:
+        FileNotFoundError: a folder without the files, or not a folder while the hub is offline.
+        ValueError: ``value`` is a file.
+    """
+    path = Path(value).expanduser()
+    if path.is_dir():
+        files = {p.name for p in path.iterdir()}
+        wanted = _TOKENIZER_FILES if need == "tokenizer" else _MODEL_FILES
+        if not files & wanted:
+            raise FileNotFoundError(
+                f"{field}={value!r} is a folder without a {need} (none of {sorted(wanted)}): point it at a saved "
+                "model folder such as <run>/final"
+            )
+        return
+    if path.exists():
+        raise ValueError(f"{field}={value!r} is a file; point it at a model folder (with config.json) or a hub id")
+    if _hub_offline():
+        raise FileNotFoundError(
+            f"{field}={value!r} is not a local folder, and the hub is offline (HF_HUB_OFFLINE=1): check the path "
+            "(relative paths in a config file resolve against its folder), or unset HF_HUB_OFFLINE to download it"
+        )
+    from mixsel.config import looks_like_path
+
+    if looks_like_path(value):
+        raise FileNotFoundError(
+            f"{field}={value!r} is not a local folder (nor a hub id): check the path (relative paths in a config "
+            "file resolve against its folder)"
+        )
+
+
 def resolve_config_file(spec: str) -> Path:
     """``embedded:NAME`` -> the packaged ``configs/NAME.json``; anything else is a path."""
     if spec.startswith("embedded:"):
         path = _PACKAGE_CONFIGS / f"{spec.split(':', 1)[1]}.json"
         if not path.exists():
             known = sorted(p.stem for p in _PACKAGE_CONFIGS.glob("*.json"))
-            raise FileNotFoundError(f"no packaged model config {spec!r}; known: {known}")
+            raise FileNotFoundError(
+                f"model.config_file={spec!r} is not a packaged model config; use one of "
+                f"{', '.join('embedded:' + k for k in known)} or a JSON file"
+            )
         return path
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"model.config_file {spec!r} does not exist")
+        raise FileNotFoundError(f"model.config_file={spec!r} does not exist; point it at a JSON of model config fields")
+    if not path.is_file():
+        raise ValueError(f"model.config_file={spec!r} is a folder; point it at a JSON file of model config fields")
     return path
+
+
+def _read_config_file(spec: str) -> dict[str, Any]:
+    path = resolve_config_file(spec)
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"model.config_file={spec!r} is not a JSON file ({_first_line(err)}); fix it") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"model.config_file={spec!r} must hold a JSON object of transformers config fields")
+    return fields
 
 
 def build_tokenizer(cfg: ModelConfig) -> Any:
@@ -52,14 +146,24 @@ def build_tokenizer(cfg: ModelConfig) -> Any:
         from mixsel.data.embedded import load_embedded_tokenizer
 
         return load_embedded_tokenizer()
-    tok = AutoTokenizer.from_pretrained(source)
+    field = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    check_model_source(source, field, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{field}={source!r}: no tokenizer could be loaded from it ({_first_line(err)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def build_model(cfg: ModelConfig, tokenizer: Any | None = None) -> torch.nn.Module:
-    """Build (or load) the causal LM described by ``cfg``; apply LoRA if enabled."""
+def build_model(
+    cfg: ModelConfig, tokenizer: Any | None = None, *, field: str = "model.name_or_path"
+) -> torch.nn.Module:
+    """Build (or load) the causal LM described by ``cfg``; apply LoRA if enabled.
+
+    ``field`` names the config field ``cfg.name_or_path`` came from, for error messages.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = _DTYPES.get(cfg.dtype)
@@ -69,10 +173,17 @@ def build_model(cfg: ModelConfig, tokenizer: Any | None = None) -> torch.nn.Modu
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **kwargs)
+        check_model_source(cfg.name_or_path, field, "model")
+        try:
+            with quiet_hf_progress():  # transformers' own "Loading weights" bar
+                model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"{field}={cfg.name_or_path!r}: no model could be loaded from it ({_first_line(err)})"
+            ) from None
         log.info("loaded model from %s", cfg.name_or_path)
     elif cfg.config_file:
-        fields = json.loads(resolve_config_file(cfg.config_file).read_text())
+        fields = _read_config_file(cfg.config_file)
         model_type = fields.pop("model_type", "llama")
         if tokenizer is not None:
             fields.setdefault("vocab_size", len(tokenizer))

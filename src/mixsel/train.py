@@ -25,7 +25,16 @@ Each step:
    size; ``train.autocast=bf16`` runs this forward under ``torch.autocast``;
 4. per-domain statistics (:class:`mixsel.DomainStats`, all-reduced) update the reweighter;
 5. every ``eval.every`` steps: per-domain validation loss and exact match; metrics go to
-   ``<output_dir>/metrics.jsonl``; checkpoints are atomic and ``train.resume=true`` continues exactly.
+   ``<output_dir>/metrics.jsonl``; checkpoints are atomic and verified, and ``train.resume=true``
+   continues exactly (:mod:`mixsel.checkpoint`).
+
+Before anything is loaded or written, the config, the method names and options, the device, the
+model paths and the run folder are checked (:func:`mixsel.preflight.preflight`): a folder holding another run is
+refused unless ``--resume`` (same run-defining config, :mod:`mixsel.runfolder`) or ``--overwrite``.
+A step whose loss or gradient norm is not finite, whose loss exceeds ``train.max_loss_factor`` x
+ln(vocab size) (the loss of uniform guessing), that multiplies the weight norm by more than
+``train.max_weight_growth``, or after which the gradient vanishes for 3 steps in a row stops the run
+as diverged, with the last good checkpoint intact; non-finite weights are never saved.
 
 The run folder gets ``config.yaml``, ``metrics.jsonl``, ``result.json`` and ``final/`` (the model).
 """
@@ -36,21 +45,39 @@ import json
 import logging
 import math
 import os
+import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mixsel import bookkeeping
-from mixsel.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from mixsel.config import ExperimentConfig, config_to_dict, load_config, save_config, validate
+from mixsel.checkpoint import (
+    CHECKPOINT_NAME,
+    read_manifest,
+    remove_leftovers,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from mixsel.config import (
+    RESULT_SAFE_FIELDS,
+    ExperimentConfig,
+    config_fingerprint,
+    config_to_dict,
+    run_fields,
+    save_config,
+)
 from mixsel.distributed import all_gather_object, all_reduce_sum, barrier, init_world
-from mixsel.registry import get_reweighter, get_selector
+from mixsel.preflight import preflight
+from mixsel.registry import get_reweighter
+from mixsel.runfolder import clear_run
 from mixsel.step import OnlineSelector
 
-__all__ = ["main", "train"]
+__all__ = ["default_threads", "main", "summarize_mixture", "train"]
 
 log = logging.getLogger("mixsel.train")
 
@@ -71,6 +98,19 @@ def _lr_lambda(cfg: ExperimentConfig):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn
+
+
+def _restate_schedule(optimizer: Any, scheduler: Any, cfg: ExperimentConfig) -> None:
+    """After loading a checkpoint, make this config's ``train.lr``, ``weight_decay`` and schedule
+    (``max_steps``) the ones in force: a loaded optimizer keeps the saved ones otherwise. With an
+    unchanged config the values are the same ones LambdaLR computes, bit for bit."""
+    fn = _lr_lambda(cfg)
+    scheduler.base_lrs = [cfg.train.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.train.lr
+        group["weight_decay"] = cfg.train.weight_decay
+        group["lr"] = cfg.train.lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -142,8 +182,97 @@ def _weights_from(options: dict[str, Any], domains: list[str]) -> dict[str, Any]
     return {**options, "weights": {d: float(loaded[d]) for d in domains}}
 
 
+def default_threads() -> int:
+    """``train.threads=null``: the physical cores this process may use, shared among the processes that
+    ``torchrun`` started on this machine (``LOCAL_WORLD_SIZE``), at least 1.
+
+    Physical, not logical, cores: hyper-threads and a second job on the same cores make every thread
+    wait on the others (oversubscription), which slows small models by several times.
+    """
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        available = os.cpu_count() or 1
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or available
+    except ImportError:  # torch's own default is the physical core count
+        physical = torch.get_num_threads()
+    local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(min(available, physical) // local, 1)
+
+
+def _set_threads(cfg: ExperimentConfig) -> str:
+    """Apply ``train.threads`` (or the default); returns how the count was chosen, for the start lines."""
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+        return f"{cfg.train.threads} (train.threads)"
+    if "OMP_NUM_THREADS" in os.environ:
+        return f"{torch.get_num_threads()} (OMP_NUM_THREADS)"
+    threads = default_threads()
+    torch.set_num_threads(threads)
+    return f"{threads} (physical cores / processes; set train.threads to share the machine)"
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed torch, Python's ``random`` and numpy from the run seed (their states go into checkpoints)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def summarize_mixture(mixture: Any, eval_cfg: Any = None) -> str:
+    """The data summary printed at the start of a run (:func:`mixsel.data.summary.format_data_summary`:
+    the resolved source, per-domain rows per split, truncation and what is scored).
+
+    Warns (through the log) about a domain without validation rows: its validation loss is not
+    measured and no validation anchor comes from it.
+    """
+    from mixsel.data.summary import format_data_summary
+
+    for d, count in enumerate(mixture.validation.domain_counts().tolist()):
+        if count == 0:
+            log.warning(
+                "domain %r has no validation rows: its validation loss is not measured and no selection anchor "
+                "comes from it; raise data.val_per_domain or add validation rows",
+                mixture.domains[d],
+            )
+    return format_data_summary(mixture.summary, eval_cfg)
+
+
+def _last_good(out: Path) -> str:
+    """Where a stopped run can continue from, for divergence messages."""
+    manifest = read_manifest(out / CHECKPOINT_NAME)
+    if manifest is None:
+        return "no checkpoint was saved yet (train.save_every=N keeps one every N steps)"
+    return f"the last good checkpoint (step {manifest.get('step')}) in {out / CHECKPOINT_NAME} is intact"
+
+
+def _check_finite_weights(model: torch.nn.Module, step: int, out: Path) -> None:
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FloatingPointError(
+            f"training diverged: the weights hold NaN or inf after step {step} ({', '.join(bad[:2])}) "
+            f"and were not saved; {_last_good(out)}: lower train.lr or raise train.grad_clip, then --resume"
+        )
+
+
+def _weight_norm(params: list[torch.nn.Parameter]) -> float:
+    """The L2 norm of all ``params`` together."""
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach()) for p in params])))
+
+
+# steps in a row with a zero gradient (and a positive loss) after which a model counts as dead
+_DEAD_STEPS = 3
+
+
 def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Run one experiment; returns the content of ``result.json``."""
+    """Run one experiment; returns the content of ``result.json``.
+
+    ``progress`` shows the progress bar and prints the start lines (run folder, data, threads, the
+    data summary) on stdout.
+    """
     from tqdm.auto import tqdm
 
     from mixsel.data.build import load_mixture
@@ -151,27 +280,43 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     from mixsel.evaluate import domain_losses, exact_match
     from mixsel.features.loss import per_example_loss
     from mixsel.logging import build_loggers, check_report_to, launch_message, progress_postfix, truncate_jsonl
-    from mixsel.model import build_model, build_tokenizer
+    from mixsel.model import build_model, build_tokenizer, quiet_hf_progress
     from mixsel.plots import plot_run
 
-    # ---- set-up: world, seeds, output folder -------------------------------------------------
-    validate(cfg)  # value ranges, also for configs built in Python rather than loaded
+    # ---- checks before anything is loaded or written -----------------------------------------
     check_report_to(cfg.train.report_to)
+    selector, mode, state = preflight(cfg)
     world = init_world(cfg.train.device)
     device = _device(cfg.train.device, world.local_rank)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.seed)
+    threads = _set_threads(cfg)
+    _seed_everything(cfg.seed)
     out = Path(cfg.train.output_dir)
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    say = print if (progress and world.is_main) else (lambda *args, **kwargs: None)
+    verb = {"fresh": "a new run", "overwrite": "replacing the earlier run", "resume": "resuming"}[mode]
+    if state is not None:
+        verb += f" from step {state['step']}"
+    say(f"run folder: {out.absolute()} ({verb})", flush=True)
+    say(f"threads: {threads}", flush=True)
 
     # ---- data and model ----------------------------------------------------------------------
     tokenizer = build_tokenizer(cfg.model)
     mixture = load_mixture(cfg.data, tokenizer, seed=cfg.seed)
+    say(summarize_mixture(mixture, cfg.eval), flush=True)
     domains, train_split = mixture.domains, mixture.train
     num_domains = len(domains)
+    if (
+        len(mixture.validation) == 0
+        and cfg.selection.features.val_anchors
+        and selector.requires
+        & {
+            "val_scores",
+            "val_gram",
+        }
+    ):
+        raise ValueError(
+            f"selection.method={cfg.selection.method!r} needs validation anchors but the validation split is empty: "
+            "set data.val_per_domain >= 1 (or give validation rows in data.split_column)"
+        )
     pad_id = tokenizer.pad_token_id
     model = build_model(cfg.model, tokenizer).to(device)
     model.train()
@@ -181,7 +326,6 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
 
     # ---- selection and reweighting -----------------------------------------------------------
     k, pool_size = cfg.train.batch_size, cfg.train.pool_size  # validate(cfg) checked k <= pool_size
-    selector = get_selector(cfg.selection.method, **cfg.selection.options)
     online = OnlineSelector(
         selector,
         cfg.selection.features,
@@ -206,36 +350,51 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     else:
         log.info(launch)
     rw_options = _weights_from(dict(cfg.reweighting.options), domains)
-    reweighter = get_reweighter(
-        cfg.reweighting.method, domains=domains, update_every=cfg.reweighting.update_every, **rw_options
-    )
+    try:
+        reweighter = get_reweighter(
+            cfg.reweighting.method, domains=domains, update_every=cfg.reweighting.update_every, **rw_options
+        )
+    except TypeError as err:  # an unknown or missing keyword option
+        raise ValueError(
+            f"reweighting.options for {cfg.reweighting.method!r}: {err}; docs/reweighting.md lists the options"
+        ) from None
     reference = None
     if cfg.reweighting.reference_model:
         from mixsel.config import ModelConfig
 
-        reference = build_model(ModelConfig(name_or_path=cfg.reweighting.reference_model), tokenizer).to(device)
+        reference = build_model(
+            ModelConfig(name_or_path=cfg.reweighting.reference_model), tokenizer, field="reweighting.reference_model"
+        ).to(device)
         reference.eval().requires_grad_(False)
-    elif reweighter.needs_reference:
-        raise ValueError(
-            f"reweighting.method={cfg.reweighting.method!r} needs a reference model: train one on the natural "
-            "mixture (mixsel train selection.method=random) and set reweighting.reference_model=<run>/final"
-        )
     sampler = CandidateSampler(train_split.domain_ids, pool_size, seed=cfg.seed, num_domains=num_domains)
     autocast = _autocast(cfg.train.autocast, device)
 
     # ---- resume ------------------------------------------------------------------------------
     start = 0
-    state = load_checkpoint(out) if cfg.train.resume else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        _restate_schedule(optimizer, scheduler, cfg)
         sampler.load_state_dict(state["sampler"])
         selector.load_state_dict(_selector_state(state, world))
         reweighter.load_state_dict(state["reweighter"])
         set_rng_state(state["rng"])
         start = state["step"]
         log.info("resumed from step %d", start)
+    state = None  # the checkpoint's tensors are in the model and optimizer now
+
+    # ---- the run folder: written only now that config, data and model are known to work ------
+    barrier()  # every rank has checked the folder before rank 0 writes into it
+    if world.is_main:
+        remove_leftovers(out)
+        if mode == "overwrite":
+            clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    fingerprint = config_fingerprint(cfg)  # what a resume must match
+    result_fingerprint = config_fingerprint(cfg, RESULT_SAFE_FIELDS)  # what mixsel compare resumes on
+    run_config = json.loads(json.dumps(run_fields(cfg), default=str))
     # metrics.jsonl keeps the lines up to the resumed step (all of them are dropped on a fresh start)
     loggers = (
         build_loggers(
@@ -258,11 +417,14 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     def checkpoint(step: int) -> None:
         # "local" selection: every rank's selector has its own state (a collective, on all ranks)
         selectors = all_gather_object(selector.state_dict()) if online.mode == "local" else None
+        _check_finite_weights(model, step, out)
         if world.is_main:
             save_checkpoint(
                 out,
                 {
                     "step": step,
+                    "fingerprint": fingerprint,
+                    "run_config": run_config,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
@@ -272,6 +434,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                     "reweighter": reweighter.state_dict(),
                     "rng": rng_state(),
                 },
+                meta={"fingerprint": fingerprint, "result_fingerprint": result_fingerprint},
             )
         barrier()
 
@@ -296,6 +459,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
 
     # ---- the loop ----------------------------------------------------------------------------
     val_split = mixture.validation
+    vocab = 0  # the model's output size, read from the first logits (ln V = uniform guessing)
+    dead_steps = 0  # steps in a row with a zero gradient and a positive loss
     t_start = time.perf_counter()
     bar = tqdm(
         range(start, cfg.train.max_steps),
@@ -341,11 +506,13 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             batch = {key: pool[key][rows].to(device) for key in ("input_ids", "attention_mask", "labels")}
             with autocast:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            vocab = logits.shape[-1]
             per_ex = per_example_loss(logits.float(), batch["labels"])
             if not torch.isfinite(per_ex).all():
                 raise FloatingPointError(
-                    f"non-finite loss at step {step} (domains {chosen_domains[s : s + mb].tolist()}); "
-                    "lower train.lr or check the data; resume from the last checkpoint with train.resume=true"
+                    f"training diverged: non-finite loss at step {step + 1} (domains "
+                    f"{chosen_domains[s : s + mb].tolist()}); {_last_good(out)}: lower train.lr or check the "
+                    "data, then resume from the last checkpoint with --resume (train.resume=true)"
                 )
             (per_ex * w[s : s + mb].to(device)).sum().div(total_w.to(device)).mul(world.world_size).backward()
             losses.append(per_ex.detach().cpu())
@@ -354,8 +521,24 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 all_reduce_sum(p.grad).div_(world.world_size)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip) if cfg.train.grad_clip else None
+        # the total gradient norm, clipped to train.grad_clip (0 = measured only: a factor of exactly 1)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or math.inf))
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"training diverged: the gradient norm is {grad_norm} at step {step + 1} (the weights were not "
+                f"updated); {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}) or set train.grad_clip, "
+                "then --resume"
+            )
+        norm_before = _weight_norm(params) if cfg.train.max_weight_growth else 0.0
         optimizer.step()
+        if cfg.train.max_weight_growth:
+            growth = _weight_norm(params) / max(norm_before, 1.0)
+            if not growth <= cfg.train.max_weight_growth:  # also NaN
+                raise FloatingPointError(
+                    f"training diverged: step {step + 1} multiplied the weight norm by {growth:.3g} (more than "
+                    f"train.max_weight_growth={cfg.train.max_weight_growth:g}); {_last_good(out)}: lower train.lr "
+                    f"(now {cfg.train.lr:g}), then --resume"
+                )
         scheduler.step()
         t2 = time.perf_counter()
 
@@ -400,8 +583,22 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                 "time/step": time.perf_counter() - t0,
             }
         )
-        if grad_norm is not None:
-            metrics["train/grad_norm"] = float(grad_norm)
+        metrics["train/grad_norm"] = grad_norm
+        train_loss = metrics["train/loss"]
+        ceiling = cfg.train.max_loss_factor * math.log(vocab) if cfg.train.max_loss_factor and vocab > 1 else None
+        if ceiling is not None and train_loss > ceiling:
+            raise FloatingPointError(
+                f"training diverged: the train loss {train_loss:.4g} at step {step + 1} exceeds train.max_loss_factor="
+                f"{cfg.train.max_loss_factor:g} x ln(vocab size {vocab}) = {ceiling:.4g} (uniform guessing scores "
+                f"{math.log(vocab):.3g}); {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}), then --resume"
+            )
+        dead_steps = dead_steps + 1 if grad_norm == 0.0 and train_loss > 0 else 0
+        if dead_steps >= _DEAD_STEPS:
+            raise FloatingPointError(
+                f"training diverged: the gradient has been exactly 0 for {dead_steps} steps (up to step {step + 1}) "
+                f"with a train loss of {train_loss:.4g}: the model stopped learning, typically after a too-large "
+                f"step; {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}), then --resume"
+            )
         metrics.update({k: v for k, v in reweighter.log_dict().items() if not k.startswith("weights/")})
         comp = stats.counts / stats.counts.sum().clamp_min(1)
         for d, name in enumerate(domains):
@@ -425,7 +622,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             checkpoint(step + 1)
             for logger in loggers:
                 logger.close()
-            log.info("stopping after step %d (train.stop_after); resume with train.resume=true", step + 1)
+            log.info("stopping after step %d (train.stop_after); continue with --resume", step + 1)
             return {"stopped_at": step + 1}
 
     # ---- final evaluation on the test split and result.json ----------------------------------
@@ -451,31 +648,33 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         **test,
         "config": config_to_dict(cfg),
     }
+    _check_finite_weights(model, cfg.train.max_steps, out)
     if world.is_main:
         for logger in loggers:
             logger.close()
-        (out / "result.json").write_text(json.dumps(result, indent=2))
         if cfg.train.plots:
             plot_run(out)
         final_dir = out / "final"
-        model.save_pretrained(final_dir)
+        with quiet_hf_progress():
+            model.save_pretrained(final_dir)
         tokenizer.save_pretrained(final_dir)
+        tmp = out / ".result.json.tmp"  # written last, atomically: a result.json marks a finished run
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, out / "result.json")
     if cfg.train.save_every:  # on every rank: checkpoint() is a collective
         checkpoint(cfg.train.max_steps)
     barrier()
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mixsel.train ...``: the same as ``mixsel train ...`` (flags, errors, exit status)."""
+    import sys
 
-    parser = argparse.ArgumentParser(description="mixsel training loop")
-    parser.add_argument("--config", default=None, help="YAML experiment (default: the embedded default)")
-    parser.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. train.max_steps=20")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("MIXSEL_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
-    train(load_config(args.config, args.overrides))
+    from mixsel.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -187,7 +187,16 @@ def test_train_draws_doremi_pools_from_the_proposal(tmp_path, monkeypatch):
     drawn.clear()
     natural = "reweighting.options={proposal: natural}"
     train(
-        load_config(None, [*cfg, "reweighting.method=doremi", f"reweighting.reference_model={ref}/final", natural]),
+        load_config(
+            None,
+            [
+                *cfg,
+                "reweighting.method=doremi",
+                f"reweighting.reference_model={ref}/final",
+                natural,
+                "train.overwrite=true",
+            ],
+        ),
         progress=False,
     )
     assert drawn == [None, None]

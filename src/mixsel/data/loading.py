@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -189,8 +190,23 @@ def _read_local_files(files: Sequence[str], fmt: str | None) -> list[dict[str, A
                 f"cannot tell the format of {path!r} from its name; set data.format to one of "
                 f"{', '.join(f for f in _FORMATS if f != 'hf')}"
             )
-        rows.extend(_read_file(path, file_fmt))
+        try:
+            rows.extend(_read_file(path, file_fmt))
+        except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error) as err:
+            raise ValueError(_undecodable(path, err)) from None
     return rows
+
+
+def _undecodable(path: str, err: Exception) -> str:
+    """One line for a data file that cannot be decoded: not UTF-8 (with the byte offset), or a damaged gzip."""
+    if isinstance(err, UnicodeDecodeError):
+        where = " of the decompressed text" if path.lower().endswith(".gz") else ""
+        byte = err.object[err.start : err.start + 1].hex()
+        return (
+            f"data file {path} is not UTF-8 text (byte 0x{byte} at offset {err.start}{where}); "
+            "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        )
+    return f"data file {path} is a truncated or damaged gzip file ({err or type(err).__name__}); re-create it"
 
 
 def _rows_from_hf(obj: Any, split_column: str | None) -> tuple[list[dict[str, Any]], str | None]:

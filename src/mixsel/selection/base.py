@@ -34,7 +34,7 @@ from mixsel.seeding import pool_seed
 from mixsel.solvers._checks import check_k
 from mixsel.types import FEATURE_NAMES, Selection
 
-__all__ = ["FEATURE_NAMES", "Pool", "Selector", "check_k"]
+__all__ = ["FEATURE_NAMES", "Pool", "Selector", "check_k", "check_pool"]
 
 
 @dataclass
@@ -63,6 +63,9 @@ class Pool:
     seed: int = 0
     val_domains: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        check_pool(self)
+
     @property
     def size(self) -> int:
         return int(self.domains.numel())
@@ -84,6 +87,51 @@ class Pool:
 
     def domain_counts(self) -> torch.Tensor:
         return torch.bincount(self.domains, minlength=self.num_domains)
+
+
+# features with one row per candidate: their first dimension must be the pool size
+_PER_CANDIDATE = FEATURE_NAMES - {"val_gram"}
+
+
+def check_pool(pool: Pool) -> None:
+    """One clear ``ValueError`` for a pool whose parts disagree: domain ids that are not integers in
+    ``[0, num_domains)``, or a per-candidate feature whose rows do not match the candidates."""
+    domains = pool.domains
+    if not isinstance(domains, torch.Tensor):
+        try:
+            domains = pool.domains = torch.as_tensor(domains)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"Pool.domains must be a 1-D integer tensor of domain ids, got {domains!r}") from None
+    if domains.dim() != 1 or domains.is_floating_point() or domains.is_complex() or domains.dtype == torch.bool:
+        raise ValueError(
+            f"Pool.domains must be a 1-D integer tensor of domain ids, got {domains.dtype} of shape "
+            f"{tuple(domains.shape)}"
+        )
+    num = pool.num_domains
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"Pool.num_domains must be a positive integer, got {num!r}")
+    n = domains.numel()
+    if n and (int(domains.min()) < 0 or int(domains.max()) >= num):
+        raise ValueError(
+            f"Pool.domains holds ids {int(domains.min())}..{int(domains.max())} but num_domains={num}: "
+            f"ids must lie in [0, {num}); pass the mixture's number of domains"
+        )
+    for name, value in pool.features.items():
+        if name not in _PER_CANDIDATE or not isinstance(value, torch.Tensor):
+            continue
+        rows = value.shape[0] if value.dim() else None
+        square = name == "gram" and value.dim() == 2 and value.shape[1] != n
+        if rows != n or square:
+            raise ValueError(
+                f"feature {name!r} has shape {tuple(value.shape)} but the pool has {n} candidates (Pool.domains); "
+                f"give one row per candidate{' ([n, n] for gram)' if name == 'gram' else ''}"
+            )
+    weights = pool.domain_weights
+    if weights is not None and torch.as_tensor(weights).numel() != num:
+        raise ValueError(
+            f"Pool.domain_weights has {torch.as_tensor(weights).numel()} entries but num_domains={num}; "
+            "give one weight per domain"
+        )
 
 
 @runtime_checkable

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -99,6 +100,23 @@ def budgets_from_weights(counts: torch.Tensor, k: int, weights: torch.Tensor) ->
     return _largest_remainder(quota, k, counts)
 
 
+def _check_shares(policy: str, shares: Sequence[float]) -> tuple[float, ...]:
+    """``shares`` as floats, or one clear ``ValueError``: only ``budget="fixed"`` reads them, and they
+    must be finite, non-negative and not all zero."""
+    if policy != "fixed":
+        raise ValueError(
+            f"shares={list(shares)} is only read with budget='fixed' (budget={policy!r} ignores it): "
+            "add budget=fixed, or drop shares"
+        )
+    try:
+        values = tuple(float(s) for s in shares)
+    except (TypeError, ValueError):
+        raise ValueError(f"shares must be a list of numbers (one per domain), got {shares!r}") from None
+    if not values or any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
+        raise ValueError(f"shares must be finite, non-negative and not all zero (one per domain), got {list(values)}")
+    return values
+
+
 @dataclass(frozen=True)
 class BudgetPolicy:
     """How a selector splits k over the domains (the partition matroid's capacities).
@@ -133,7 +151,7 @@ class BudgetPolicy:
                 "budget='fixed' needs shares=[...] (one non-negative share per domain, in domain-id order)"
             )
         if self.shares is not None:
-            object.__setattr__(self, "shares", tuple(float(s) for s in self.shares))
+            object.__setattr__(self, "shares", _check_shares(self.policy, self.shares))
         if self.minimum < 0:
             raise ValueError(f"minimum={self.minimum} must be >= 0 (picks guaranteed to each present domain)")
         object.__setattr__(self, "minimum", int(self.minimum))
