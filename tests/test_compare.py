@@ -130,7 +130,7 @@ def test_compare_from_another_directory_reruns_only_changed_runs(tmp_path, monke
     out = capsys.readouterr().out
     assert f"data: {project / 'data' / 'mix.jsonl'}" in out  # the resolved data path, printed at the start
     assert f"run folder: {project / 'runs' / 'random' / 'seed0'}" in out
-    assert "2 domains; rows per split" in out
+    assert "2 domains, max_length=" in out  # the data summary table
     assert list(elsewhere.iterdir()) == []  # nothing lands in the working directory
     first = stamps()
 
