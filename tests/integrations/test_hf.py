@@ -152,7 +152,11 @@ def test_weighted_loss_matches_hand_computed_mean(tmp_path):
         per.append(ce[mask].mean())
     expected = (torch.stack(per) * w).sum() / w.sum()
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(trainer._pending.losses, torch.stack(per), rtol=1e-5, atol=1e-6)
+    # the recorded losses are per token (DoReMi's per-token excess), zero off the targets
+    tokens = trainer._pending.losses
+    mask = batch["labels"][:, 1:] != -100
+    assert tokens.shape == mask.shape and bool((tokens[~mask] == 0).all())
+    torch.testing.assert_close(tokens.sum(1) / mask.sum(1), torch.stack(per), rtol=1e-5, atol=1e-6)
 
 
 def test_selection_trainer_lora_int_domains(tmp_path):
@@ -273,6 +277,8 @@ def test_callback_state_roundtrips_through_json():
             counts=torch.tensor([2.0, 1.0, 0.0]),
             loss_sum=torch.tensor([3.0, 2.5, 0.0]),
             ref_loss_sum=torch.tensor([2.0, 2.4, 0.0]),
+            token_counts=torch.tensor([8.0, 3.0, 0.0]),
+            excess_sum=torch.tensor([4.0, 0.6, 0.0]),
         )
     )
     cb.on_step_end(None, type("S", (), {"global_step": 1})(), None)
