@@ -74,7 +74,8 @@ def test_block_modules_under_peft_are_lora_a_and_b(lora4):
 def test_blocks_features_match_per_example_backward_full_ft(model4, pool, val):
     ref = per_sample_grads(model4, pool, _full_ft_names())
     ref_val = per_sample_grads(model4, val, _full_ft_names())
-    assert ref.shape == (5, 3 * (4 * 32 * 32 // 1 - 2 * 32 * 16 + 3 * 32 * 64))  # k, v have 2 KV heads of 8
+    # per block: q, o 32 x 32; k, v 16 x 32 (2 KV heads of 8); gate, up 64 x 32; down 32 x 64
+    assert ref.shape == (5, 3 * (2 * 32 * 32 + 2 * 16 * 32 + 3 * 64 * 32))
     for method in ("ghost", "materialize"):
         f = pool_gradient_features(
             model4, pool, val, source="blocks", need=("gram", "val_scores", "val_gram", "grad_norm"), method=method
