@@ -347,3 +347,39 @@ def test_dograph_in_the_trainer_needs_validation_rows(tmp_path):
     args = make_args(tmp_path, selector="random", domains=DOMAINS, reweighter="dograph")
     with pytest.raises(ValueError, match="reweighter 'dograph' need validation examples"):
         SelectionTrainer(model=make_tiny_llama(), args=args, train_dataset=make_dataset())
+
+
+def test_anchors_source_sizes_and_weights_switch_follow_mixsel_train(tmp_path):
+    """The HF trainer draws anchors with bookkeeping.draw_anchors, hands CoLM the dataset's sizes and
+    resolves selection weights like mixsel train."""
+    from mixsel import bookkeeping
+
+    val = make_dataset((5, 4, 3), seed=1)
+    args = make_args(tmp_path, selector="partitionsel", domains=DOMAINS, anchor_sampling="balanced", val_anchors=6)
+    trainer = SelectionTrainer(model=make_tiny_llama(), args=args, train_dataset=make_dataset(), eval_dataset=val)
+    batch = trainer._anchor_batch(step=2)
+    assert batch["input_ids"].shape[0] == 6
+    assert torch.bincount(batch["domain_ids"], minlength=3).tolist() == [2, 2, 2]  # round-robin over domains
+    assert (batch["input_ids"][:, 0] - MARK).tolist() == batch["domain_ids"].tolist()
+    assert trainer.online.features.source == "blocks" and trainer.online.features.normalize
+    assert trainer._use_weights is False
+    uniform = SelectionTrainer(
+        model=make_tiny_llama(), args=make_args(tmp_path, selector="partitionsel", domains=DOMAINS), eval_dataset=val,
+        train_dataset=make_dataset(),
+    )  # fmt: skip
+    rows = bookkeeping.draw_anchors(12, 4, seed=0, step=2)
+    assert (uniform._anchor_batch(step=2)["input_ids"][:, 0] - MARK).tolist() == [
+        0 if r < 5 else 1 if r < 9 else 2 for r in rows.tolist()
+    ]
+    colm = SelectionTrainer(
+        model=make_tiny_llama(),
+        args=make_args(tmp_path, selector="colm", domains=DOMAINS),
+        train_dataset=make_dataset(),
+    )
+    assert colm.online.source_sizes.tolist() == [12, 8, 4]
+    craig = SelectionTrainer(
+        model=make_tiny_llama(),
+        args=make_args(tmp_path, selector="craig", domains=DOMAINS),
+        train_dataset=make_dataset(),
+    )
+    assert craig._use_weights is True
