@@ -363,10 +363,10 @@ def test_anchors_source_sizes_and_weights_switch_follow_mixsel_train(tmp_path):
     assert (batch["input_ids"][:, 0] - MARK).tolist() == batch["domain_ids"].tolist()
     assert trainer.online.features.source == "blocks" and trainer.online.features.normalize
     assert trainer._use_weights is False
+    uniform_args = make_args(tmp_path, selector="partitionsel", domains=DOMAINS)
     uniform = SelectionTrainer(
-        model=make_tiny_llama(), args=make_args(tmp_path, selector="partitionsel", domains=DOMAINS), eval_dataset=val,
-        train_dataset=make_dataset(),
-    )  # fmt: skip
+        model=make_tiny_llama(), args=uniform_args, train_dataset=make_dataset(), eval_dataset=val
+    )
     rows = bookkeeping.draw_anchors(12, 4, seed=0, step=2)
     assert (uniform._anchor_batch(step=2)["input_ids"][:, 0] - MARK).tolist() == [
         0 if r < 5 else 1 if r < 9 else 2 for r in rows.tolist()
