@@ -4,7 +4,8 @@ mixsel train   [--config FILE] [a.b=c ...]    one experiment (default: the embed
 mixsel train --help-config [--config FILE]    every config field with its value and what it does
 mixsel compare [--config FILE] [a.b=c ...]    several methods, same data and seeds; table + plots
 mixsel select  --features FILE --method NAME --k K [--out FILE] [--option key=value ...]
-                                              offline selection from saved features
+                                              offline selection from saved features (a dict of
+                                              domains, feature tensors, optional source_sizes)
 mixsel methods                                registered selectors and reweighters
 """
 
@@ -81,12 +82,13 @@ def _cmd_select(args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.features} must hold a dict with 'domains' (LongTensor[n]) and feature tensors")
     domains = torch.as_tensor(data["domains"], dtype=torch.long)
     selector = get_selector(args.method, **_parse_options(args.option))
-    feats = {k: torch.as_tensor(v) for k, v in data.items() if k not in ("domains", "num_domains")}
+    feats = {k: torch.as_tensor(v) for k, v in data.items() if k not in ("domains", "num_domains", "source_sizes")}
     missing = sorted(set(selector.requires) - set(feats))
     if missing:
         raise SystemExit(f"selector {args.method!r} needs features {missing}; {args.features} has {sorted(feats)}")
     num_domains = int(data.get("num_domains", int(domains.max()) + 1))
-    pool = Pool(domains=domains, num_domains=num_domains, features=feats, seed=args.seed)
+    sizes = data.get("source_sizes")  # the dataset's examples per domain (CoLM's small sources)
+    pool = Pool(domains=domains, num_domains=num_domains, features=feats, seed=args.seed, source_sizes=sizes)
     sel = selector.select(pool, args.k)
     record = {"method": args.method, "indices": sel.indices.tolist(), "weights": sel.weights.tolist()}
     if args.out:
