@@ -149,3 +149,14 @@ def test_compare_from_another_directory_reruns_only_changed_runs(tmp_path, monke
     assert all(a != b for a, b in zip(stamps().values(), second.values()))
     result = json.loads((project / "runs" / "random" / "seed0" / "result.json").read_text())
     assert result["steps"] == 2
+
+
+def test_cli_offline_colm_reads_the_dataset_source_sizes(tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "feats.pt"
+    feats = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    torch.save({"domains": torch.tensor([0, 0, 0, 1, 1, 1]), "zo_grads": feats, "source_sizes": [90, 10]}, path)
+    assert main(["select", "--features", str(path), "--method", "colm", "--k", "4"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert sorted(record["indices"][:3]) == [3, 4, 5]  # source 1 is small in the dataset: kept whole

@@ -123,7 +123,9 @@ def test_two_ranks_match_one(two, one, name):
     steps = next(int(o.split("=")[1]) for o in TWO_RANKS[name] if o.startswith("train.max_steps="))
     assert [s["step"] for s in sel_two] == list(range(1, steps + 1))
     assert [s["examples"] for s in sel_two] == [s["examples"] for s in sel_one]
-    assert [s["weights"] for s in sel_two] == [s["weights"] for s in sel_one]
+    # the selectors' natural weights (PartitionSel's NNLS w) agree up to float rounding of the Grams
+    for a, b in zip(sel_two, sel_one):
+        assert a["weights"] == pytest.approx(b["weights"], rel=1e-4, abs=1e-6)
     _assert_params_close(two / name, one / name, rtol=1e-4, atol=1e-5)
 
 

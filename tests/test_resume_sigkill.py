@@ -147,8 +147,8 @@ def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
     assert train(cfg("train.stop_after=4"), progress=False) == {"stopped_at": 4}
     before = load_checkpoint(tmp_path)
-    real = loss_mod.per_example_loss
-    monkeypatch.setattr(loss_mod, "per_example_loss", lambda logits, labels: real(logits, labels) * float("inf"))
+    real = loss_mod.token_losses  # the training step's per-token losses
+    monkeypatch.setattr(loss_mod, "token_losses", lambda logits, labels: real(logits, labels) * float("inf"))
     with pytest.raises(FloatingPointError, match="resume from the last checkpoint"):
         train(cfg("train.resume=true", "train.save_every=1"), progress=False)
     after = load_checkpoint(tmp_path)

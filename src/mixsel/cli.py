@@ -6,7 +6,8 @@ mixsel train --help-config [--config FILE]    every config field with its value 
 mixsel compare [--config FILE] [a.b=c ...] [-q | -v]
                                               several methods, same data and seeds; table + plots
 mixsel select  --features FILE --method NAME --k K [--out FILE] [--option key=value ...]
-                                              offline selection from saved features
+                                              offline selection from saved features (a dict of
+                                              domains, feature tensors, optional source_sizes)
 mixsel methods                                registered selectors and reweighters
 
 Output: the result table on stdout; by default also the start lines (run folder, data, threads, the
@@ -164,7 +165,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
             f"--features {args.features!r}: 'domains' must be a 1-D integer tensor of domain ids, "
             f"got {domains.dtype} of shape {tuple(domains.shape)}"
         )
-    feats = {k: _as_tensor(v, k, args.features) for k, v in data.items() if k not in ("domains", "num_domains")}
+    meta = ("domains", "num_domains", "source_sizes")
+    feats = {k: _as_tensor(v, k, args.features) for k, v in data.items() if k not in meta}
     missing = sorted(set(selector.requires) - set(feats))
     if missing:
         raise ValueError(
@@ -182,6 +184,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
         num_domains=num_domains,
         features={k: v for k, v in feats.items() if k in selector.requires},
         seed=args.seed,
+        source_sizes=data.get("source_sizes"),  # the dataset's examples per domain (CoLM's small sources)
     )
     sel = selector.select(pool, args.k)
     record = {"method": args.method, "indices": sel.indices.tolist(), "weights": sel.weights.tolist()}

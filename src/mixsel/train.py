@@ -278,7 +278,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     from mixsel.data.build import load_mixture
     from mixsel.data.sampler import CandidateSampler
     from mixsel.evaluate import domain_losses, exact_match
-    from mixsel.features.loss import per_example_loss
+    from mixsel.features.loss import target_mask, token_losses
     from mixsel.logging import build_loggers, check_report_to, launch_message, progress_postfix, truncate_jsonl
     from mixsel.model import build_model, build_tokenizer, quiet_hf_progress
     from mixsel.plots import plot_run
@@ -326,6 +326,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
 
     # ---- selection and reweighting -----------------------------------------------------------
     k, pool_size = cfg.train.batch_size, cfg.train.pool_size  # validate(cfg) checked k <= pool_size
+    use_weights = bookkeeping.resolve_use_weights(selector, cfg.selection.use_weights)
     online = OnlineSelector(
         selector,
         cfg.selection.features,
@@ -334,6 +335,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         diagnostics=cfg.selection.diagnostics,
         mode=cfg.train.distributed_selection,
         world=world,
+        source_sizes=bookkeeping.source_sizes(train_split.domain_ids, num_domains),
     )
     launch = launch_message(
         "mixsel train",
@@ -481,7 +483,10 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         pool = train_split.collate(pool_ids, pad_id)
 
         # 2. selection (validation anchors drawn per step, identically on every rank)
-        anchors = bookkeeping.draw_anchors(len(val_split), cfg.selection.features.val_anchors, seed=cfg.seed, step=step)
+        fc = cfg.selection.features
+        anchors = bookkeeping.draw_anchors(
+            val_split.domain_ids, fc.val_anchors, seed=cfg.seed, step=step, sampling=fc.anchor_sampling
+        )
         val_batch = val_split.collate(anchors, pad_id)
         lr = scheduler.get_last_lr()[0]
         result = online(model, pool, k, step=step, lr=lr, val_batch=val_batch, domain_weights=weights)
@@ -492,11 +497,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         mine = result.local if result.local is not None else sel
         chosen = mine.indices
         chosen_domains = pool["domain_ids"][chosen]
-        w = bookkeeping.example_weights(
-            mine, chosen_domains, use_weights=cfg.selection.use_weights, loss_weights=loss_w
-        )
-        if step == start:
-            bookkeeping.warn_unused_weights(sel, use_weights=cfg.selection.use_weights, method=cfg.selection.method)
+        w = bookkeeping.example_weights(mine, chosen_domains, use_weights=use_weights, loss_weights=loss_w)
         total_w = all_reduce_sum(w.sum().clone()).clamp_min(1e-12)
         optimizer.zero_grad(set_to_none=True)
         losses = []
@@ -507,7 +508,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             with autocast:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             vocab = logits.shape[-1]
-            per_ex = per_example_loss(logits.float(), batch["labels"])
+            tok = token_losses(logits.float(), batch["labels"])  # per token, for DoReMi's per-token excess
+            per_ex = tok.sum(1) / target_mask(batch["labels"]).sum(1).clamp_min(1)
             if not torch.isfinite(per_ex).all():
                 raise FloatingPointError(
                     f"training diverged: non-finite loss at step {step + 1} (domains "
@@ -515,7 +517,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                     "data, then resume from the last checkpoint with --resume (train.resume=true)"
                 )
             (per_ex * w[s : s + mb].to(device)).sum().div(total_w.to(device)).mul(world.world_size).backward()
-            losses.append(per_ex.detach().cpu())
+            losses.append(tok.detach().cpu())
         if world.distributed:
             for p in params:  # a rank with no selected example still joins the all-reduce, with zeros
                 if p.grad is None:
@@ -550,6 +552,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             num_domains,
             step=step,
             ref_losses=bookkeeping.reference_losses(reference, trained, mb) if reference is not None else None,
+            mask=target_mask(trained["labels"]),
         )
         if reweighter.needs_grad:  # domain gradient statistics (DoGraph): this rank's share of the pool
             rows = torch.arange(pool["input_ids"].shape[0])[world.rank :: world.world_size]
