@@ -75,6 +75,9 @@ _CPU = time.process_time
 
 PHASES = ("forward", "features", "solver", "other", "train", "reweight")
 
+AMORTIZED = ["reweighting.update_every=5", "reweighting.amortize=true"]
+POOL_ROWS = "reweighting.grad_rows=pool"  # DoGraph's domain gradients from a separate pass over the pool
+
 #: name -> (overrides of configs/default.yaml, kind). Kinds: floor | heuristic | gradient | reweighting.
 METHODS: dict[str, tuple[list[str], str]] = {
     "random": (["selection.method=random"], "floor"),
@@ -93,17 +96,15 @@ METHODS: dict[str, tuple[list[str], str]] = {
     "craig": (["selection.method=craig"], "gradient"),
     "colm": (["selection.method=colm"], "gradient"),
     "dograph": (["selection.method=random", "reweighting.method=dograph"], "reweighting"),
-    "dograph_u5": (
-        ["selection.method=random", "reweighting.method=dograph", "reweighting.update_every=5"],
+    "dograph_u5": (["selection.method=random", "reweighting.method=dograph", *AMORTIZED], "reweighting"),
+    "dograph_pool": (
+        ["selection.method=random", "reweighting.method=dograph", "reweighting.grad_rows=pool"],
         "reweighting",
     ),
     "doremi": (["selection.method=random", "reweighting.method=doremi"], "reweighting"),
-    "doremi_u5": (
-        ["selection.method=random", "reweighting.method=doremi", "reweighting.update_every=5"],
-        "reweighting",
-    ),
+    "doremi_u5": (["selection.method=random", "reweighting.method=doremi", *AMORTIZED], "reweighting"),
 }
-QUICK_METHODS = [m for m in METHODS if not m.endswith("_u5")] + ["dograph_u5", "doremi_u5"]
+QUICK_METHODS = [m for m in METHODS if m != "dograph_pool"]
 SCALING_METHODS = ("random_4b", "partitionsel", "colm", "greats")
 
 #: issue 16's targets: (label, kind of method, metric, bound)
@@ -138,6 +139,12 @@ class Clock:
         finally:
             self.wall[name] = self.wall.get(name, 0.0) + _WALL() - w
             self.cpu[name] = self.cpu.get(name, 0.0) + _CPU() - c
+
+    def move(self, src: str, dst: str, seconds: float) -> None:
+        """Book ``seconds`` timed inside phase ``src`` under ``dst`` instead (both clocks)."""
+        for d in (self.wall, self.cpu):
+            d[src] = d.get(src, 0.0) - seconds
+            d[dst] = d.get(dst, 0.0) + seconds
 
     def add(self, name: str, seconds: float) -> None:
         """A sub-phase timed inside the library (``time.perf_counter``: CPU seconds under ``--clock cpu``)."""
@@ -240,10 +247,12 @@ class Runner:
             seed=cfg.seed,
             diagnostics=cfg.selection.diagnostics,
         )
+        self.update_every = cfg.reweighting.update_every
+        self.amortize = cfg.reweighting.amortize and self.update_every > 1
         self.reweighter = get_reweighter(
             cfg.reweighting.method,
             domains=domains,
-            update_every=cfg.reweighting.update_every,
+            update_every=1 if self.amortize else self.update_every,
             **cfg.reweighting.options,
         )
         self.reference = reference_of(shared) if self.reweighter.needs_reference else None
@@ -255,7 +264,7 @@ class Runner:
 
     @property
     def steps_per_rep(self) -> int:
-        return int(self.reweighter.update_every)
+        return int(self.update_every)
 
     def step(self, clock: Clock) -> None:
         from mixsel import bookkeeping
@@ -295,17 +304,33 @@ class Runner:
             opt.zero_grad(set_to_none=True)
             losses = []
             mb = cfg.train.micro_batch_size
-            for s in range(0, len(chosen), mb):
-                rows = chosen[s : s + mb]
-                batch = {key: pool[key][rows].to(device) for key in ("input_ids", "attention_mask", "labels")}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                per_ex = per_example_loss(logits.float(), batch["labels"])
-                (per_ex * w[s : s + mb].to(device)).sum().div(total_w.to(device)).backward()
-                losses.append(per_ex.detach().cpu())
+            stats_step = bookkeeping.is_stats_step(step, self.update_every, self.amortize)
+            fc, rc = cfg.selection.features, cfg.reweighting
+            grad_kw = {
+                "source": fc.source,
+                "modules": fc.modules,
+                "projection_dim": rc.projection_dim,
+                "seed": cfg.seed,
+            }
+            capture = None
+            if self.reweighter.needs_grad and stats_step and rc.grad_rows == "trained":
+                capture = bookkeeping.gradient_capture(model, **grad_kw)
+            with capture if capture is not None else contextlib.nullcontext():
+                for s in range(0, len(chosen), mb):
+                    rows = chosen[s : s + mb]
+                    batch = {key: pool[key][rows].to(device) for key in ("input_ids", "attention_mask", "labels")}
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    per_ex = per_example_loss(logits.float(), batch["labels"])
+                    if capture is not None:
+                        capture.watch(per_ex)
+                    (per_ex * w[s : s + mb].to(device)).sum().div(total_w.to(device)).backward()
+                    losses.append(per_ex.detach().cpu())
             params = [p for p in model.parameters() if p.requires_grad]
             if cfg.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
             opt.step()
+        if capture is not None:  # the projection of the captured gradients is reweighting work
+            clock.move("train", "reweight", capture.seconds)
         with clock.phase("reweight"):
             trained = {key: pool[key][chosen] for key in ("input_ids", "attention_mask", "labels")}
             stats = bookkeeping.domain_stats(
@@ -314,27 +339,31 @@ class Runner:
                 self.num_domains,
                 step=step,
                 ref_losses=bookkeeping.reference_losses(self.reference, trained, mb)
-                if self.reference is not None
+                if self.reference is not None and stats_step
                 else None,
             )
-            if self.reweighter.needs_grad:
-                val_rows = bookkeeping.balanced_rows(
-                    val_split.domain_ids, self.num_domains, cfg.reweighting.val_per_domain
-                )
-                stats.grad, stats.val_grad = bookkeeping.domain_gradients(
-                    model,
-                    {key: pool[key] for key in ("input_ids", "attention_mask", "labels")},
-                    pool["domain_ids"],
-                    self.num_domains,
-                    val_batch=val_split.collate(val_rows, pad)
-                    if bookkeeping.is_update_step(step, cfg.reweighting.update_every)
-                    else None,
-                    source=cfg.selection.features.source,
-                    modules=cfg.selection.features.modules,
-                    projection_dim=cfg.reweighting.projection_dim,
-                    seed=cfg.seed,
-                )
-            self.reweighter.update(stats)
+            if self.reweighter.needs_grad and stats_step:
+                val_rows = bookkeeping.balanced_rows(val_split.domain_ids, self.num_domains, rc.val_per_domain)
+                val_batch = None
+                if bookkeeping.is_update_step(step, self.update_every) or self.amortize:
+                    val_batch = val_split.collate(val_rows, pad)
+                if capture is not None:
+                    stats.grad = bookkeeping.captured_domain_gradients(
+                        capture, trained, chosen_domains, self.num_domains, model=model, **grad_kw
+                    )
+                    if val_batch is not None:
+                        stats.val_grad = bookkeeping.validation_gradient(model, val_batch, **grad_kw)
+                else:
+                    stats.grad, stats.val_grad = bookkeeping.domain_gradients(
+                        model,
+                        {key: pool[key] for key in ("input_ids", "attention_mask", "labels")},
+                        pool["domain_ids"],
+                        self.num_domains,
+                        val_batch=val_batch,
+                        **grad_kw,
+                    )
+            if stats_step:
+                self.reweighter.update(stats)
 
 
 class ForwardRunner:

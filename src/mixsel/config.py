@@ -171,6 +171,12 @@ class ReweightingConfig:
     projection_dim: int = 512
     # validation rows per domain for the target gradient (DoGraph)
     val_per_domain: int = 4
+    # rows of DoGraph's domain gradients: trained (captured in the train step's own backward, no extra
+    # pass) | pool (a separate pass over this rank's share of the pool)
+    grad_rows: str = "trained"
+    # compute the costly domain statistics (DoReMi's reference losses, DoGraph's domain gradients) only on
+    # the last step of each update_every window and update the reweighter from that step's rows alone
+    amortize: bool = False
 
 
 @dataclass
@@ -447,6 +453,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ValueError(f"train.lr={cfg.train.lr} must be > 0 (e.g. train.lr=3e-4)")
     if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
         raise ValueError(f"train.min_lr_ratio={cfg.train.min_lr_ratio} must lie in [0, 1]")
+    if cfg.reweighting.grad_rows not in ("trained", "pool"):
+        raise ValueError(f"reweighting.grad_rows={cfg.reweighting.grad_rows!r} must be 'trained' or 'pool'")
     if cfg.train.batch_size > cfg.train.pool_size:
         raise ValueError(
             f"train.batch_size={cfg.train.batch_size} exceeds train.pool_size={cfg.train.pool_size}: the batch is "

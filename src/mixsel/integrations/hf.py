@@ -36,6 +36,7 @@ unwrapped model (``accelerator.unwrap_model``); FSDP-sharded models need the hoo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -247,6 +248,7 @@ class _Pending:
 
     weights: torch.Tensor
     losses: torch.Tensor | None = None
+    capture: Any = None  # DoGraph: a bookkeeping.gradient_capture watching this step's backward
 
 
 def _column_values(dataset: Any, column: str) -> list[Any]:
@@ -388,6 +390,7 @@ class SelectionTrainer(Trainer):
         self._val_prepared: Any = None
         self._val_domains: torch.Tensor | None = None
         self._pending: _Pending | None = None
+        self._capture: Any = None
         self._sel_metrics: dict[str, list[float]] = defaultdict(list)
         self._micro = (-1, 0)  # (global step, micro-steps done in it)
 
@@ -520,14 +523,20 @@ class SelectionTrainer(Trainer):
                 selected[key] = value[idx.to(value.device)]
             else:
                 selected[key] = value
-        self._pending = _Pending(weights=w)
+        rw = reweighting.reweighter if reweighting is not None else None
+        capture = None
+        if rw is not None and rw.needs_grad:  # DoGraph's domain gradients of the trained rows, from this backward
+            capture = bookkeeping.gradient_capture(self.accelerator.unwrap_model(model), **self._grad_kwargs())
+        self._pending = _Pending(weights=w, capture=capture)
         try:
-            loss = super().training_step(model, selected, num_items_in_batch=None)
+            with capture if capture is not None else contextlib.nullcontext():
+                loss = super().training_step(model, selected, num_items_in_batch=None)
             per_example = self._pending.losses
         finally:
             self._pending = None
         if per_example is None:
             raise RuntimeError("compute_loss did not record per-example losses; do not override it without super()")
+        self._capture = capture
         self._after_step(pool, selected, chosen, per_example.detach(), result.metrics, t_select, n)
         return loss
 
@@ -552,6 +561,8 @@ class SelectionTrainer(Trainer):
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         per_example = per_example_loss(logits.float(), labels)
+        if pending.capture is not None:
+            pending.capture.watch(per_example)
         w = pending.weights.to(per_example.device)
         loss = (per_example * w).sum() / w.sum().clamp_min(1e-12)
         pending.losses = per_example.detach()
@@ -583,22 +594,28 @@ class SelectionTrainer(Trainer):
             ref_model.eval().requires_grad_(False)
             ref = bookkeeping.reference_losses(ref_model, selected)
         stats = bookkeeping.domain_stats(chosen, per_example, num, step=self.state.global_step, ref_losses=ref)
-        if rw is not None and rw.needs_grad:  # DoGraph: domain gradients of this rank's pool
-            fc = self.args.feature_config()
+        if rw is not None and rw.needs_grad:  # DoGraph: domain gradients of the trained rows (captured)
             last_micro = self._micro[1] == self.args.gradient_accumulation_steps
             update = last_micro and bookkeeping.is_update_step(self.state.global_step, rw.update_every)
-            stats.grad, stats.val_grad = bookkeeping.domain_gradients(
-                self.accelerator.unwrap_model(self.model),
-                pool,
-                pool["domain_ids"],
-                num,
-                val_batch=self._balanced_val_batch() if update else None,
-                source=fc.source,
-                modules=fc.modules,
-                projection_dim=self.args.reweighting_projection_dim,
-                seed=self.args.seed,
+            model = self.accelerator.unwrap_model(self.model)
+            trained = {k: selected[k] for k in ("input_ids", "attention_mask", "labels")}
+            stats.grad = bookkeeping.captured_domain_gradients(
+                self._capture, trained, chosen, num, model=model, **self._grad_kwargs()
             )
+            if update:
+                stats.val_grad = bookkeeping.validation_gradient(
+                    model, self._balanced_val_batch(), **self._grad_kwargs()
+                )
         return bookkeeping.reduce_stats(stats, self._all_reduce)
+
+    def _grad_kwargs(self) -> dict[str, Any]:
+        fc = self.args.feature_config()
+        return {
+            "source": fc.source,
+            "modules": fc.modules,
+            "projection_dim": self.args.reweighting_projection_dim,
+            "seed": self.args.seed,
+        }
 
     def _after_step(
         self,
