@@ -81,7 +81,7 @@ POOL_ROWS = "reweighting.grad_rows=pool"  # DoGraph's domain gradients from a se
 #: name -> (overrides of configs/default.yaml, kind). Kinds: floor | heuristic | gradient | reweighting.
 METHODS: dict[str, tuple[list[str], str]] = {
     "random": (["selection.method=random"], "floor"),
-    "random_4b": (["selection.method=random", "train.batch_size=64"], "baseline"),
+    "random_4b": (["selection.method=random", "train.batch_size={pool}"], "baseline"),  # trains on the whole pool
     "stratified": (["selection.method=stratified"], "heuristic"),
     "big_loss": (["selection.method=big_loss"], "heuristic"),
     "middle_ppl": (["selection.method=middle_ppl"], "heuristic"),
@@ -239,13 +239,17 @@ class Runner:
         self.name, self.cfg, self.shared = name, cfg, shared
         domains = shared.mixture.domains
         self.num_domains = len(domains)
+        from mixsel import bookkeeping
+
         self.selector = get_selector(cfg.selection.method, **cfg.selection.options)
+        self.use_weights = bookkeeping.resolve_use_weights(self.selector, cfg.selection.use_weights)
         self.online = OnlineSelector(
             self.selector,
             cfg.selection.features,
             self.num_domains,
             seed=cfg.seed,
             diagnostics=cfg.selection.diagnostics,
+            source_sizes=bookkeeping.source_sizes(shared.mixture.train.domain_ids, self.num_domains),
         )
         self.update_every = cfg.reweighting.update_every
         self.amortize = cfg.reweighting.amortize and self.update_every > 1
@@ -268,7 +272,7 @@ class Runner:
 
     def step(self, clock: Clock) -> None:
         from mixsel import bookkeeping
-        from mixsel.features.loss import per_example_loss
+        from mixsel.features.loss import target_mask, token_losses
 
         cfg, model, opt = self.cfg, self.shared.model, self.shared.optimizer
         train_split, val_split = self.shared.mixture.train, self.shared.mixture.validation
@@ -282,8 +286,9 @@ class Runner:
             sample_w, loss_w = bookkeeping.mixture_weights(self.reweighter)
             pool_ids = self.sampler.draw(sample_w)
             pool = train_split.collate(pool_ids, pad)
+            fc = cfg.selection.features
             anchors = bookkeeping.draw_anchors(
-                len(val_split), cfg.selection.features.val_anchors, seed=cfg.seed, step=step
+                val_split.domain_ids, fc.val_anchors, seed=cfg.seed, step=step, sampling=fc.anchor_sampling
             )
             val_batch = val_split.collate(anchors, pad)
             result = self.online(
@@ -297,9 +302,7 @@ class Runner:
             mine = result.selection
             chosen = mine.indices
             chosen_domains = pool["domain_ids"][chosen]
-            w = bookkeeping.example_weights(
-                mine, chosen_domains, use_weights=cfg.selection.use_weights, loss_weights=loss_w
-            )
+            w = bookkeeping.example_weights(mine, chosen_domains, use_weights=self.use_weights, loss_weights=loss_w)
             total_w = w.sum().clamp_min(1e-12)
             opt.zero_grad(set_to_none=True)
             losses = []
@@ -320,11 +323,12 @@ class Runner:
                     rows = chosen[s : s + mb]
                     batch = {key: pool[key][rows].to(device) for key in ("input_ids", "attention_mask", "labels")}
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    per_ex = per_example_loss(logits.float(), batch["labels"])
+                    tok = token_losses(logits.float(), batch["labels"])
+                    per_ex = tok.sum(1) / target_mask(batch["labels"]).sum(1).clamp_min(1)
                     if capture is not None:
                         capture.watch(per_ex)
                     (per_ex * w[s : s + mb].to(device)).sum().div(total_w.to(device)).backward()
-                    losses.append(per_ex.detach().cpu())
+                    losses.append(tok.detach().cpu())
             params = [p for p in model.parameters() if p.requires_grad]
             if cfg.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
@@ -341,6 +345,7 @@ class Runner:
                 ref_losses=bookkeeping.reference_losses(self.reference, trained, mb)
                 if self.reference is not None and stats_step
                 else None,
+                mask=target_mask(trained["labels"]),
             )
             if self.reweighter.needs_grad and stats_step:
                 val_rows = bookkeeping.balanced_rows(val_split.domain_ids, self.num_domains, rc.val_per_domain)
@@ -464,13 +469,14 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     for must in ("random", "random_4b"):
         if must not in methods:
             methods.insert(0, must)
-    base = load_config(DEFAULT_CONFIG, [f"train.threads={args.threads}"])
+    base = load_config(DEFAULT_CONFIG, [f"train.threads={args.threads}", *args.override])
     shared = build_shared(base)
     runners: dict[str, Any] = {"forward": ForwardRunner(base, shared)}
     kinds = {}
     for name in methods:
         overrides, kind = METHODS[name]
-        cfg = load_config(DEFAULT_CONFIG, overrides)
+        overrides = [o.format(pool=base.train.pool_size) for o in overrides]
+        cfg = load_config(DEFAULT_CONFIG, [*args.override, *overrides])
         runners[name] = Runner(name, cfg, shared)
         kinds[name] = kind
     log.info("overhead: %d methods x %d reps, threads=%d", len(methods), args.reps, torch.get_num_threads())
@@ -625,7 +631,7 @@ def scale_points(
                     f"train.batch_size={b}",
                 ]
             )
-            runners[name] = Runner(name, load_config(DEFAULT_CONFIG, overrides), shared)
+            runners[name] = Runner(name, load_config(DEFAULT_CONFIG, [*args.override, *overrides]), shared)
         samples = run_reps(runners, args.scaling_reps, seed=args.seed + n, warmup=False) if runners else {}
         for name in SCALING_METHODS:
             point: dict[str, Any] = {
@@ -653,7 +659,7 @@ def scale_points(
 def scaling(args: argparse.Namespace) -> dict[str, Any]:
     from mixsel.config import load_config
 
-    base = load_config(DEFAULT_CONFIG, [f"train.threads={args.threads}"])
+    base = load_config(DEFAULT_CONFIG, [f"train.threads={args.threads}", *args.override])
     shared = build_shared(base)
     pools = scale_points(args, shared, "embedded tiny Llama (4.2M, full)", args.pools, [])
     models = [
@@ -811,6 +817,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-point-s", type=float, default=60.0, help="skip scaling points predicted slower")
     ap.add_argument("--no-memory", action="store_true", help="skip the profiler memory passes")
     ap.add_argument("--no-smollm", action="store_true", help="skip the SmolLM2-135M point")
+    ap.add_argument("--override", nargs="*", default=[], help="a.b=c overrides of every config (tests)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     args.reps = args.reps or (2 if args.quick else 6)

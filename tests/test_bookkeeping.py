@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixsel import bookkeeping, get_reweighter
+from mixsel import bookkeeping, get_reweighter, get_selector
 from mixsel.types import Selection
 
 DOMAINS = ["a", "b", "c"]
@@ -44,15 +44,43 @@ def test_example_weights_compose_selection_and_domain_weights():
     assert bookkeeping.example_weights(sel, domains, use_weights=False, loss_weights=None).tolist() == [1.0] * 3
 
 
-def test_warn_unused_weights(caplog):
-    varied = Selection(indices=torch.tensor([0, 1]), weights=torch.tensor([1.0, 3.0]))
+def test_one_weights_switch_defaults_to_the_method_and_warns_against_it(caplog):
+    craig, colm, rand = get_selector("craig"), get_selector("colm"), get_selector("random")
     with caplog.at_level("WARNING"):
-        bookkeeping.warn_unused_weights(varied, use_weights=True, method="craig")
+        assert bookkeeping.resolve_use_weights(craig, None) is True  # CRAIG trains on cluster sizes
+        assert bookkeeping.resolve_use_weights(get_selector("gradmatch"), None) is True
+        assert bookkeeping.resolve_use_weights(colm, None) is False  # CoLM: uniform weights
+        assert bookkeeping.resolve_use_weights(get_selector("partitionsel"), None) is False
+        assert bookkeeping.resolve_use_weights(rand, True) is True  # ones either way: nothing to say
+        assert bookkeeping.resolve_use_weights(craig, True) is True
         assert not caplog.records
-        bookkeeping.warn_unused_weights(Selection.uniform(torch.tensor([0, 1])), use_weights=False, method="random")
-        assert not caplog.records
-        bookkeeping.warn_unused_weights(varied, use_weights=False, method="craig")
-    assert "selection.use_weights=true" in caplog.text
+        assert bookkeeping.resolve_use_weights(craig, False) is False
+    assert "'craig' trains on its selection weights" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert bookkeeping.resolve_use_weights(colm, True) is True
+    assert "'colm' trains unweighted" in caplog.text
+
+
+def test_source_sizes_count_the_dataset():
+    assert bookkeeping.source_sizes(torch.tensor([2, 0, 2, 2]), 4).tolist() == [1, 0, 3, 0]
+
+
+def test_per_token_domain_stats_hand_values():
+    # rows: domain 1 with targets [2, 4] (ref [1, 5]); domain 0 with one target 3 (ref 1)
+    losses = torch.tensor([[2.0, 4.0], [3.0, 9.0]])
+    ref = torch.tensor([[1.0, 5.0], [1.0, 7.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    stats = bookkeeping.domain_stats(torch.tensor([1, 0]), losses, 2, step=3, ref_losses=ref, mask=mask)
+    assert stats.counts.tolist() == [1.0, 1.0]
+    assert stats.loss_sum.tolist() == [3.0, 3.0]  # per-example means over the targets
+    assert stats.ref_loss_sum.tolist() == [1.0, 3.0]
+    assert stats.token_counts.tolist() == [1.0, 2.0]
+    assert stats.excess_sum.tolist() == [2.0, 1.0]  # max(4 - 5, 0) + max(2 - 1, 0) = 1
+    empty = bookkeeping.domain_stats(torch.zeros(0, dtype=torch.long), torch.zeros(0), 2, step=0, mask=mask[:0])
+    assert empty.token_counts.tolist() == [0.0, 0.0] and empty.excess_sum is None
+    with pytest.raises(ValueError, match="mask"):
+        bookkeeping.domain_stats(torch.tensor([1, 0]), losses, 2, step=0)
 
 
 def test_domain_stats_hand_values():
@@ -86,6 +114,26 @@ def test_draw_anchors_is_seeded_per_step_and_capped():
     assert not torch.equal(a, bookkeeping.draw_anchors(50, 4, seed=3, step=11))
     assert len(a.unique()) == 4 and int(a.max()) < 50
     assert len(bookkeeping.draw_anchors(3, 8, seed=0, step=0)) == 3
+    # uniform sampling only needs the count: the same rows from the domain ids
+    ids = torch.arange(50) % 7
+    assert torch.equal(a, bookkeeping.draw_anchors(ids, 4, seed=3, step=10))
+
+
+def test_balanced_anchors_cover_the_domains_round_robin():
+    ids = torch.tensor([0] * 10 + [1] * 3 + [2] * 1)
+    for step in range(5):
+        rows = bookkeeping.draw_anchors(ids, 5, seed=1, step=step, sampling="balanced")
+        counts = torch.bincount(ids[rows], minlength=3).tolist()
+        # 5 over 3 domains: 2, 2, 1 in a seeded order, but domain 2 holds one row: it takes 1
+        assert sorted(counts) == [1, 2, 2] and len(rows.unique()) == 5
+    rows = bookkeeping.draw_anchors(ids, 12, seed=1, step=0, sampling="balanced")
+    assert torch.bincount(ids[rows], minlength=3).tolist() == [8, 3, 1]  # the others fill up
+    every = bookkeeping.draw_anchors(ids, 99, seed=1, step=0, sampling="balanced")
+    assert sorted(every.tolist()) == list(range(14))
+    with pytest.raises(ValueError, match="domain id"):
+        bookkeeping.draw_anchors(14, 3, seed=0, step=0, sampling="balanced")
+    with pytest.raises(ValueError, match="stratified"):
+        bookkeeping.draw_anchors(ids, 3, seed=0, step=0, sampling="stratified")
 
 
 def test_balanced_rows_and_update_steps():

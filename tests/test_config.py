@@ -103,5 +103,7 @@ def test_help_config_prints_fields_values_and_comments(capsys):
     assert main(["train", "--help-config", "train.lr=0.5"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "train.lr = 0.5  # peak AdamW learning rate" in out
-    assert any(line.startswith("selection.features.val_anchors = 2  # ") for line in out)
+    assert any(line.startswith("selection.features.val_anchors = 4  # ") for line in out)
+    assert any(line.startswith("selection.features.source = auto  # ") for line in out)
+    assert any(line.startswith("selection.use_weights = null  # ") for line in out)
     assert "# model.lora: LoRA adapters" in out

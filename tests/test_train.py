@@ -76,12 +76,12 @@ def test_nan_loss_is_reported(tmp_path, monkeypatch):
     import mixsel.features.loss as loss_mod
     from mixsel.train import train
 
-    real = loss_mod.per_example_loss
+    real = loss_mod.token_losses
 
     def poisoned(logits, labels):
         return real(logits, labels) * float("nan")
 
-    monkeypatch.setattr(loss_mod, "per_example_loss", poisoned)
+    monkeypatch.setattr(loss_mod, "token_losses", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         train(_cfg(tmp_path, "train.max_steps=2"), progress=False)
 
@@ -217,25 +217,62 @@ def test_two_stage_doremi_weights_from_a_proxy_run(tmp_path):
         )
 
 
-def test_ignored_selection_weights_are_reported(tmp_path, caplog):
+def test_one_weights_switch_warns_when_the_choice_departs_from_the_method(tmp_path, caplog):
     from mixsel.train import train
 
-    with caplog.at_level("WARNING", logger="mixsel.train"):
+    with caplog.at_level("WARNING"):  # CRAIG trains on its cluster sizes by default: nothing to say
         train(_cfg(tmp_path / "a", "train.max_steps=1", "eval.exact_match=0", "selection.method=craig"), progress=False)
-    assert any("selection.use_weights=true" in r.getMessage() for r in caplog.records)
+    assert not any("use_weights" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="mixsel.train"):
+    with caplog.at_level("WARNING"):
         train(
             _cfg(
                 tmp_path / "b",
                 "train.max_steps=1",
                 "eval.exact_match=0",
                 "selection.method=craig",
-                "selection.use_weights=true",
+                "selection.use_weights=false",
             ),
             progress=False,
         )
-    assert not any("use_weights" in r.getMessage() for r in caplog.records)
+    assert any("'craig' trains on its selection weights" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("sampling", "n"), [("uniform", None), ("balanced", 7), ("balanced", 10)])
+def test_validation_anchors_of_a_training_step(tmp_path, monkeypatch, sampling, n):
+    """The anchors a mixsel train step hands to the selector: their number and their domains."""
+    from mixsel import bookkeeping
+    from mixsel.step import OnlineSelector
+    from mixsel.train import train
+
+    seen = []
+    real_call = OnlineSelector.__call__
+
+    def call(self, model, batch, k, **kw):
+        seen.append((kw["val_batch"]["index"].clone(), kw["val_batch"]["domain_ids"].clone()))
+        return real_call(self, model, batch, k, **kw)
+
+    monkeypatch.setattr(OnlineSelector, "__call__", call)
+    extra = [f"selection.features.anchor_sampling={sampling}"] + ([f"selection.features.val_anchors={n}"] if n else [])
+    train(
+        _cfg(tmp_path, "train.max_steps=3", "eval.exact_match=0", "selection.method=partitionsel", *extra),
+        progress=False,
+    )
+    assert len(seen) == 3
+    if sampling == "uniform":  # the reference code's 4 anchors per step, uniform over the validation rows
+        from mixsel.data.build import load_mixture
+        from mixsel.model import build_tokenizer
+
+        cfg = _cfg(tmp_path)
+        val_ids = load_mixture(cfg.data, build_tokenizer(cfg.model), seed=0).validation.domain_ids
+        for step, (_, domains) in enumerate(seen):
+            want = bookkeeping.draw_anchors(len(val_ids), 4, seed=0, step=step)
+            assert domains.tolist() == val_ids[want].tolist()
+    else:  # round-robin: every domain once per 7 anchors, then the next ones in the step's order
+        for rows, domains in seen:
+            assert len(rows.unique()) == n
+            counts = torch.bincount(domains, minlength=7)
+            assert len(domains) == n and int(counts.min()) == n // 7 and int(counts.max()) == -(-n // 7)
 
 
 def test_selections_log_starts_fresh_and_resumes_without_duplicates(tmp_path):

@@ -121,22 +121,39 @@ class ModelConfig:
 
 @dataclass
 class FeatureConfig:
-    """How per-example gradient features are computed for gradient-based selectors."""
+    """How per-example gradient features and the validation anchors are computed for gradient-based selectors.
 
-    # lm_head (gradient of the output embedding) | linear (the layers in `modules`)
-    source: str = "lm_head"
+    ``source="auto"`` and ``normalize=None`` take each selector's reference setting
+    (``feature_defaults`` on the selector class; docs/methods.md): PartitionSel, per_domain and
+    GREATS use the L2-normalised gradients of the last 3 transformer blocks' linear layers (their
+    LoRA A/B under peft), as PartitionSel's code; the other gradient selectors use the exact
+    LM-head gradients, unnormalised.
+    """
+
+    # auto (the selector's reference) | blocks (linear layers / LoRA A,B of the last `blocks` blocks) |
+    # lm_head | linear (the `modules` list)
+    source: str = "auto"
+    # transformer blocks, counted from the last, that source=blocks differentiates (PartitionSel's code: 3); 0 = all
+    blocks: int = 3
     # module names for source=linear; None = the last V-projection (its LoRA B under peft)
     modules: list[str] | None = None
     # Kronecker random projection of the gradients to this many coordinates; None = exact
     projection_dim: int | None = None
-    # L2-normalise per-example gradients (cosine Gram, as PartitionSel's code does)
-    normalize: bool = False
-    # validation sequences drawn per step as the selection target (PartitionSel, GREATS, per_domain)
-    val_anchors: int = 2
+    # L2-normalise per-example gradients (cosine Gram); None = the selector's reference
+    # (true for partitionsel, per_domain, greats as PartitionSel's code; false otherwise)
+    normalize: bool | None = None
+    # validation anchors drawn per step as the selection target of partitionsel, per_domain, greats
+    # (PartitionSel's code: 4)
+    val_anchors: int = 4
+    # how the anchors are drawn: uniform (over all validation examples, the reference code) |
+    # balanced (round-robin over the domains)
+    anchor_sampling: str = "uniform"
     # module CoLM's SPSA features perturb; None = the last V-projection (its LoRA B under peft)
     zo_module: str | None = None
     # SPSA perturbation scale epsilon (CoLM: 1e-3)
     zo_eps: float = 1e-3
+    # SPSA direction: fixed (one seeded direction for the whole run, CoLM's code) | per_step (a fresh one every step)
+    zo_direction: str = "fixed"
 
 
 @dataclass
@@ -149,8 +166,9 @@ class SelectionConfig:
     options: dict[str, Any] = field(default_factory=dict)
     # how gradient features are computed
     features: FeatureConfig = field(default_factory=FeatureConfig)
-    # weight each selected example's loss by the selector's weight (OMP coefficients, cluster sizes)
-    use_weights: bool = False
+    # weight each example's loss by the selector's weights (OMP coefficients, cluster sizes);
+    # None = the method's reference (craig, gradmatch: true; the others: false)
+    use_weights: bool | None = None
     # log gradient conflicts / mismatch every step even when the selector needs no Gram (costs a pass)
     diagnostics: bool = False
 
@@ -433,7 +451,15 @@ _MINIMA: tuple[tuple[str, float, str], ...] = (
     ("eval.max_new_tokens", 1, "generated tokens per exact-match prompt"),
     ("reweighting.update_every", 1, "steps between reweighting updates"),
     ("reweighting.projection_dim", 1, "dimension of the projected domain gradients"),
-    ("selection.features.val_anchors", 0, "validation examples per domain for the target gradient"),
+    ("selection.features.val_anchors", 0, "validation anchors drawn per step as the selection target"),
+    ("selection.features.blocks", 0, "transformer blocks of source=blocks, counted from the last (0 = all)"),
+)
+
+# (dotted field, allowed values): checked by ``validate``
+_CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("selection.features.source", ("auto", "blocks", "lm_head", "linear")),
+    ("selection.features.anchor_sampling", ("uniform", "balanced")),
+    ("selection.features.zo_direction", ("fixed", "per_step")),
 )
 
 
@@ -449,6 +475,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             node = getattr(node, key)
         if node < low:
             raise ValueError(f"{dotted}={node} is {meaning} and must be >= {low}: set {dotted}=<a value >= {low}>")
+    for dotted, allowed in _CHOICES:
+        node = cfg
+        for key in dotted.split("."):
+            node = getattr(node, key)
+        if node not in allowed:
+            raise ValueError(f"{dotted}={node!r} is not one of {', '.join(allowed)}: set {dotted}=<one of them>")
     if not cfg.train.lr > 0:
         raise ValueError(f"train.lr={cfg.train.lr} must be > 0 (e.g. train.lr=3e-4)")
     if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:

@@ -11,7 +11,8 @@ purpose                    seed                                              use
 validation anchors         ``seed * P + step``                               :mod:`mixsel.bookkeeping`
 a selector's draws         ``(seed * P + step * Q + salt) mod 2^63-1``       :meth:`Pool.generator`
 per-rank selection seed    ``seed + P * rank``                               ``distributed_selection=local``
-SPSA directions (CoLM)     ``seed * Q + step`` per step, then (that, k)      :mod:`mixsel.features.zeroth_order`
+SPSA directions (CoLM)     ``seed * Q`` (fixed) or ``seed * Q + step``       :mod:`mixsel.features.zeroth_order`
+                           (per_step), then (that, k)
 projection of module ``m``  ``seed * Q + m``, then per block                 :mod:`mixsel.features.projection`
 =========================  ================================================  =========================
 
@@ -45,6 +46,8 @@ class Salt(IntEnum):
     STRATIFIED = 13
     COLM_SPARSIFY = 29
     PARTITIONSEL = 31
+    COLM_KMEANS = 37  # CoLM's k-means pseudo-sources (unlabelled data)
+    GRADMATCH_FILL = 41  # GradMatch's random fill when OMP stops early
     CONFLICTS_REFERENCE = 97  # the random batch the conflict diagnostics compare against
 
 
@@ -64,7 +67,7 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def spsa_seed(seed: int, step: int) -> int:
-    """Seed of the SPSA perturbation at ``step`` (CoLM's zeroth-order features)."""
+    """Seed of the SPSA perturbation at ``step`` (CoLM's zeroth-order features; step 0 for the fixed direction)."""
     return int(seed) * Q + int(step)
 
 

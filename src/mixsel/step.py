@@ -42,10 +42,10 @@ from mixsel import seeding
 from mixsel.config import FeatureConfig
 from mixsel.distributed import World, all_gather_cat
 from mixsel.metrics import conflicting_pairs, gradient_mismatch
-from mixsel.selection.base import Pool, Selector
+from mixsel.selection.base import Pool, Selector, reference_features
 from mixsel.types import FEATURE_NAMES, GRADIENT_FEATURES, PAIRWISE_FEATURES, SCALAR_FEATURES, Selection
 
-__all__ = ["MODES", "OnlineSelector", "StepResult"]
+__all__ = ["MODES", "OnlineSelector", "StepResult", "resolve_features"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,21 @@ class StepResult:
     local: Selection | None = None
 
 
+def resolve_features(features: FeatureConfig, selector: Selector) -> FeatureConfig:
+    """``features`` with ``source="auto"`` and ``normalize=None`` replaced by the selector's reference.
+
+    PartitionSel, per_domain and GREATS declare the L2-normalised gradients of the last transformer
+    blocks (PartitionSel's code, arXiv 2606.07954); every other selector the exact LM-head
+    gradients, unnormalised (:func:`mixsel.selection.base.reference_features`).
+    """
+    ref = reference_features(selector)
+    return dataclasses.replace(
+        features,
+        source=ref["source"] if features.source == "auto" else features.source,
+        normalize=bool(ref["normalize"]) if features.normalize is None else bool(features.normalize),
+    )
+
+
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     keys = ("input_ids", "attention_mask", "labels")
     return {k: batch[k].to(device) for k in keys if k in batch}
@@ -88,7 +103,8 @@ class OnlineSelector:
     Args:
         selector: any registered selector.
         features: how gradient features are computed (source layer, projection, normalisation,
-            number of validation anchors).
+            number of validation anchors); ``"auto"`` / ``None`` fields take the selector's
+            reference (:func:`resolve_features`).
         num_domains: number of domains in the mixture.
         seed: base seed for per-step randomness (identical on every rank).
         diagnostics: compute a Gram matrix for the conflict/mismatch diagnostics even when the
@@ -96,6 +112,8 @@ class OnlineSelector:
         mode: ``"global"``, ``"gather"`` or ``"local"`` (module docstring); all three coincide on
             one process except that ``"gather"`` always goes through projected gradients.
         world: this process's rank and the world size (default: one process).
+        source_sizes: LongTensor[num_domains] training examples per domain in the whole dataset,
+            handed to the selector in every pool (``Pool.source_sizes``; CoLM's small sources).
     """
 
     def __init__(
@@ -108,6 +126,7 @@ class OnlineSelector:
         diagnostics: bool = False,
         mode: str = "global",
         world: World | None = None,
+        source_sizes: torch.Tensor | None = None,
     ) -> None:
         unknown = set(selector.requires) - FEATURE_NAMES
         if unknown:
@@ -115,14 +134,33 @@ class OnlineSelector:
         if mode not in MODES:
             raise ValueError(f"train.distributed_selection={mode!r} is not one of {MODES}")
         self.selector = selector
-        self.features = features
+        self.features = resolve_features(features, selector)
         self.num_domains = num_domains
+        self.source_sizes = None if source_sizes is None else torch.as_tensor(source_sizes, dtype=torch.long)
+        if getattr(selector, "needs_source_sizes", False) and self.source_sizes is None:
+            raise ValueError(
+                f"selector {selector.name!r} decides its small sources from the dataset's per-domain sizes: pass "
+                "source_sizes=<training examples per domain> to OnlineSelector, or set its small_sources=[...] "
+                "or small_from='pool'"
+            )
         self.seed = seed
         self.diagnostics = diagnostics
         self.mode = mode
         self.world = world or World()
         self.step = 0
         self.forward_seconds = 0.0  # the plain pool forward inside time/features, reset every step
+        if self.needed() & GRADIENT_FEATURES:
+            f = self.features
+            where = f"the last {f.blocks or 'all'} transformer blocks" if f.source == "blocks" else f.source
+            log.info(
+                "selector %r: gradient features from %s (%s), %s; %d validation anchors per step (%s)",
+                selector.name,
+                where,
+                "exact" if f.projection_dim is None else f"projected to {f.projection_dim}",
+                "L2-normalised" if f.normalize else "unnormalised",
+                f.val_anchors,
+                f.anchor_sampling,
+            )
         if mode == "gather" and self.needed() & (_GRAM | {"grads"}) and features.projection_dim is None:
             why = "diagnostics" if not selector.requires & (_GRAM | {"grads"}) else f"selector {selector.name!r}"
             raise ValueError(
@@ -170,6 +208,7 @@ class OnlineSelector:
                     _to(val_batch, device) if val_batch is not None else None,
                     source=self.features.source,
                     modules=self.features.modules,
+                    blocks=self.features.blocks,
                     projection_dim=self.features.projection_dim,
                     normalize=self.features.normalize,
                     seed=self.seed,
@@ -189,14 +228,16 @@ class OnlineSelector:
             if "zo_grads" in need:
                 from mixsel.features import spsa_features
 
-                # a fresh direction every step: CoLM's smoothed zeroth-order estimate (arXiv 2407.19580, Eq. 6);
-                # the seed is the same on every rank, so the directions are too
+                # one direction for the whole run (CoLM's code seeds it once, arXiv 2407.19580 Sec. 4.3), so
+                # the selector's Adam moments track one coordinate system; "per_step" draws a fresh one.
+                # The seed is the same on every rank, so the directions are too.
+                fixed = self.features.zo_direction == "fixed"
                 spsa = spsa_features(
                     model,
                     _to(batch, device),
                     module=self.features.zo_module,
                     eps=self.features.zo_eps,
-                    seed=seeding.spsa_seed(self.seed, self.step),
+                    seed=seeding.spsa_seed(self.seed, 0 if fixed else self.step),
                 )
                 spsa = dataclasses.replace(spsa, coefficients=spsa.coefficients.detach().cpu())
         finally:
@@ -295,6 +336,7 @@ class OnlineSelector:
             lr=lr,
             seed=seed,
             val_domains=val_batch["domain_ids"].cpu() if val_batch is not None and "domain_ids" in val_batch else None,
+            source_sizes=self.source_sizes,
         )
         return self.selector.select(pool, k), pool
 

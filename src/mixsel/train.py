@@ -149,7 +149,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     from mixsel.data.build import load_mixture
     from mixsel.data.sampler import CandidateSampler
     from mixsel.evaluate import domain_losses, exact_match
-    from mixsel.features.loss import per_example_loss
+    from mixsel.features.loss import target_mask, token_losses
     from mixsel.logging import build_loggers, truncate_jsonl
     from mixsel.model import build_model, build_tokenizer
 
@@ -180,6 +180,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     # ---- selection and reweighting -----------------------------------------------------------
     k, pool_size = cfg.train.batch_size, cfg.train.pool_size  # validate(cfg) checked k <= pool_size
     selector = get_selector(cfg.selection.method, **cfg.selection.options)
+    use_weights = bookkeeping.resolve_use_weights(selector, cfg.selection.use_weights)
     online = OnlineSelector(
         selector,
         cfg.selection.features,
@@ -188,6 +189,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         diagnostics=cfg.selection.diagnostics,
         mode=cfg.train.distributed_selection,
         world=world,
+        source_sizes=bookkeeping.source_sizes(train_split.domain_ids, num_domains),
     )
     rw_options = _weights_from(dict(cfg.reweighting.options), domains)
     # reweighting.amortize: the loop computes the statistics and updates the reweighter every update_every steps
@@ -291,7 +293,10 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         pool = train_split.collate(pool_ids, pad_id)
 
         # 2. selection (validation anchors drawn per step, identically on every rank)
-        anchors = bookkeeping.draw_anchors(len(val_split), cfg.selection.features.val_anchors, seed=cfg.seed, step=step)
+        fc = cfg.selection.features
+        anchors = bookkeeping.draw_anchors(
+            val_split.domain_ids, fc.val_anchors, seed=cfg.seed, step=step, sampling=fc.anchor_sampling
+        )
         val_batch = val_split.collate(anchors, pad_id)
         lr = scheduler.get_last_lr()[0]
         result = online(model, pool, k, step=step, lr=lr, val_batch=val_batch, domain_weights=weights)
@@ -302,11 +307,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         mine = result.local if result.local is not None else sel
         chosen = mine.indices
         chosen_domains = pool["domain_ids"][chosen]
-        w = bookkeeping.example_weights(
-            mine, chosen_domains, use_weights=cfg.selection.use_weights, loss_weights=loss_w
-        )
-        if step == start:
-            bookkeeping.warn_unused_weights(sel, use_weights=cfg.selection.use_weights, method=cfg.selection.method)
+        w = bookkeeping.example_weights(mine, chosen_domains, use_weights=use_weights, loss_weights=loss_w)
         total_w = all_reduce_sum(w.sum().clone()).clamp_min(1e-12)
         optimizer.zero_grad(set_to_none=True)
         losses = []
@@ -323,7 +324,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                 batch = {key: pool[key][rows].to(device) for key in ("input_ids", "attention_mask", "labels")}
                 with autocast:
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                per_ex = per_example_loss(logits.float(), batch["labels"])
+                tok = token_losses(logits.float(), batch["labels"])  # per token, for DoReMi's per-token excess
+                per_ex = tok.sum(1) / target_mask(batch["labels"]).sum(1).clamp_min(1)
                 if not torch.isfinite(per_ex).all():
                     raise FloatingPointError(
                         f"non-finite loss at step {step} (domains {chosen_domains[s : s + mb].tolist()}); "
@@ -332,7 +334,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                 if capture is not None:
                     capture.watch(per_ex)
                 (per_ex * w[s : s + mb].to(device)).sum().div(total_w.to(device)).mul(world.world_size).backward()
-                losses.append(per_ex.detach().cpu())
+                losses.append(tok.detach().cpu())
         if world.distributed:
             for p in params:  # a rank with no selected example still joins the all-reduce, with zeros
                 if p.grad is None:
@@ -353,6 +355,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             ref_losses=bookkeeping.reference_losses(reference, trained, mb)
             if reference is not None and stats_step
             else None,
+            mask=target_mask(trained["labels"]),
         )
         if reweighter.needs_grad and stats_step:  # domain gradient statistics (DoGraph)
             val_rows = bookkeeping.balanced_rows(val_split.domain_ids, num_domains, rc.val_per_domain)

@@ -81,6 +81,9 @@ class DomainStats:
         grad: optional Tensor[D, d] summed per-example gradient features of each domain.
         val_grad: optional Tensor[d] or Tensor[D, d] validation gradient features (target).
         step: training step the stats come from.
+        token_counts: optional Tensor[D] number of target tokens of each domain's examples.
+        excess_sum: optional Tensor[D] sum over each domain's target tokens of the clipped excess
+            loss ``max(l_t - l_ref_t, 0)`` (DoReMi's per-token excess, arXiv 2305.10429 Alg. 1).
     """
 
     counts: torch.Tensor
@@ -89,6 +92,8 @@ class DomainStats:
     grad: torch.Tensor | None = None
     val_grad: torch.Tensor | None = None
     step: int = 0
+    token_counts: torch.Tensor | None = None
+    excess_sum: torch.Tensor | None = None
 
     @property
     def num_domains(self) -> int:

@@ -11,7 +11,7 @@ from features_oracle import per_sample_grads, rel_err
 
 from mixsel.features import KroneckerProjector, materialize_grads, pool_gradient_features
 from mixsel.features.lm_head import head_grads, head_gram, head_grams, head_pass, head_project, head_sq_norms
-from mixsel.features.loss import _full_forward_stats
+from mixsel.features.loss import _full_forward_stats, token_losses
 from mixsel.registry import get_selector
 from mixsel.selection.base import Pool
 
@@ -49,6 +49,10 @@ def test_head_pass_equals_the_full_forward(model64, pool, chunks):
     for key in (*SCALARS, "hidden"):
         assert torch.allclose(got[key], full[key], rtol=1e-12, atol=1e-12), key
     assert got["loss"][4] == 0 and got["confidence"][4] == 0
+    with torch.no_grad():
+        logits = model64(input_ids=pool["input_ids"], attention_mask=pool["attention_mask"]).logits
+    per_token = head_pass(model64, pool, token_losses=True, **chunks)["token_losses"]
+    assert torch.allclose(per_token, token_losses(logits, pool["labels"]), rtol=1e-12, atol=1e-12)
     assert not got["loss"].is_inference()  # usable (and modifiable) outside inference mode
 
 

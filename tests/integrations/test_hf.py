@@ -152,7 +152,11 @@ def test_weighted_loss_matches_hand_computed_mean(tmp_path):
         per.append(ce[mask].mean())
     expected = (torch.stack(per) * w).sum() / w.sum()
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(trainer._pending.losses, torch.stack(per), rtol=1e-5, atol=1e-6)
+    # the recorded losses are per token (DoReMi's per-token excess), zero off the targets
+    tokens = trainer._pending.losses
+    mask = batch["labels"][:, 1:] != -100
+    assert tokens.shape == mask.shape and bool((tokens[~mask] == 0).all())
+    torch.testing.assert_close(tokens.sum(1) / mask.sum(1), torch.stack(per), rtol=1e-5, atol=1e-6)
 
 
 def test_selection_trainer_lora_int_domains(tmp_path):
@@ -273,6 +277,8 @@ def test_callback_state_roundtrips_through_json():
             counts=torch.tensor([2.0, 1.0, 0.0]),
             loss_sum=torch.tensor([3.0, 2.5, 0.0]),
             ref_loss_sum=torch.tensor([2.0, 2.4, 0.0]),
+            token_counts=torch.tensor([8.0, 3.0, 0.0]),
+            excess_sum=torch.tensor([4.0, 0.6, 0.0]),
         )
     )
     cb.on_step_end(None, type("S", (), {"global_step": 1})(), None)
@@ -341,3 +347,39 @@ def test_dograph_in_the_trainer_needs_validation_rows(tmp_path):
     args = make_args(tmp_path, selector="random", domains=DOMAINS, reweighter="dograph")
     with pytest.raises(ValueError, match="reweighter 'dograph' need validation examples"):
         SelectionTrainer(model=make_tiny_llama(), args=args, train_dataset=make_dataset())
+
+
+def test_anchors_source_sizes_and_weights_switch_follow_mixsel_train(tmp_path):
+    """The HF trainer draws anchors with bookkeeping.draw_anchors, hands CoLM the dataset's sizes and
+    resolves selection weights like mixsel train."""
+    from mixsel import bookkeeping
+
+    val = make_dataset((5, 4, 3), seed=1)
+    args = make_args(tmp_path, selector="partitionsel", domains=DOMAINS, anchor_sampling="balanced", val_anchors=6)
+    trainer = SelectionTrainer(model=make_tiny_llama(), args=args, train_dataset=make_dataset(), eval_dataset=val)
+    batch = trainer._anchor_batch(step=2)
+    assert batch["input_ids"].shape[0] == 6
+    assert torch.bincount(batch["domain_ids"], minlength=3).tolist() == [2, 2, 2]  # round-robin over domains
+    assert (batch["input_ids"][:, 0] - MARK).tolist() == batch["domain_ids"].tolist()
+    assert trainer.online.features.source == "blocks" and trainer.online.features.normalize
+    assert trainer._use_weights is False
+    uniform_args = make_args(tmp_path, selector="partitionsel", domains=DOMAINS)
+    uniform = SelectionTrainer(
+        model=make_tiny_llama(), args=uniform_args, train_dataset=make_dataset(), eval_dataset=val
+    )
+    rows = bookkeeping.draw_anchors(12, 4, seed=0, step=2)
+    assert (uniform._anchor_batch(step=2)["input_ids"][:, 0] - MARK).tolist() == [
+        0 if r < 5 else 1 if r < 9 else 2 for r in rows.tolist()
+    ]
+    colm = SelectionTrainer(
+        model=make_tiny_llama(),
+        args=make_args(tmp_path, selector="colm", domains=DOMAINS),
+        train_dataset=make_dataset(),
+    )
+    assert colm.online.source_sizes.tolist() == [12, 8, 4]
+    craig = SelectionTrainer(
+        model=make_tiny_llama(),
+        args=make_args(tmp_path, selector="craig", domains=DOMAINS),
+        train_dataset=make_dataset(),
+    )
+    assert craig._use_weights is True

@@ -1,4 +1,9 @@
-"""DoReMi (Xie et al., 2023, Algorithm 1) against hand-computed updates on 3 domains."""
+"""DoReMi (Xie et al., 2023, arXiv 2305.10429, Algorithm 1) against hand-computed updates on 3 domains.
+
+The first tests feed per-example statistics (``clip="domain"``: the domain's mean excess, clipped);
+the defaults (per-token clipping, absent domains keep their score, running average with the
+initial weights) are checked after them.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixsel import DomainStats, get_reweighter
+from mixsel.bookkeeping import domain_stats
 from mixsel.reweighting.doremi import excess_loss
 
 DOMAINS = ["web", "code", "math"]
@@ -43,7 +49,7 @@ def _expected_two_steps() -> tuple[list[float], list[float]]:
 
 
 def test_two_updates_match_hand_computation():
-    r = get_reweighter("doremi", domains=DOMAINS)
+    r = get_reweighter("doremi", domains=DOMAINS, clip="domain", average="updates")
     assert r.mode == "loss"
     a1, a2 = _expected_two_steps()
     w1 = r.update(_stats(*S1))
@@ -61,7 +67,12 @@ def test_two_updates_match_hand_computation():
 
 def test_step_size_initial_weights_and_no_smoothing():
     r = get_reweighter(
-        "doremi", domains=DOMAINS, step_size=0.5, smoothing=0.0, initial_weights={"web": 2, "code": 1, "math": 1}
+        "doremi",
+        domains=DOMAINS,
+        step_size=0.5,
+        smoothing=0.0,
+        initial_weights={"web": 2, "code": 1, "math": 1},
+        clip="domain",
     )
     assert r.average_weights.tolist() == [0.5, 0.25, 0.25]  # alpha_0 before any update
     w = r.update(_stats(*S1))
@@ -71,8 +82,8 @@ def test_step_size_initial_weights_and_no_smoothing():
 
 def test_absent_domain_zero_vs_previous():
     step2 = ([0, 1, 1], [0.0, 3.0, 1.0], [0.0, 1.0, 1.0])  # web absent; code excess 2, math 0
-    zero = get_reweighter("doremi", domains=DOMAINS, smoothing=0.0)
-    prev = get_reweighter("doremi", domains=DOMAINS, smoothing=0.0, absent="previous")
+    zero = get_reweighter("doremi", domains=DOMAINS, smoothing=0.0, clip="domain", absent="zero")
+    prev = get_reweighter("doremi", domains=DOMAINS, smoothing=0.0, clip="domain")  # the default: "previous"
     for r in (zero, prev):
         r.update(_stats(*S1))
         r.update(_stats(*step2))
@@ -87,7 +98,7 @@ def test_absent_domain_zero_vs_previous():
 
 
 def test_update_every_accumulates_the_window():
-    r = get_reweighter("doremi", domains=DOMAINS, update_every=2)
+    r = get_reweighter("doremi", domains=DOMAINS, update_every=2, clip="domain")
     assert r.update(_stats(*S1)).tolist() == [1 / 3] * 3  # no update yet
     w = r.update(_stats(*S2))
     # summed window: counts 3,3,3; loss 5,7,3; ref 3.5,4,1.5 -> excess 0.5, 1, 0.5
@@ -97,25 +108,34 @@ def test_update_every_accumulates_the_window():
 
 
 def test_excess_loss_clips_the_mean():
-    lam, present = excess_loss(_stats(*S2))
+    lam, present = excess_loss(_stats(*S2), clip="domain")
     assert lam.tolist() == [0.0, 2.0, 0.5]
     assert present.tolist() == [True, True, True]
 
 
 def test_nan_and_missing_reference_raise_clear_errors():
-    r = get_reweighter("doremi", domains=DOMAINS)
+    r = get_reweighter("doremi", domains=DOMAINS, clip="domain")
     with pytest.raises(ValueError, match=r"loss_sum is NaN or infinite for domain\(s\) \['code'\].*learning rate"):
         r.update(_stats([1, 1, 1], [1.0, float("nan"), 1.0], [1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match=r"ref_loss_sum .*\['math'\]"):
         r.update(_stats([1, 1, 1], [1.0, 1.0, 1.0], [1.0, 1.0, float("inf")]))
     with pytest.raises(ValueError, match="needs DomainStats.ref_loss_sum"):
         r.update(DomainStats(counts=torch.tensor([1, 1, 1]), loss_sum=torch.ones(3)))
+    with pytest.raises(ValueError, match="token_counts and excess_sum"):
+        get_reweighter("doremi", domains=DOMAINS).update(_stats(*S1))
     assert r.num_updates == 0 and r.weights.tolist() == [1 / 3] * 3
 
 
 @pytest.mark.parametrize(
     ("config", "match"),
-    [({"step_size": -1.0}, "step_size"), ({"smoothing": 2.0}, "smoothing"), ({"absent": "keep"}, "absent")],
+    [
+        ({"step_size": -1.0}, "step_size"),
+        ({"smoothing": 2.0}, "smoothing"),
+        ({"absent": "keep"}, "absent"),
+        ({"clip": "example"}, "clip"),
+        ({"average": "last"}, "average"),
+        ({"initial_excess": -1.0}, "initial_excess"),
+    ],
 )
 def test_config_errors(config, match):
     with pytest.raises(ValueError, match=match):
@@ -137,7 +157,7 @@ _step = st.tuples(
     smoothing=st.sampled_from([0.0, 1e-3, 0.5]),
 )
 def test_weights_stay_on_simplex_for_extreme_inputs(steps, step_size, smoothing):
-    r = get_reweighter("doremi", domains=DOMAINS, step_size=step_size, smoothing=smoothing)
+    r = get_reweighter("doremi", domains=DOMAINS, step_size=step_size, smoothing=smoothing, clip="domain")
     for counts, loss, ref in steps:
         w = r.update(_stats(counts, loss, ref))
         assert bool(torch.isfinite(w).all())
@@ -146,6 +166,68 @@ def test_weights_stay_on_simplex_for_extreme_inputs(steps, step_size, smoothing)
         assert float(w.min()) >= smoothing / 3 * (1 - 1e-12)
     avg = r.average_weights
     assert bool(torch.isfinite(avg).all()) and math.isclose(float(avg.sum()), 1.0, rel_tol=1e-12)
+
+
+def _token_window() -> DomainStats:
+    """Per-token stats of 3 examples through mixsel.bookkeeping.domain_stats (web: A, B; code: C).
+
+    A: proxy [3, 1], ref [1, 2] -> clipped excess [2, 0]; B: one target token, proxy 1, ref 2 -> 0;
+    C: proxy [2, 2], ref [1, 1] -> [1, 1]. math is absent.
+    """
+    proxy = torch.tensor([[3.0, 1.0], [1.0, 0.0], [2.0, 2.0]], dtype=torch.float64)
+    ref = torch.tensor([[1.0, 2.0], [2.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True], [True, False], [True, True]])
+    return domain_stats(torch.tensor([0, 0, 1]), proxy, 3, step=0, ref_losses=ref, mask=mask)
+
+
+def test_per_token_clipping_then_average_over_the_domains_tokens():
+    stats = _token_window()
+    assert stats.token_counts.tolist() == [3.0, 2.0, 0.0]
+    assert stats.excess_sum.tolist() == [2.0, 2.0, 0.0]
+    # per-example means: A 2 vs 1.5, B 1 vs 2, C 2 vs 1
+    assert stats.loss_sum.tolist() == [3.0, 2.0, 0.0] and stats.ref_loss_sum.tolist() == [3.5, 1.0, 0.0]
+    lam, present = excess_loss(stats)  # web: 2 / 3 tokens; code: 2 / 2
+    assert lam.tolist() == pytest.approx([2 / 3, 1.0, 0.0], rel=1e-12)
+    assert present.tolist() == [True, True, False]
+    # clipping the domain mean instead: web (3 - 3.5) / 2 < 0 -> 0
+    assert excess_loss(stats, clip="domain")[0].tolist() == [0.0, 1.0, 0.0]
+    w = get_reweighter("doremi", domains=DOMAINS).update(stats)
+    assert w.tolist() == pytest.approx(_normalise_smooth([math.exp(2 / 3), math.e, 1.0]), rel=1e-12)
+
+
+def test_absent_domain_keeps_its_previous_score_by_default():
+    r = get_reweighter("doremi", domains=DOMAINS, smoothing=0.0)
+    r.update(_token_window())  # math absent: keeps its initial score 0
+    assert r.excess.tolist() == pytest.approx([2 / 3, 1.0, 0.0], rel=1e-12)
+    only_math = domain_stats(
+        torch.tensor([2]),
+        torch.tensor([[3.0]], dtype=torch.float64),
+        3,
+        step=1,
+        ref_losses=torch.tensor([[1.0]], dtype=torch.float64),
+        mask=torch.tensor([[True]]),
+    )
+    w1 = r.weights
+    w2 = r.update(only_math)  # web and code keep 2/3 and 1; math gets 2
+    assert r.excess.tolist() == pytest.approx([2 / 3, 1.0, 2.0], rel=1e-12)
+    v = [float(w1[0]) * math.exp(2 / 3), float(w1[1]) * math.e, float(w1[2]) * math.exp(2.0)]
+    assert w2.tolist() == pytest.approx([x / sum(v) for x in v], rel=1e-12)
+    # the reference code's initial score (log |vocabulary|) for a domain not seen yet
+    logv = get_reweighter("doremi", domains=DOMAINS, initial_excess=math.log(97))
+    logv.update(_token_window())
+    assert logv.excess.tolist()[2] == pytest.approx(math.log(97), rel=1e-12)
+
+
+def test_running_average_with_and_without_the_initial_weights():
+    a1, a2 = _expected_two_steps()
+    code = get_reweighter("doremi", domains=DOMAINS, clip="domain")  # average="with_initial"
+    paper = get_reweighter("doremi", domains=DOMAINS, clip="domain", average="updates")
+    for r in (code, paper):
+        r.update(_stats(*S1))
+        r.update(_stats(*S2))
+    third = 1 / 3
+    assert code.average_weights.tolist() == pytest.approx([(third + x + y) / 3 for x, y in zip(a1, a2)], rel=1e-12)
+    assert paper.average_weights.tolist() == pytest.approx([(x + y) / 2 for x, y in zip(a1, a2)], rel=1e-12)
 
 
 def test_proposal_is_uniform_by_default_and_natural_on_request():

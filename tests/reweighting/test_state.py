@@ -22,7 +22,20 @@ def _stream(n: int = 6) -> list[DomainStats]:
         ref = torch.rand(3, generator=g, dtype=torch.float64) * 1.5 * counts
         grad = torch.randn(3, 5, generator=g, dtype=torch.float64) * counts.unsqueeze(-1)
         val = torch.randn(5, generator=g, dtype=torch.float64)
-        out.append(DomainStats(counts=counts, loss_sum=loss, ref_loss_sum=ref, grad=grad, val_grad=val, step=step))
+        tokens = counts * 3
+        excess = torch.rand(3, generator=g, dtype=torch.float64) * tokens
+        out.append(
+            DomainStats(
+                counts=counts,
+                loss_sum=loss,
+                ref_loss_sum=ref,
+                grad=grad,
+                val_grad=val,
+                step=step,
+                token_counts=tokens,
+                excess_sum=excess,
+            )
+        )
     return out
 
 
@@ -30,8 +43,8 @@ CASES = [
     ("uniform", {}),
     ("static", {"domain_sizes": [10, 20, 70], "alpha": 0.3}),
     ("doremi", {}),
-    ("doremi", {"absent": "previous"}),
-    ("doremi", {"update_every": 2, "absent": "previous", "step_size": 0.3}),
+    ("doremi", {"absent": "zero", "clip": "domain"}),
+    ("doremi", {"update_every": 2, "average": "updates", "step_size": 0.3}),
     ("dograph", {}),
     ("dograph", {"update_every": 2, "knn": 1, "alignment": "dot", "ema": 0.5}),
 ]

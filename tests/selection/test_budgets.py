@@ -4,14 +4,36 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixsel.selection import Pool
-from mixsel.selection.budgets import BudgetPolicy, budgets_from_weights, proportional_budgets
+from mixsel.selection.budgets import BudgetPolicy, budgets_from_weights, proportional_budgets, round_quotas
 
 
 def test_proportional_hand_computed():
-    # quotas 5*[3,2,5]/10 = [1.5, 1.0, 2.5] -> floors [1,1,2], the one spare unit goes to the
-    # largest fraction (0.5 tie between domains 0 and 2; larger quota wins -> domain 2)
-    assert proportional_budgets(torch.tensor([3, 2, 5]), 5).tolist() == [1, 1, 3]
+    # quotas 5*[3,2,5]/10 = [1.5, 1.0, 2.5] -> floors [1,1,2]; the reference code gives the spare unit
+    # to the smallest floor (tie between domains 0 and 1 -> lower id); largest remainder gives it to
+    # the largest fraction (0.5 tie between domains 0 and 2; larger quota wins -> domain 2)
+    assert proportional_budgets(torch.tensor([3, 2, 5]), 5).tolist() == [2, 1, 2]
+    assert proportional_budgets(torch.tensor([3, 2, 5]), 5, rounding="largest_remainder").tolist() == [1, 1, 3]
     assert proportional_budgets(torch.tensor([10, 0, 10]), 4).tolist() == [2, 0, 2]
+
+
+def test_official_rounding_of_the_issue_example():
+    # counts [7, 51, 6], k = 5: quotas [0.55, 3.98, 0.47] -> floors [0, 3, 0]; the 2 leftover units go to
+    # the smallest floors (domains 0 and 2) -> [1, 3, 1]; largest remainder: [1, 4, 0]
+    counts = torch.tensor([7, 51, 6])
+    assert proportional_budgets(counts, 5).tolist() == [1, 3, 1]
+    assert proportional_budgets(counts, 5, rounding="largest_remainder").tolist() == [1, 4, 0]
+    assert BudgetPolicy(rounding="largest_remainder").resolve(_pool([7, 51, 6]), 5).tolist() == [1, 4, 0]
+
+
+def test_smallest_first_cycles_the_fixed_order_and_skips_full_domains():
+    # floors [0, 0, 5] of quotas [0.4, 0.4, 5.2], 1 unit left: domain 0 (smallest floor, lowest id)
+    assert round_quotas(torch.tensor([0.4, 0.4, 5.2]), 6, torch.tensor([9, 9, 9])).tolist() == [1, 0, 5]
+    # quotas capped at [1, 9, 9] -> floors [1, 2, 2]; 2 units: domain 0 is full, so 1 then 2
+    assert round_quotas(torch.tensor([1.9, 2.6, 2.5]), 7, torch.tensor([1, 9, 9])).tolist() == [1, 3, 3]
+    # a zero quota never takes units while a positive-quota domain has room
+    assert round_quotas(torch.tensor([0.0, 2.5, 2.5]), 5, torch.tensor([9, 9, 9])).tolist() == [0, 3, 2]
+    with pytest.raises(ValueError, match="rounding='nearest'"):
+        round_quotas(torch.tensor([1.0]), 1, torch.tensor([1]), "nearest")
 
 
 def test_minimum_floor():
@@ -41,12 +63,13 @@ def test_budget_properties(counts, data):
     if total == 0:
         return
     k = data.draw(st.integers(1, total))
-    b = proportional_budgets(counts_t, k)
-    assert int(b.sum()) == k
-    assert bool((b >= 0).all() and (b <= counts_t).all())
     w = torch.tensor(data.draw(st.lists(st.floats(0.01, 1.0), min_size=len(counts), max_size=len(counts))))
-    b2 = budgets_from_weights(counts_t, k, w)
-    assert int(b2.sum()) == k and bool((b2 <= counts_t).all())
+    for rounding in ("smallest_first", "largest_remainder"):
+        b = proportional_budgets(counts_t, k, rounding=rounding)
+        assert int(b.sum()) == k
+        assert bool((b >= 0).all() and (b <= counts_t).all())
+        b2 = budgets_from_weights(counts_t, k, w, rounding=rounding)
+        assert int(b2.sum()) == k and bool((b2 <= counts_t).all())
 
 
 def _pool(counts, weights=None):
@@ -56,8 +79,14 @@ def _pool(counts, weights=None):
 
 
 def test_budget_policies_hand_values():
-    # quotas 4 * [10, 1, 1] / 12 = [3.33, 0.33, 0.33] -> largest remainder gives everything to domain 0
-    assert BudgetPolicy("proportional").resolve(_pool([10, 1, 1]), 4).tolist() == [4, 0, 0]
+    # quotas 4 * [10, 1, 1] / 12 = [3.33, 0.33, 0.33] -> floors [3, 0, 0], the spare unit to domain 1
+    # (smallest floor, lowest id); largest remainder gives everything to domain 0
+    assert BudgetPolicy("proportional").resolve(_pool([10, 1, 1]), 4).tolist() == [3, 1, 0]
+    assert BudgetPolicy("proportional", rounding="largest_remainder").resolve(_pool([10, 1, 1]), 4).tolist() == [
+        4,
+        0,
+        0,
+    ]
     # one guaranteed pick per present domain, the remaining 1 proportional to spare counts [9, 0, 0]
     assert BudgetPolicy("minimum").resolve(_pool([10, 1, 1]), 4).tolist() == [2, 1, 1]
     assert BudgetPolicy("fixed", shares=[0, 1, 1]).resolve(_pool([6, 3, 3]), 4).tolist() == [0, 2, 2]
@@ -76,6 +105,8 @@ def test_budget_policy_errors():
         BudgetPolicy("fixed", shares=[1.0]).resolve(_pool([2, 2]), 2)
     with pytest.raises(ValueError, match="proportional"):
         BudgetPolicy("bogus").resolve(_pool([2, 2]), 2)
+    with pytest.raises(ValueError, match="smallest_first"):
+        BudgetPolicy(rounding="bogus")
     with pytest.raises(ValueError, match="larger than the number of candidates"):
         BudgetPolicy().resolve(_pool([2, 2]), 5)
 
@@ -85,7 +116,7 @@ def test_budget_policy_uniform_and_constraint():
     assert BudgetPolicy("uniform").resolve(_pool([6, 1, 3]), 6).tolist() == [3, 1, 2]
     info: dict = {}
     groups, budgets = BudgetPolicy().constraint(_pool([3, 1]), 2, info)
-    assert groups.tolist() == [0, 0, 0, 1] and budgets.tolist() == info["budgets"] == [2, 0]
+    assert groups.tolist() == [0, 0, 0, 1] and budgets.tolist() == info["budgets"] == [1, 1]
     assert BudgetPolicy(enabled=False).constraint(_pool([3, 1]), 2, info) == (None, None)
     with pytest.raises(ValueError, match="minimum"):
         BudgetPolicy("minimum", minimum=-1)

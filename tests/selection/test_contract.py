@@ -41,7 +41,8 @@ DOMAINS = torch.tensor([0] * 10 + [1] * 6 + [2] * 4)
 
 def _pool(selector, step=0):
     feats = {k: v for k, v in _features().items() if k in selector.requires}
-    return Pool(domains=DOMAINS, num_domains=3, features=feats, step=step, lr=1e-2, seed=5)
+    sizes = torch.tensor([100, 60, 40])  # dataset-level source sizes (CoLM's small sources)
+    return Pool(domains=DOMAINS, num_domains=3, features=feats, step=step, lr=1e-2, seed=5, source_sizes=sizes)
 
 
 def test_registry_has_every_public_name():

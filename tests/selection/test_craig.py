@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from mixsel import get_selector
@@ -43,3 +44,16 @@ def test_per_domain_budgets_are_respected():
     assert torch.bincount(torch.tensor(domains)[sel.indices], minlength=2).tolist() == [2, 2]
     assert len(set(sel.indices.tolist())) == 4
     assert float(sel.weights.sum()) == 6.0
+
+
+def test_squared_distances_of_cords_pick_the_mean_side_medoid():
+    # on [0, 1, 2, 3, 100]: Euclidean distances (the paper) favour the median (2: sum 102 vs 3: 103);
+    # squared distances (cords) favour the point nearest the mean (3: sum 9423 vs 2: 9610)
+    pool = _pool([0.0, 1.0, 2.0, 3.0, 100.0])
+    assert get_selector("craig").select(pool, 1).indices.tolist() == [2]
+    assert get_selector("craig", distance="squared").select(pool, 1).indices.tolist() == [3]
+    g = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(distances_from_gram(g @ g.T, squared=True), torch.cdist(g, g).square())
+    assert get_selector("craig").weighted_loss is True
+    with pytest.raises(ValueError, match="distance="):
+        get_selector("craig", distance="cosine")

@@ -20,9 +20,9 @@ def test_one_pick_per_direction():
     sel = get_selector("hidden_fl").select(pool, 2)
     picked = sel.indices.tolist()
     assert len({0 if i in (0, 1, 4) else 1 for i in picked}) == 2
-    assert torch.equal(sel.weights, torch.ones(2))
-    weighted = get_selector("hidden_fl", weighted=True).select(pool, 2)
-    assert sorted(weighted.weights.tolist()) == [2.0, 3.0]
+    # natural weights: the medoids' cluster sizes (applied only with selection.use_weights=true)
+    assert sorted(sel.weights.tolist()) == [2.0, 3.0]
+    assert get_selector("hidden_fl").weighted_loss is False
 
 
 def test_per_domain_budgets():

@@ -3,7 +3,8 @@
 * :mod:`~mixsel.features.loss`: per-example loss, confidence, perplexity, completion length, and the
   LM-head gradient factors, from one no-grad forward (:func:`forward_stats`);
 * :mod:`~mixsel.features.grads`: exact per-example gradients of the LM head (:func:`last_layer_grads`)
-  or of chosen linear / LoRA layers (:func:`linear_grads`) and their inner products by the ghost
+  or of chosen linear / LoRA layers (:func:`linear_grads`; the last transformer blocks' layers by
+  :func:`block_modules`) and their inner products by the ghost
   identity or by materialising, whichever is cheaper (:func:`last_layer_gram`, :func:`linear_gram`);
 * :mod:`~mixsel.features.projection`: seeded random and Kronecker-factored projections;
 * :mod:`~mixsel.features.zeroth_order`: CoLM's SPSA features, Adam normalisation and top-h masks;
@@ -13,7 +14,9 @@
 
 from mixsel.features.grads import (
     GRAM_METHODS,
+    block_modules,
     capture_linear_factors,
+    decoder_layers,
     factor_gram,
     factor_sq_norms,
     find_last_module,
@@ -34,6 +37,7 @@ from mixsel.features.loss import (
     per_example_loss,
     stats_from_logits,
     target_mask,
+    token_losses,
 )
 from mixsel.features.pool import pool_gradient_features
 from mixsel.features.projection import PROJECTION_KINDS, KroneckerProjector, RandomProjector, kronecker_dims
@@ -54,7 +58,9 @@ __all__ = [
     "LMHeadFactors",
     "RandomProjector",
     "SPSAEstimate",
+    "block_modules",
     "capture_linear_factors",
+    "decoder_layers",
     "factor_gram",
     "factor_sq_norms",
     "find_last_module",
@@ -75,5 +81,6 @@ __all__ = [
     "spsa_features",
     "stats_from_logits",
     "target_mask",
+    "token_losses",
     "topk_source_mask",
 ]

@@ -41,7 +41,9 @@ from mixsel.features.loss import (
 
 __all__ = [
     "GRAM_METHODS",
+    "block_modules",
     "capture_linear_factors",
+    "decoder_layers",
     "factor_gram",
     "factor_sq_norms",
     "find_last_module",
@@ -335,6 +337,84 @@ def find_last_module(model: torch.nn.Module, suffix: str = "v_proj", *, lora: st
     if lora in ("A", "B"):
         raise ValueError(f"{name} is not a peft LoRA layer; use lora='auto' or wrap the model with peft")
     return name
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """``(name, layers)``: the model's stack of transformer blocks.
+
+    The ``nn.ModuleList`` holding the most parameters (``model.layers`` of a Llama, also under a
+    peft wrapper).
+
+    Raises:
+        ValueError: the model has no ``nn.ModuleList`` of blocks.
+    """
+    best: tuple[str, torch.nn.ModuleList, int] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
+            size = sum(p.numel() for p in mod.parameters())
+            if best is None or size > best[2]:
+                best = (name, mod, size)
+    if best is None:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.ModuleList of transformer blocks; use "
+            "selection.features.source=lm_head or source=linear with explicit modules"
+        )
+    return best[0], best[1]
+
+
+def _lora_adapter(module: torch.nn.Module) -> str | None:
+    """The active adapter name of a peft LoRA layer, or None for any other module."""
+    lora_a = getattr(module, "lora_A", None)
+    if not isinstance(lora_a, torch.nn.ModuleDict) or len(lora_a) == 0:
+        return None
+    active = getattr(module, "active_adapters", None) or list(lora_a.keys())
+    return active[0] if isinstance(active, (list, tuple)) else active
+
+
+def block_modules(model: torch.nn.Module, blocks: int = 3) -> list[str]:
+    """Module names of the gradient features of the last ``blocks`` transformer blocks.
+
+    PartitionSel's reference code (arXiv 2606.07954; ``grad_layer`` = the last 3 blocks) takes the
+    per-example gradients of the LoRA A and B matrices of those blocks, or of the blocks' weights
+    when no LoRA is used. Here: under peft, the ``lora_A`` / ``lora_B`` Linear of every LoRA-adapted
+    module of those blocks (active adapter); without LoRA, every ``nn.Linear`` of those blocks
+    (attention q, k, v, o and the MLP projections of a Llama). The blocks' norm scales are left out
+    (a few thousand coordinates; docs/methods.md, deviations).
+
+    Args:
+        model: a decoder-only LM, possibly peft-wrapped.
+        blocks: how many blocks, counted from the last; 0 = every block.
+
+    Returns:
+        Names usable with :func:`linear_grads` / :func:`capture_linear_factors`, block by block in
+        module order (LoRA: ``A`` then ``B`` of each adapted module).
+
+    Raises:
+        ValueError: negative ``blocks``, no block list, or a peft model whose LoRA adapters miss
+            the chosen blocks.
+    """
+    if blocks < 0:
+        raise ValueError(f"blocks={blocks} must be >= 0 (0 = every transformer block)")
+    list_name, layers = decoder_layers(model)
+    lora = any(_lora_adapter(m) is not None for m in model.modules())
+    first = 0 if blocks == 0 else max(0, len(layers) - blocks)
+    names: list[str] = []
+    for i in range(first, len(layers)):
+        prefix = f"{list_name}.{i}" if list_name else str(i)
+        for sub, mod in layers[i].named_modules():
+            if lora:
+                adapter = _lora_adapter(mod)
+                if adapter is not None:
+                    names += [f"{prefix}.{sub}.lora_A.{adapter}", f"{prefix}.{sub}.lora_B.{adapter}"]
+            elif isinstance(mod, torch.nn.Linear):
+                names.append(f"{prefix}.{sub}")
+    if not names:
+        what = "LoRA adapters" if lora else "nn.Linear layers"
+        raise ValueError(
+            f"no {what} in transformer blocks {first}..{len(layers) - 1} of {list_name!r}; adapt those blocks "
+            "(model.lora.target_modules) or set selection.features.source=lm_head"
+        )
+    return names
 
 
 def resolve_modules(

@@ -170,6 +170,7 @@ def head_pass(
     *,
     hidden: bool = False,
     tokens: bool = False,
+    token_losses: bool = False,
     projector: KroneckerProjector | None = None,
     row_bytes: int = DEFAULT_ROW_BYTES,
     token_bytes: int = DEFAULT_TOKEN_BYTES,
@@ -181,6 +182,8 @@ def head_pass(
         batch: dict with ``input_ids``, ``attention_mask`` and ``labels`` (-100 = ignored).
         hidden: also return ``hidden`` [n, H], the head input mean-pooled over attended tokens.
         tokens: also return ``head_tokens``, the :class:`HeadTokens` of the batch.
+        token_losses: also return ``token_losses`` [n, T - 1], each target token's cross-entropy at
+            its position (0 elsewhere; :func:`mixsel.features.loss.token_losses`).
         projector: with ``tokens``, a :class:`~mixsel.features.projection.KroneckerProjector` of the
             head's ``(V, H)``: the output side ``(softmax - onehot) P_out`` is computed from the logits
             already at hand (``HeadTokens.err_out``), so :func:`head_project` needs no second pass.
@@ -284,6 +287,10 @@ def head_pass(
         }
         if hidden:
             result["hidden"] = out_hidden if out_hidden is not None else torch.zeros(0, dtype=dtype)
+        if token_losses:
+            per_token = torch.zeros(mask_all.shape, dtype=dtype, device=device)
+            per_token[mask_all] = -tok_logp[valid]
+            result["token_losses"] = per_token
         scale = valid.to(dtype) / denom[:, None]
     # cloned outside inference mode: plain tensors that later code may modify in place
     out: dict[str, Any] = {k: v.clone() for k, v in result.items()}

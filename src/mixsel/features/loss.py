@@ -30,6 +30,7 @@ __all__ = [
     "per_example_loss",
     "stats_from_logits",
     "target_mask",
+    "token_losses",
 ]
 
 IGNORE_INDEX = -100
@@ -105,16 +106,16 @@ def target_mask(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE_INDEX
 
 
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-example mean token cross-entropy with the Hugging Face shift (differentiable).
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy with the Hugging Face shift (differentiable); 0 where not a target.
 
     Args:
         logits: Tensor[n, T, V] next-token logits of a causal LM.
         labels: LongTensor[n, T]; -100 marks ignored tokens.
 
     Returns:
-        Tensor[n]: ``sum_t CE(logits[i, t], labels[i, t + 1]) / max(1, #targets_i)`` over target
-        positions; 0 for an example without targets.
+        Tensor[n, T - 1]: ``CE(logits[i, t], labels[i, t + 1])`` at target positions
+        (:func:`target_mask`), 0 elsewhere.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(
@@ -129,8 +130,21 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
         shift_labels.masked_fill(~mask, 0).reshape(-1),
         reduction="none",
     ).view_as(shift_labels)
-    ce = ce * mask
-    return ce.sum(1) / mask.sum(1).clamp(min=1)
+    return ce * mask
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example mean token cross-entropy with the Hugging Face shift (differentiable).
+
+    Args:
+        logits: Tensor[n, T, V] next-token logits of a causal LM.
+        labels: LongTensor[n, T]; -100 marks ignored tokens.
+
+    Returns:
+        Tensor[n]: ``sum_t CE(logits[i, t], labels[i, t + 1]) / max(1, #targets_i)`` over target
+        positions; 0 for an example without targets.
+    """
+    return token_losses(logits, labels).sum(1) / target_mask(labels).sum(1).clamp(min=1)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

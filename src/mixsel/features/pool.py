@@ -12,6 +12,7 @@ import torch
 from mixsel import seeding
 from mixsel.features.grads import (
     GRAM_METHODS,
+    block_modules,
     capture_linear_factors,
     factor_gram,
     factor_sq_norms,
@@ -27,7 +28,7 @@ __all__ = ["pool_gradient_features"]
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("lm_head", "linear")
+SOURCES = ("lm_head", "linear", "blocks")
 HEAD_METHODS = ("auto", "blocked", "ghost", "materialize")
 _GHOST_MAX_BYTES = 256 * 2**20  # the ghost backend holds err [N, V] of every target token
 
@@ -83,7 +84,7 @@ def _check_request(
         raise ValueError(f"need has unknown names {sorted(unknown)}; valid: {valid}")
     if source not in SOURCES:
         raise ValueError(f"source={source!r} is not one of {SOURCES}")
-    if source == "linear" and "hidden" in need:
+    if source != "lm_head" and "hidden" in need:
         raise ValueError("need='hidden' is computed with source='lm_head'; call forward_stats(hidden=True)")
     if need & {"val_scores", "val_gram"} and val_batch is None:
         raise ValueError("need asks for val_scores/val_gram: pass val_batch (the validation anchors)")
@@ -92,8 +93,13 @@ def _check_request(
 
 
 def _source_modules(
-    model: torch.nn.Module, source: str, modules: str | torch.nn.Module | Sequence[str | torch.nn.Module] | None
+    model: torch.nn.Module,
+    source: str,
+    modules: str | torch.nn.Module | Sequence[str | torch.nn.Module] | None,
+    blocks: int,
 ) -> list[str | torch.nn.Module]:
+    if source == "blocks":
+        return list(block_modules(model, blocks))
     if source != "linear":
         return []
     if modules is None:
@@ -296,6 +302,7 @@ def pool_gradient_features(
     *,
     source: str = "lm_head",
     modules: str | torch.nn.Module | Sequence[str | torch.nn.Module] | None = None,
+    blocks: int = 3,
     projection_dim: int | None = None,
     normalize: bool = False,
     seed: int = 0,
@@ -306,15 +313,20 @@ def pool_gradient_features(
     """Per-example gradient features of a pool (and validation anchors), computing only what is needed.
 
     One pass over the pool (a no-grad forward for the LM head; forward + one backward to the chosen
-    layers for ``source="linear"``) and, when a validation quantity is asked for, one over ``val_batch``.
+    layers for ``source="linear"`` / ``"blocks"``) and, when a validation quantity is asked for, one
+    over ``val_batch``.
 
     Args:
         model: a Hugging Face causal LM (peft-wrapped is fine), dropout off.
         pool_batch: the candidate pool, dict(input_ids, attention_mask, labels).
         val_batch: validation anchors, needed for ``val_scores``/``val_gram``.
-        source: ``"lm_head"`` (gradient w.r.t. the output embedding) or ``"linear"`` (``modules``).
+        source: ``"lm_head"`` (gradient w.r.t. the output embedding), ``"blocks"`` (the linear
+            layers, or LoRA A/B under peft, of the last ``blocks`` transformer blocks: PartitionSel's
+            reference features, :func:`mixsel.features.grads.block_modules`) or ``"linear"``
+            (``modules``).
         modules: for ``"linear"``, module names/modules; default the last V-projection (its LoRA B under
             peft), via :func:`find_last_module`.
+        blocks: for ``"blocks"``, how many blocks counted from the last (0 = all).
         projection_dim: project to this many coordinates (Kronecker-factored, seeded; split evenly over
             modules) instead of using exact gradients.
         normalize: L2-normalise the gradient features (cosine Gram, as PartitionSel's code does).
@@ -355,11 +367,12 @@ def pool_gradient_features(
         )
         _log_backend(info, need)
         return (out, info) if return_info else out
-    mods = _source_modules(model, source, modules)
+    mods = _source_modules(model, source, modules, blocks)
 
     t0 = time.perf_counter()
     fs, stats = _factors(model, pool_batch, source, mods, "hidden" in need)
     out: dict[str, torch.Tensor] = {k: stats[k] for k in need & SCALAR_FEATURES}
+    info["modules"] = len(fs)
     info["time_forward"] = time.perf_counter() - t0
     if not need & GRADIENT_FEATURES:
         return (out, info) if return_info else out
@@ -380,8 +393,9 @@ def pool_gradient_features(
 
 def _log_backend(info: dict[str, Any], need: set[str]) -> None:
     log.info(
-        "pool_gradient_features: source=%s backend=%s gram backends=%s need=%s",
+        "pool_gradient_features: source=%s (%d module(s)) backend=%s gram backends=%s need=%s",
         info["source"],
+        info.get("modules", 1),
         info.get("backend", "none"),
         [i["method"] for i in info["gram"]],
         sorted(need),

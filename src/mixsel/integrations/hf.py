@@ -98,13 +98,16 @@ class SelectionTrainingArguments(TrainingArguments):
         reweighter: registered reweighter name (``uniform``, ``static``, ``doremi``) or ``None``.
         reweighter_options: keyword options of the reweighter.
         pool_factor: pool size as a multiple of the per-device batch (``1`` = no selection).
-        feature_source: where gradient features come from (``"lm_head"`` or a module suffix).
+        feature_source: where gradient features come from (``selection.features.source`` of
+            ``mixsel train``: ``"auto"`` = the selector's reference, ``"blocks"``, ``"lm_head"``).
         projection_dim: random-projection dimension of gradient features (``None`` = exact).
-        feature_normalize: L2-normalise per-example gradient features.
+        feature_normalize: L2-normalise per-example gradient features (``None`` = the selector's
+            reference).
         val_anchors: validation examples drawn per step as the selection target (for selectors that
-            need ``val_scores`` / ``val_gram``).
+            need ``val_scores`` / ``val_gram``; PartitionSel's code: 4).
+        anchor_sampling: ``"uniform"`` over the validation examples or ``"balanced"`` over domains.
         use_selection_weights: weight the selected examples' losses by the selection weights
-            (OMP coefficients, CRAIG cluster sizes); otherwise every selected example weighs 1.
+            (OMP coefficients, CRAIG cluster sizes); ``None`` = the method's reference.
         domain_column: dataset column with each example's domain (integer ids or names).
         domains: domain names in id order; maps name-valued domain columns to ids. Inferred from the
             training set when ``None``.
@@ -123,11 +126,12 @@ class SelectionTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "reweighter keyword options (dict or JSON string)"}
     )
     pool_factor: int = field(default=4, metadata={"help": "pool = pool_factor x per-device batch"})
-    feature_source: str = field(default="lm_head", metadata={"help": "gradient feature source"})
+    feature_source: str = field(default="auto", metadata={"help": "gradient feature source"})
     projection_dim: int | None = field(default=None, metadata={"help": "projection of gradient features"})
-    feature_normalize: bool = field(default=False, metadata={"help": "normalise gradient features"})
-    val_anchors: int = field(default=2, metadata={"help": "validation anchors per step"})
-    use_selection_weights: bool = field(default=False, metadata={"help": "weight losses by selection weights"})
+    feature_normalize: bool | None = field(default=None, metadata={"help": "normalise gradient features"})
+    val_anchors: int = field(default=4, metadata={"help": "validation anchors per step"})
+    anchor_sampling: str = field(default="uniform", metadata={"help": "anchors: uniform | balanced"})
+    use_selection_weights: bool | None = field(default=None, metadata={"help": "weight losses by selection weights"})
     domain_column: str = field(default="domain", metadata={"help": "dataset column with the domain"})
     domains: list[str] | None = field(default=None, metadata={"help": "domain names in id order"})
     selection_diagnostics: bool = field(default=False, metadata={"help": "log gradient conflicts"})
@@ -161,6 +165,7 @@ class SelectionTrainingArguments(TrainingArguments):
             projection_dim=self.projection_dim,
             normalize=self.feature_normalize,
             val_anchors=self.val_anchors,
+            anchor_sampling=self.anchor_sampling,
         )
 
 
@@ -355,12 +360,14 @@ class SelectionTrainer(Trainer):
         self.args: SelectionTrainingArguments
 
         selector = get_selector(args.selector, **args.selector_options)
+        self._use_weights = bookkeeping.resolve_use_weights(selector, args.use_selection_weights)
         self.online = OnlineSelector(
             selector,
             args.feature_config(),
             len(self.domains),
             seed=args.seed,
             diagnostics=args.selection_diagnostics,
+            source_sizes=self._source_sizes(train_dataset) if getattr(selector, "needs_source_sizes", False) else None,
         )
         reweighting = self.reweighting_callback
         rw = reweighting.reweighter if reweighting is not None else None
@@ -447,20 +454,39 @@ class SelectionTrainer(Trainer):
         batch.pop(self.args.domain_column, None)
         return batch
 
-    def _anchor_batch(self, step: int) -> dict[str, torch.Tensor] | None:
-        if not (self.online.needed() & _VAL_FEATURES) or self.args.val_anchors == 0:
-            return None
-        ds = self._val_dataset()
-        rows = bookkeeping.draw_anchors(len(ds), self.args.val_anchors, seed=self.args.seed, step=step)
-        return self._val_batch(rows.tolist())
+    def _source_sizes(self, dataset: Any) -> torch.Tensor:
+        """Training examples per domain of ``dataset`` (CoLM's dataset-level small sources)."""
+        column = self.args.domain_column
+        ids = [domain_id_of(v, self.domains, column) for v in _column_values(dataset, column)]
+        return bookkeeping.source_sizes(ids, len(self.domains))
 
-    def _balanced_val_batch(self) -> dict[str, torch.Tensor]:
-        """``reweighting_val_per_domain`` validation rows of every domain (DoGraph's target gradient)."""
+    def _validation_domains(self) -> torch.Tensor:
+        """LongTensor[m] domain id of every selection validation example (read once)."""
         if self._val_domains is None:
             column = self.args.domain_column
             values = _column_values(self.selection_val_dataset, column)
             self._val_domains = torch.tensor([domain_id_of(v, self.domains, column) for v in values])
-        rows = bookkeeping.balanced_rows(self._val_domains, len(self.domains), self.args.reweighting_val_per_domain)
+        return self._val_domains
+
+    def _anchor_batch(self, step: int) -> dict[str, torch.Tensor] | None:
+        if not (self.online.needed() & _VAL_FEATURES) or self.args.val_anchors == 0:
+            return None
+        balanced = self.args.anchor_sampling == "balanced"
+        domains = self._validation_domains() if balanced else None
+        rows = bookkeeping.draw_anchors(
+            domains if balanced else len(self._val_dataset()),
+            self.args.val_anchors,
+            seed=self.args.seed,
+            step=step,
+            sampling=self.args.anchor_sampling,
+        )
+        batch = self._val_batch(rows.tolist())
+        return batch if domains is None else {**batch, "domain_ids": domains[rows]}
+
+    def _balanced_val_batch(self) -> dict[str, torch.Tensor]:
+        """``reweighting_val_per_domain`` validation rows of every domain (DoGraph's target gradient)."""
+        domains = self._validation_domains()
+        rows = bookkeeping.balanced_rows(domains, len(self.domains), self.args.reweighting_val_per_domain)
         return self._val_batch(rows.tolist())
 
     # ---- the step -------------------------------------------------------------------------------
@@ -510,13 +536,7 @@ class SelectionTrainer(Trainer):
         idx = selection.indices
         chosen = domain_ids[idx]
         loss_weights = bookkeeping.mixture_weights(reweighting.reweighter)[1] if reweighting is not None else None
-        w = bookkeeping.example_weights(
-            selection, chosen, use_weights=self.args.use_selection_weights, loss_weights=loss_weights
-        )
-        if step == 0:
-            bookkeeping.warn_unused_weights(
-                selection, use_weights=self.args.use_selection_weights, method=self.args.selector
-            )
+        w = bookkeeping.example_weights(selection, chosen, use_weights=self._use_weights, loss_weights=loss_weights)
         selected = {}
         for key, value in inputs.items():
             if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
@@ -555,17 +575,18 @@ class SelectionTrainer(Trainer):
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        from mixsel.features.loss import per_example_loss
+        from mixsel.features.loss import target_mask, token_losses
 
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        per_example = per_example_loss(logits.float(), labels)
+        tokens = token_losses(logits.float(), labels)  # per token, for DoReMi's per-token excess
+        per_example = tokens.sum(1) / target_mask(labels).sum(1).clamp_min(1)
         if pending.capture is not None:
             pending.capture.watch(per_example)
         w = pending.weights.to(per_example.device)
         loss = (per_example * w).sum() / w.sum().clamp_min(1e-12)
-        pending.losses = per_example.detach()
+        pending.losses = tokens.detach()
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
@@ -593,7 +614,12 @@ class SelectionTrainer(Trainer):
                 ref_model.to(selected["input_ids"].device)
             ref_model.eval().requires_grad_(False)
             ref = bookkeeping.reference_losses(ref_model, selected)
-        stats = bookkeeping.domain_stats(chosen, per_example, num, step=self.state.global_step, ref_losses=ref)
+        from mixsel.features.loss import target_mask
+
+        mask = target_mask(selected["labels"])
+        stats = bookkeeping.domain_stats(
+            chosen, per_example, num, step=self.state.global_step, ref_losses=ref, mask=mask
+        )
         if rw is not None and rw.needs_grad:  # DoGraph: domain gradients of the trained rows (captured)
             last_micro = self._micro[1] == self.args.gradient_accumulation_steps
             update = last_micro and bookkeeping.is_update_step(self.state.global_step, rw.update_every)

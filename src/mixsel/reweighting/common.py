@@ -48,6 +48,8 @@ def check_stats(stats: DomainStats, domains: list[str], *, who: str) -> None:
         ("loss_sum", stats.loss_sum),
         ("ref_loss_sum", stats.ref_loss_sum),
         ("grad", stats.grad),
+        ("token_counts", stats.token_counts),
+        ("excess_sum", stats.excess_sum),
     ]
     for field, value in fields:
         if value is None:
@@ -95,6 +97,8 @@ def accumulate_stats(acc: DomainStats | None, new: DomainStats) -> DomainStats:
             grad=copy(new.grad),
             val_grad=copy(new.val_grad),
             step=int(new.step),
+            token_counts=copy(new.token_counts),
+            excess_sum=copy(new.excess_sum),
         )
     return DomainStats(
         counts=add(acc.counts, new.counts.detach(), "counts"),  # type: ignore[arg-type]
@@ -103,6 +107,8 @@ def accumulate_stats(acc: DomainStats | None, new: DomainStats) -> DomainStats:
         grad=add(acc.grad, _detach(new.grad), "grad"),
         val_grad=copy(new.val_grad) if new.val_grad is not None else acc.val_grad,
         step=int(new.step),
+        token_counts=add(acc.token_counts, _detach(new.token_counts), "token_counts"),
+        excess_sum=add(acc.excess_sum, _detach(new.excess_sum), "excess_sum"),
     )
 
 
@@ -120,6 +126,8 @@ def _stats_to_state(stats: DomainStats | None) -> dict[str, Any] | None:
         "grad": None if stats.grad is None else stats.grad.clone(),
         "val_grad": None if stats.val_grad is None else stats.val_grad.clone(),
         "step": stats.step,
+        "token_counts": None if stats.token_counts is None else stats.token_counts.clone(),
+        "excess_sum": None if stats.excess_sum is None else stats.excess_sum.clone(),
     }
 
 
@@ -133,6 +141,8 @@ def _stats_from_state(state: dict[str, Any] | None) -> DomainStats | None:
         grad=None if state["grad"] is None else state["grad"].clone(),
         val_grad=None if state["val_grad"] is None else state["val_grad"].clone(),
         step=int(state["step"]),
+        token_counts=None if state.get("token_counts") is None else state["token_counts"].clone(),
+        excess_sum=None if state.get("excess_sum") is None else state["excess_sum"].clone(),
     )
 
 

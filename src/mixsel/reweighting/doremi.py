@@ -1,14 +1,21 @@
 """``doremi``: Group-DRO domain reweighting by excess loss over a reference model.
 
-Xie et al., "DoReMi: Optimizing Data Mixtures Speeds Up Language Model Pretraining", NeurIPS 2023,
-Algorithm 1. At each update t, with proxy losses ℓ_θ and reference losses ℓ_ref:
+Xie et al., "DoReMi: Optimizing Data Mixtures Speeds Up Language Model Pretraining", NeurIPS 2023
+(arXiv 2305.10429), Algorithm 1. At each update t, with per-token proxy losses ℓ_θ and reference
+losses ℓ_ref:
 
-    λ_t[d] = max(mean_{x in domain d}(ℓ_θ(x) - ℓ_ref(x)), 0)             (excess loss, line 7)
+    λ_t[d] = (1 / |tokens of d|) Σ_{tokens of d} max(ℓ_θ - ℓ_ref, 0)     (excess loss, line 7)
     α'_t   = α_{t-1} ⊙ exp(η λ_t),  α'_t ← α'_t / Σ_d α'_t[d]              (exponentiated gradient, line 8)
     α_t    = (1 - ε) α'_t + ε u,    u = uniform                           (smoothing, line 9)
 
-and the output of the proxy run is the time average ᾱ = (1/T) Σ_{t=1..T} α_t (line 12), which the
-two-stage recipe uses as fixed sampling weights for the main run (see :attr:`average_weights`).
+The excess is clipped per token and then averaged over the domain's target tokens in the update
+window (paper and code); ``clip="domain"`` averages the per-example excess first and clips the
+domain mean. A domain without tokens in the window keeps its previous score (the reference code's
+``update_domain_weights``). The output of the proxy run is the time average of the weights (line
+12), which the two-stage recipe uses as fixed sampling weights for the main run
+(:attr:`average_weights`): the reference code's running mean includes the initial weights,
+ᾱ = (α_0 + Σ_{t=1..T} α_t) / (T + 1) (``average="with_initial"``, the default); the paper writes
+(1/T) Σ_{t=1..T} α_t (``average="updates"``).
 """
 
 from __future__ import annotations
@@ -24,20 +31,42 @@ from mixsel.reweighting.common import ScheduledReweighter
 from mixsel.reweighting.simplex import DTYPE, as_domain_vector, exponentiated_step, normalize, smooth
 from mixsel.types import DomainStats
 
-__all__ = ["DoReMiReweighter", "doremi_step", "excess_loss"]
+__all__ = ["AVERAGES", "CLIPS", "DoReMiReweighter", "doremi_step", "excess_loss"]
 
 Absent = Literal["zero", "previous"]
+#: Where the excess is clipped: per token (paper and code) or on the domain mean.
+CLIPS = ("token", "domain")
+#: How the running average of the weights is formed.
+AVERAGES = ("with_initial", "updates")
 
 
-def excess_loss(stats: DomainStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-domain clipped excess loss ``max(mean(ℓ - ℓ_ref), 0)`` and the presence mask.
+def excess_loss(stats: DomainStats, *, clip: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-domain excess loss λ and the presence mask.
 
     Args:
-        stats: counts, loss_sum and ref_loss_sum per domain.
+        stats: per-domain statistics. ``clip="token"`` needs ``token_counts`` and ``excess_sum``
+            (the summed per-token clipped excess, :func:`mixsel.bookkeeping.domain_stats` with
+            per-token losses); ``clip="domain"`` needs ``counts``, ``loss_sum``, ``ref_loss_sum``.
+        clip: ``"token"``: λ_d = excess_sum_d / token_counts_d (Algorithm 1 line 7);
+            ``"domain"``: λ_d = max(mean over the domain's examples of (ℓ - ℓ_ref), 0).
 
     Returns:
-        (Tensor[D] float64 excess, 0 where a domain is absent; BoolTensor[D] ``counts > 0``).
+        (Tensor[D] float64 excess, 0 where a domain is absent; BoolTensor[D] presence).
     """
+    if clip not in CLIPS:
+        raise ValueError(f"clip={clip!r} must be 'token' (per-token clipping, the paper) or 'domain'")
+    if clip == "token":
+        if stats.excess_sum is None or stats.token_counts is None:
+            raise ValueError(
+                "doremi with clip='token' needs DomainStats.token_counts and excess_sum (the per-token clipped "
+                "excess): build the stats with mixsel.bookkeeping.domain_stats(..., per-token losses, "
+                "ref_losses=reference_losses(...), mask=target_mask(labels)), or set clip='domain'"
+            )
+        tokens = stats.token_counts.to(DTYPE)
+        present = tokens > 0
+        lam = stats.excess_sum.to(DTYPE) / tokens.clamp_min(1e-300)
+        lam = torch.nan_to_num(lam, posinf=1e300, neginf=0.0).clamp_min(0.0)
+        return torch.where(present, lam, torch.zeros_like(lam)), present
     if stats.ref_loss_sum is None:
         raise ValueError(
             "doremi needs DomainStats.ref_loss_sum (summed per-example loss of the reference model); "
@@ -61,20 +90,22 @@ def doremi_step(weights: torch.Tensor, excess: torch.Tensor, *, step_size: float
 class DoReMiReweighter(ScheduledReweighter):
     """DoReMi online domain weights (Group DRO on excess loss), with their running average.
 
-    The per-domain excess is computed from the summed losses of the window, so it is the clipped
-    *mean* excess of the domain's examples (Algorithm 1 clips each token's excess before
-    averaging; to reproduce that, put ``sum max(ℓ, ℓ_ref)`` in ``loss_sum`` and ``sum ℓ_ref`` in
-    ``ref_loss_sum``, and token counts in ``counts`` for token-level averaging).
-
     Args:
         domains: domain names in id order.
         step_size: η of the exponentiated-gradient step (paper: 1.0). Lower it if weights turn
             one-hot (sangmichaelxie/doremi#5).
         smoothing: ε of the mix with uniform (paper: 1e-3); keeps every weight ≥ ε / D.
         initial_weights: α_0 as a list / ``{domain: w}`` dict (normalised); default uniform.
-        absent: excess used for a domain with no example in the window: ``"zero"`` (default, as in
-            the reference implementation, whose per-domain mean is 0 without tokens; the domain's
-            weight then only drifts by renormalisation) or ``"previous"`` (reuse its last excess).
+        clip: ``"token"`` (default: clip each token's excess at 0, then average over the domain's
+            tokens, Algorithm 1 and the reference code) or ``"domain"`` (clip the domain's mean
+            per-example excess).
+        absent: excess used for a domain with no token in the window: ``"previous"`` (default, the
+            reference code: it keeps its last score) or ``"zero"`` (its weight then only drifts by
+            renormalisation).
+        initial_excess: the score a domain keeps under ``absent="previous"`` before its first
+            appearance (default 0; the reference code starts at log |vocabulary|).
+        average: ``"with_initial"`` (default, the reference code: ᾱ includes α_0) or ``"updates"``
+            (the paper: the mean of α_1..α_T).
         mode: where the weights act; default ``"loss"`` (the proxy run of the paper weights the
             per-domain losses with α_t). Use :attr:`average_weights` with ``static`` for stage two.
         proposal: in ``"loss"`` mode, the domain mixture the candidates are drawn from
@@ -95,7 +126,10 @@ class DoReMiReweighter(ScheduledReweighter):
         step_size: float = 1.0,
         smoothing: float = 1e-3,
         initial_weights: Sequence[float] | Mapping[str, float] | torch.Tensor | None = None,
-        absent: Absent = "zero",
+        clip: str = "token",
+        absent: Absent = "previous",
+        initial_excess: float = 0.0,
+        average: str = "with_initial",
         mode: Mode | None = None,
         update_every: int = 1,
         proposal: str = "uniform",
@@ -109,17 +143,25 @@ class DoReMiReweighter(ScheduledReweighter):
         if not 0.0 <= smoothing <= 1.0:
             raise ValueError(f"smoothing={smoothing} must lie in [0, 1] (paper: 1e-3).")
         if absent not in ("zero", "previous"):
-            raise ValueError(f"absent={absent!r} must be 'zero' or 'previous'.")
+            raise ValueError(f"absent={absent!r} must be 'previous' (the reference code) or 'zero'.")
+        if clip not in CLIPS:
+            raise ValueError(f"clip={clip!r} must be 'token' (the paper) or 'domain'.")
+        if average not in AVERAGES:
+            raise ValueError(f"average={average!r} must be 'with_initial' (the reference code) or 'updates'.")
+        if not initial_excess >= 0 or initial_excess == float("inf"):
+            raise ValueError(f"initial_excess={initial_excess} must be a finite number >= 0.")
         self.step_size = float(step_size)
         self.smoothing = float(smoothing)
         self.absent: Absent = absent
+        self.clip = clip
+        self.average = average
         if initial_weights is not None:
             self._weights = normalize(
                 as_domain_vector(initial_weights, self.domains, "initial_weights"), "initial_weights"
             )
         self._initial = self._weights.clone()
         self._weight_sum = torch.zeros(self.num_domains, dtype=DTYPE)
-        self._excess = torch.zeros(self.num_domains, dtype=DTYPE)
+        self._excess = torch.full((self.num_domains,), float(initial_excess), dtype=DTYPE)
 
     @property
     def proposal_weights(self) -> torch.Tensor | None:
@@ -130,14 +172,19 @@ class DoReMiReweighter(ScheduledReweighter):
 
     @property
     def average_weights(self) -> torch.Tensor:
-        """Tensor[D] ᾱ = mean of α_1..α_T over the updates so far (α_0 before any update).
+        """Tensor[D] ᾱ: the running average of the weights (α_0 before any update).
 
-        This is the output of the proxy run in the two-stage recipe: pass it as
-        ``get_reweighter("static", domains=..., weights=average_weights.tolist())`` to the main run.
+        ``average="with_initial"``: (α_0 + α_1 + ... + α_T) / (T + 1) (the reference code);
+        ``"updates"``: (α_1 + ... + α_T) / T (the paper). This is the output of the proxy run in
+        the two-stage recipe: pass it as ``get_reweighter("static", domains=...,
+        weights=average_weights.tolist())`` to the main run.
         """
         if self.num_updates == 0:
             return self._initial.clone()
-        avg = self._weight_sum / self.num_updates
+        if self.average == "with_initial":
+            avg = (self._initial + self._weight_sum) / (self.num_updates + 1)
+        else:
+            avg = self._weight_sum / self.num_updates
         return avg / avg.sum()
 
     @property
@@ -146,7 +193,7 @@ class DoReMiReweighter(ScheduledReweighter):
         return self._excess.clone()
 
     def _apply(self, stats: DomainStats) -> torch.Tensor:
-        lam, present = excess_loss(stats)
+        lam, present = excess_loss(stats, clip=self.clip)
         if self.absent == "previous":
             lam = torch.where(present, lam, self._excess)
         self._excess = lam

@@ -1,8 +1,8 @@
 """Selectors: one module per method, each registered by name (see ``mixsel.registry``)."""
 
-from mixsel.selection.base import FEATURE_NAMES, Pool, Selector, check_k
+from mixsel.selection.base import FEATURE_NAMES, Pool, Selector, check_k, reference_features, reference_weights
 
-__all__ = ["FEATURE_NAMES", "Pool", "Selector", "check_k"]
+__all__ = ["FEATURE_NAMES", "Pool", "Selector", "check_k", "reference_features", "reference_weights"]
 
 # Importing the method modules registers them.
 from mixsel.selection import big_loss as _big_loss  # noqa: F401

@@ -21,6 +21,17 @@ name                   shape               meaning
 ``val_gram``           [m, m]              inner products among the validation anchor gradients
 ``zo_grads``           [n, d]              CoLM zeroth-order (SPSA) gradient features
 =====================  ==================  =========================================================
+
+Optional class attributes a selector may set (read with :func:`reference_features`,
+:func:`reference_weights`):
+
+* ``feature_defaults``: the gradient-feature settings its method was published with, applied when
+  ``selection.features.source="auto"`` / ``normalize=None`` (default :data:`DEFAULT_FEATURES`:
+  exact LM-head gradients, unnormalised);
+* ``weighted_loss``: whether the method trains on its selection weights (CRAIG, GradMatch), the
+  default of ``selection.use_weights``;
+* ``needs_source_sizes``: whether ``Pool.source_sizes`` must be filled (CoLM's dataset-level
+  small sources).
 """
 
 from __future__ import annotations
@@ -34,7 +45,18 @@ from mixsel.seeding import pool_seed
 from mixsel.solvers._checks import check_k
 from mixsel.types import FEATURE_NAMES, Selection
 
-__all__ = ["FEATURE_NAMES", "Pool", "Selector", "check_k"]
+__all__ = [
+    "DEFAULT_FEATURES",
+    "FEATURE_NAMES",
+    "Pool",
+    "Selector",
+    "check_k",
+    "reference_features",
+    "reference_weights",
+]
+
+#: Gradient-feature settings of a selector that declares no ``feature_defaults``.
+DEFAULT_FEATURES: dict[str, Any] = {"source": "lm_head", "normalize": False}
 
 
 @dataclass
@@ -52,6 +74,8 @@ class Pool:
         seed: base seed; selectors derive their per-step randomness from (seed, step).
         val_domains: optional LongTensor[m] domain id of each validation anchor (for domain-balanced
             validation targets).
+        source_sizes: optional LongTensor[num_domains], training examples of each domain in the
+            whole dataset (not the pool); CoLM decides its small sources from them.
     """
 
     domains: torch.Tensor
@@ -62,6 +86,7 @@ class Pool:
     lr: float = 1.0
     seed: int = 0
     val_domains: torch.Tensor | None = None
+    source_sizes: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -105,3 +130,13 @@ class Selector(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def reference_features(selector: Any) -> dict[str, Any]:
+    """The feature settings ``selector``'s method was published with (``source``, ``normalize``)."""
+    return {**DEFAULT_FEATURES, **dict(getattr(selector, "feature_defaults", {}) or {})}
+
+
+def reference_weights(selector: Any) -> bool:
+    """Whether ``selector``'s method trains on its selection weights (its ``weighted_loss``)."""
+    return bool(getattr(selector, "weighted_loss", False))

@@ -1,7 +1,10 @@
 """Per-domain budgets k_d of a partition matroid: how many of the k picks each domain may get.
 
 * :func:`proportional_budgets` (k_d ~ k n_d / n) and :func:`budgets_from_weights` (k_d ~ k w_d) round
-  real quotas to integers summing to k, capped by what the pool holds;
+  real quotas to integers summing to k, capped by what the pool holds, with one of
+  :data:`ROUNDINGS`: ``"smallest_first"`` (the default; PartitionSel's and CoLM's code: floor every
+  quota, then hand the leftover units to the smallest floors first, ties by domain id) or
+  ``"largest_remainder"`` (leftover units to the largest fractional parts);
 * :class:`BudgetPolicy` is the small value object every budgeted selector holds: which policy
   (``"proportional"``, ``"weights"``, ``"fixed"``, ``"minimum"``, ``"uniform"``), its parameters,
   and whether the selector applies budgets at all; :meth:`BudgetPolicy.constraint` gives the
@@ -18,9 +21,72 @@ import torch
 
 from mixsel.selection.base import Pool, check_k
 
-__all__ = ["BUDGET_POLICIES", "BudgetPolicy", "budgets_from_weights", "proportional_budgets"]
+__all__ = [
+    "BUDGET_POLICIES",
+    "ROUNDINGS",
+    "BudgetPolicy",
+    "budgets_from_weights",
+    "proportional_budgets",
+    "round_quotas",
+]
 
 BUDGET_POLICIES = ("proportional", "weights", "fixed", "minimum", "uniform")
+ROUNDINGS = ("smallest_first", "largest_remainder")
+
+
+def _check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r} is not a budget rounding; choose one of {', '.join(ROUNDINGS)}")
+
+
+def _smallest_first(quota: torch.Tensor, k: int, caps: torch.Tensor) -> torch.Tensor:
+    """Floor every quota, then one leftover unit at a time to the smallest floors (ties: lowest id).
+
+    The order is fixed by the floors and cycled while units remain (the reference code's
+    ``get_source_masks``, arXiv 2606.07954 and CoLM arXiv 2407.19580); domains with a zero quota or at
+    their cap are skipped. Units no positive-quota domain can take (caps bind) go to domains with spare
+    capacity in order of their quota.
+    """
+    quota = torch.minimum(quota.to(torch.float64), caps.to(torch.float64))
+    base = torch.minimum(torch.floor(quota).long(), caps)
+    remaining = k - int(base.sum())
+    if remaining < 0:
+        raise ValueError(f"budgets overshoot k={k}: {base.tolist()}")
+    order = sorted((d for d in range(len(quota)) if quota[d] > 0), key=lambda d: (int(base[d]), d))
+    while remaining > 0 and order:
+        order = [d for d in order if base[d] < caps[d]]
+        for d in order:
+            if remaining == 0:
+                break
+            base[d] += 1
+            remaining -= 1
+    for d in sorted(range(len(quota)), key=lambda d: (-float(quota[d]), d)):
+        spare = min(int(caps[d] - base[d]), remaining)
+        base[d] += spare
+        remaining -= spare
+    if remaining > 0:
+        raise ValueError(f"cannot place k={k} picks: the domains only hold {int(caps.sum())} candidates")
+    return base
+
+
+def round_quotas(quota: torch.Tensor, k: int, caps: torch.Tensor, rounding: str = "smallest_first") -> torch.Tensor:
+    """Integers summing to k, each <= its cap, from non-negative real quotas (sum ~ k).
+
+    Args:
+        quota: Tensor[D] real quotas (e.g. k n_d / n).
+        k: the total.
+        caps: LongTensor[D] upper bounds (the pool's domain counts).
+        rounding: ``"smallest_first"`` (floors, leftover units to the smallest floors first, ties by
+            domain id: PartitionSel's and CoLM's code) or ``"largest_remainder"``.
+
+    Returns:
+        LongTensor[D].
+    """
+    _check_rounding(rounding)
+    caps = torch.as_tensor(caps, dtype=torch.long)
+    if rounding == "largest_remainder":
+        return _largest_remainder(torch.as_tensor(quota), k, caps)
+    return _smallest_first(torch.as_tensor(quota), k, caps)
 
 
 def _largest_remainder(quota: torch.Tensor, k: int, caps: torch.Tensor) -> torch.Tensor:
@@ -53,13 +119,16 @@ def _largest_remainder(quota: torch.Tensor, k: int, caps: torch.Tensor) -> torch
     return base
 
 
-def proportional_budgets(counts: torch.Tensor, k: int, *, minimum: int = 0) -> torch.Tensor:
+def proportional_budgets(
+    counts: torch.Tensor, k: int, *, minimum: int = 0, rounding: str = "smallest_first"
+) -> torch.Tensor:
     """Budgets proportional to the pool's domain counts: k_d ~ k * n_d / n (PartitionSel's default).
 
     Args:
         counts: LongTensor[D] candidates of each domain in the pool.
         k: total number to select.
         minimum: each present domain gets at least min(minimum, n_d) picks first.
+        rounding: see :func:`round_quotas` (default: the reference code's smallest-first rule).
 
     Returns:
         LongTensor[D] summing to k with 0 <= k_d <= n_d.
@@ -78,14 +147,16 @@ def proportional_budgets(counts: torch.Tensor, k: int, *, minimum: int = 0) -> t
     if rest == 0:
         return floor
     quota = rest * spare.to(torch.float64) / max(int(spare.sum()), 1)
-    return floor + _largest_remainder(quota, rest, spare)
+    return floor + round_quotas(quota, rest, spare, rounding)
 
 
-def budgets_from_weights(counts: torch.Tensor, k: int, weights: torch.Tensor) -> torch.Tensor:
+def budgets_from_weights(
+    counts: torch.Tensor, k: int, weights: torch.Tensor, *, rounding: str = "smallest_first"
+) -> torch.Tensor:
     """Budgets following domain weights (e.g. from a reweighter), capped by what the pool holds.
 
-    k_d ~ k * w_d, rounded by largest remainder; units a domain cannot use (k_d > n_d) flow to the
-    others in order of their weight.
+    k_d ~ k * w_d, rounded by ``rounding`` (:func:`round_quotas`); units a domain cannot use
+    (k_d > n_d) flow to the others.
     """
     counts = torch.as_tensor(counts, dtype=torch.long)
     weights = torch.as_tensor(weights, dtype=torch.float64)
@@ -96,7 +167,7 @@ def budgets_from_weights(counts: torch.Tensor, k: int, weights: torch.Tensor) ->
     if k > int(counts.sum()):
         raise ValueError(f"budget k={k} is larger than the pool ({int(counts.sum())} candidates)")
     quota = k * weights / weights.sum()
-    return _largest_remainder(quota, k, counts)
+    return round_quotas(quota, k, counts, rounding)
 
 
 @dataclass(frozen=True)
@@ -104,24 +175,28 @@ class BudgetPolicy:
     """How a selector splits k over the domains (the partition matroid's capacities).
 
     Policies:
-        ``"proportional"``: k_d ~ k * n_d / n (largest remainder), the PartitionSel default;
+        ``"proportional"``: k_d ~ k * n_d / n, the PartitionSel default;
         ``"weights"``: k_d ~ k * w_d from ``pool.domain_weights`` (a reweighter drives the budgets);
         ``"fixed"``: k_d ~ k * shares_d with constant user ``shares``;
         ``"minimum"``: proportional, but each present domain first gets min(``minimum``, n_d) picks;
         ``"uniform"``: equal shares over the present domains.
-    Units a domain cannot use (k_d > n_d) flow to the others, so budgets always sum to k.
+    Units a domain cannot use (k_d > n_d) flow to the others, so budgets always sum to k. Real
+    quotas become integers by ``rounding`` (:func:`round_quotas`).
 
     Attributes:
         policy: one of :data:`BUDGET_POLICIES`.
         shares: per-domain shares for ``"fixed"`` (domain-id order).
         minimum: per-domain floor for ``"minimum"``.
         enabled: whether the selector applies budgets; ``False`` selects over the whole pool.
+        rounding: one of :data:`ROUNDINGS`; default ``"smallest_first"`` (PartitionSel's and CoLM's
+            code), ``"largest_remainder"`` as an option.
     """
 
     policy: str = "proportional"
     shares: tuple[float, ...] | None = None
     minimum: int = 1
     enabled: bool = True
+    rounding: str = "smallest_first"
 
     def __post_init__(self) -> None:
         if self.policy not in BUDGET_POLICIES:
@@ -138,30 +213,39 @@ class BudgetPolicy:
             raise ValueError(f"minimum={self.minimum} must be >= 0 (picks guaranteed to each present domain)")
         object.__setattr__(self, "minimum", int(self.minimum))
         object.__setattr__(self, "enabled", bool(self.enabled))
+        _check_rounding(self.rounding)
 
     @classmethod
-    def of(cls, budget: str, shares: Sequence[float] | None, minimum: int, enabled: bool = True) -> BudgetPolicy:
-        """The policy from a selector's keyword options (``budget``, ``shares``, ``minimum``)."""
-        return cls(budget, None if shares is None else tuple(shares), minimum, enabled)
+    def of(
+        cls,
+        budget: str,
+        shares: Sequence[float] | None,
+        minimum: int,
+        enabled: bool = True,
+        rounding: str = "smallest_first",
+    ) -> BudgetPolicy:
+        """The policy from a selector's keyword options (``budget``, ``shares``, ``minimum``, ``rounding``)."""
+        return cls(budget, None if shares is None else tuple(shares), minimum, enabled, rounding)
 
     def resolve(self, pool: Pool, k: int) -> torch.Tensor:
         """Per-domain budgets for ``pool``: LongTensor[num_domains] with sum k and 0 <= k_d <= n_d."""
         check_k(k, pool.size)
         counts = pool.domain_counts()
+        r = self.rounding
         if self.policy == "proportional":
-            return proportional_budgets(counts, k)
+            return proportional_budgets(counts, k, rounding=r)
         if self.policy == "minimum":
-            return proportional_budgets(counts, k, minimum=self.minimum)
+            return proportional_budgets(counts, k, minimum=self.minimum, rounding=r)
         if self.policy == "uniform":
-            return budgets_from_weights(counts, k, (counts > 0).to(torch.float64))
+            return budgets_from_weights(counts, k, (counts > 0).to(torch.float64), rounding=r)
         if self.policy == "weights":
             if pool.domain_weights is None:
                 raise ValueError("budget='weights' needs domain weights in the pool: enable a reweighter")
-            return budgets_from_weights(counts, k, pool.domain_weights)
+            return budgets_from_weights(counts, k, pool.domain_weights, rounding=r)
         weights = torch.as_tensor(list(self.shares or []), dtype=torch.float64)
         if weights.numel() != pool.num_domains:
             raise ValueError(f"shares has {weights.numel()} entries but the mixture has {pool.num_domains} domains")
-        return budgets_from_weights(counts, k, weights)
+        return budgets_from_weights(counts, k, weights, rounding=r)
 
     def constraint(
         self, pool: Pool, k: int, info: dict[str, Any] | None = None

@@ -4,28 +4,39 @@ Data Mixtures", arXiv 2407.19580, Algorithm 1).
 
 Per step, from a pool M of candidates with source (domain) labels and target batch size b:
 
-1. **Keep small sources whole** (Sec. 4.1): S_s = every pool example of a source with fewer than
-   |M| / c pool examples (c = number of sources, i.e. "below the average count").
+1. **Keep small sources whole** (Sec. 4.1): S_s = every pool example of a *small source*, one
+   with fewer than |V| / c examples in the whole training set V (c = number of sources). Which
+   sources are small is decided once, from the dataset's per-domain sizes (``Pool.source_sizes``),
+   not from the sampled pool.
 2. **Budgets** (Alg. 1 line 7): b_q = (b - |S_s|) * |V_q| / (|M| - |S_s|) for each big source q
-   (largest-remainder rounding so they sum to b - |S_s|).
+   (rounded as the reference code: floors, then the leftover units to the smallest floors first).
 3. **Adam-normalised features** (Eq. 3-4): f_i = m_i / (eps + sqrt(v_i)) from the per-example
-   zeroth-order V-projection gradients (Eq. 5-6, feature ``zo_grads``) and running moments of the
-   big sources, kept by this selector (:class:`mixsel.features.zeroth_order.AdamNormalizer`).
+   zeroth-order V-projection gradients (Eq. 5-6, feature ``zo_grads``; one perturbation direction
+   for the whole run) and running moments of the big sources, kept by this selector
+   (:class:`mixsel.features.zeroth_order.AdamNormalizer`).
 4. **Sparsify** (Eq. 7-8): per big source q, mask M_q keeps the h coordinates with the largest
    |mean_{i in V_q} f_i|.
 5. **Medoids** (Eq. 8): per big source, greedy facility location maximising
    sum_{i in V_q} max_{s in S} [C - ||(f_i - f_s) * M_q||_1], C = max distance.
-6. Uniform weights; the moments are updated with the selected big-source features.
+6. Uniform weights in the loss (``weighted_loss = False``); ``Selection.weights`` hold the medoids'
+   cluster sizes (1 for the kept small-source examples), which ``selection.use_weights=true``
+   applies (Table 2, "weighted medoids"). The moments are updated with the selected big-source
+   features.
 
-Switches reproduce the paper's ablations: Table 2 (``weighted``, ``distance="cosine"``,
-``keep_small=False``, ``per_source=False`` for one joint selection over the big sources,
-``adam=False``), Table 3 (``sparsify="grad"|"random"|"none"``), Table 4 (``h``) and Table 5
-(``feature="grads"``: exact gradient features instead of zeroth-order ones). Layer choice
-(Table 6) is a feature-extraction setting (``selection.features``), not a selector option.
+Sources without labels (the paper's SuperGLUE runs): ``sources="kmeans"`` clusters the pool's
+mean-pooled hidden states into ``clusters`` pseudo-sources (seeded k-means++ and Lloyd iterations)
+and applies the same rules to them, small clusters judged by their pool counts.
+
+Switches reproduce the paper's ablations: Table 2 (``distance="cosine"``, ``keep_small=False``,
+``per_source=False`` for one joint selection over the big sources, ``adam=False``), Table 3
+(``sparsify="grad"|"random"|"none"``), Table 4 (``h``) and Table 5 (``feature="grads"``: exact
+gradient features instead of zeroth-order ones). Layer choice (Table 6) is a feature-extraction
+setting (``selection.features``), not a selector option.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,33 +46,41 @@ from mixsel.features.zeroth_order import AdamNormalizer, topk_source_mask
 from mixsel.registry import register_selector
 from mixsel.seeding import Salt
 from mixsel.selection.base import Pool, check_k
-from mixsel.selection.budgets import proportional_budgets
+from mixsel.selection.budgets import ROUNDINGS, proportional_budgets
 from mixsel.selection.hidden_fl import cosine_similarity_matrix
 from mixsel.solvers.facility_location import facility_location, pairwise_l1, similarity_from_distance
 from mixsel.types import Selection
 
-__all__ = ["CoLMSelector", "small_source_mask"]
+__all__ = ["CoLMSelector", "kmeans", "small_source_mask"]
 
 
 def small_source_mask(
-    counts: torch.Tensor, *, rule: str = "fraction", c: float | None = None, max_keep: int | None = None
+    counts: torch.Tensor,
+    *,
+    rule: str = "fraction",
+    c: float | None = None,
+    max_keep: int | None = None,
+    pool_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Which sources are "small" (kept whole) given their pool counts (CoLM Sec. 4.1, App. C).
+    """Which sources are "small" (kept whole) from their sizes (CoLM Sec. 4.1, App. C).
 
     Args:
-        counts: LongTensor[Q] pool examples per source.
-        rule: ``"fraction"``: n_q < |M| / c (c defaults to the number of sources Q, the paper's
-            rule); ``"average"``: n_q below the average count of the sources present in the pool
-            (the MathInstruct heuristic of App. C); ``"none"``: no source is small.
+        counts: LongTensor[Q] examples per source: the whole training set's (the paper) or a
+            pool's.
+        rule: ``"fraction"``: n_q < |V| / c (c defaults to the number of sources Q, the paper's
+            rule); ``"average"``: n_q below the average size of the non-empty sources (the
+            MathInstruct heuristic of App. C); ``"none"``: no source is small.
         c: the divisor of the ``"fraction"`` rule.
-        max_keep: if the small sources hold more than this many examples, the largest small sources
-            are demoted to big (ties: higher id first) until they fit, so a batch of ``max_keep``
-            can always hold them.
+        max_keep: if the small sources hold more than this many pool examples, the small sources
+            largest in ``counts`` are demoted to big (ties: higher id first) until they fit, so a
+            batch of ``max_keep`` can always hold them.
+        pool_counts: LongTensor[Q] pool examples per source for ``max_keep`` (default ``counts``).
 
     Returns:
-        BoolTensor[Q]; absent sources (n_q = 0) are never small.
+        BoolTensor[Q]; sources with no example (in ``counts``) are never small.
     """
     counts = torch.as_tensor(counts, dtype=torch.long)
+    pool_counts = counts if pool_counts is None else torch.as_tensor(pool_counts, dtype=torch.long)
     total = int(counts.sum())
     present = counts > 0
     if rule == "none":
@@ -79,10 +98,52 @@ def small_source_mask(
     if max_keep is not None:
         order = sorted(torch.nonzero(small).flatten().tolist(), key=lambda q: (-int(counts[q]), -q))
         for q in order:
-            if int(counts[small].sum()) <= max_keep:
+            if int(pool_counts[small].sum()) <= max_keep:
                 break
             small[q] = False
     return small
+
+
+def kmeans(x: torch.Tensor, c: int, *, generator: torch.Generator, iters: int = 25) -> torch.Tensor:
+    """Cluster the rows of ``x`` into ``c`` groups (k-means++ seeding, then Lloyd iterations).
+
+    CoLM's pseudo-sources for data without source labels (arXiv 2407.19580, Sec. 5, SuperGLUE).
+
+    Args:
+        x: Tensor[n, H] points (e.g. mean-pooled hidden states).
+        c: number of clusters (capped at n).
+        generator: seeded CPU generator (identical on every rank).
+        iters: Lloyd iterations (stops early when the assignment no longer changes).
+
+    Returns:
+        LongTensor[n] cluster ids in 0..c-1 (a cluster may end up empty).
+    """
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"kmeans needs a non-empty [n, H] matrix, got shape {tuple(x.shape)}")
+    if c < 1:
+        raise ValueError(f"clusters={c} must be >= 1")
+    x = x.to(torch.float64)
+    n = x.shape[0]
+    c = min(c, n)
+    centres = [x[int(torch.randint(n, (1,), generator=generator))]]
+    for _ in range(1, c):
+        d2 = torch.cdist(x, torch.stack(centres)).square().min(1).values
+        if float(d2.sum()) <= 0:
+            centres.append(x[int(torch.randint(n, (1,), generator=generator))])
+            continue
+        centres.append(x[int(torch.multinomial(d2 / d2.sum(), 1, generator=generator))])
+    centre = torch.stack(centres)
+    assign = torch.cdist(x, centre).argmin(1)
+    for _ in range(iters):
+        for j in range(c):
+            members = assign == j
+            if bool(members.any()):
+                centre[j] = x[members].mean(0)
+        new = torch.cdist(x, centre).argmin(1)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return assign
 
 
 @register_selector("colm")
@@ -93,10 +154,16 @@ class CoLMSelector:
         feature: ``"zo_grads"`` (zeroth-order V-projection gradients, the paper) or ``"grads"``
             (exact gradient features; Table 5 "sparsified actual grad").
         keep_small: keep every example of small sources (Table 2); False treats all as big.
-        small_rule: ``"fraction"`` (n_q < |pool| / c) or ``"average"`` (below the average count).
+        small_from: where source sizes come from: ``"dataset"`` (the paper and the reference
+            code: decided once from ``pool.source_sizes``) or ``"pool"`` (each pool's counts).
+        small_rule: ``"fraction"`` (n_q < |V| / c) or ``"average"`` (below the average size).
         small_c: c of the ``"fraction"`` rule; default the number of domains.
         small_sources: explicit ids of sources always kept whole (the reference code's
             ``keep_sources``); overrides ``small_rule``.
+        sources: ``"labels"`` (the pool's domain ids) or ``"kmeans"`` (pseudo-sources from
+            k-means on the pool's hidden states, for unlabelled data; needs the ``hidden``
+            feature and judges small clusters by their pool counts).
+        clusters: number of k-means pseudo-sources; default the number of domains.
         per_source: select medoids of each big source separately with b_q budgets (CoLM); False
             selects one joint set over all big-source examples (Table 2 ablation).
         adam: normalise features by the Adam moments (Eq. 3-4); False uses raw features.
@@ -105,21 +172,26 @@ class CoLMSelector:
             (h random coordinates, Table 3) or ``"none"`` (all coordinates).
         h: coordinates kept by the mask (Table 4; the paper uses the hidden size, 2560 for Phi-2).
         distance: ``"l1"`` (Eq. 8) or ``"cosine"`` (Table 2 ablation).
-        weighted: weight medoids by their cluster size (Table 2 "weighted medoids"); default uniform.
+        rounding: rounding of the b_q budgets (:func:`mixsel.selection.budgets.round_quotas`;
+            default the reference code's smallest-first rule).
         seed_salt: salt of ``pool.generator`` for ``sparsify="random"``.
 
     State: the Adam moments (``state_dict()["normalizer"]``).
     """
 
     name = "colm"
+    weighted_loss = False
 
     def __init__(
         self,
         feature: str = "zo_grads",
         keep_small: bool = True,
+        small_from: str = "dataset",
         small_rule: str = "fraction",
         small_c: float | None = None,
         small_sources: Sequence[int] | None = None,
+        sources: str = "labels",
+        clusters: int | None = None,
         per_source: bool = True,
         adam: bool = True,
         beta1: float = 0.9,
@@ -128,13 +200,19 @@ class CoLMSelector:
         sparsify: str = "grad",
         h: int = 2560,
         distance: str = "l1",
-        weighted: bool = False,
+        rounding: str = "smallest_first",
         seed_salt: int = Salt.COLM_SPARSIFY,
     ) -> None:
         if feature not in ("zo_grads", "grads"):
             raise ValueError(f"feature={feature!r}; choose 'zo_grads' (zeroth-order, CoLM) or 'grads' (exact)")
         if small_rule not in ("fraction", "average"):
-            raise ValueError(f"small_rule={small_rule!r}; choose 'fraction' (|pool|/c) or 'average'")
+            raise ValueError(f"small_rule={small_rule!r}; choose 'fraction' (|V|/c) or 'average'")
+        if small_from not in ("dataset", "pool"):
+            raise ValueError(f"small_from={small_from!r}; choose 'dataset' (CoLM) or 'pool'")
+        if sources not in ("labels", "kmeans"):
+            raise ValueError(f"sources={sources!r}; choose 'labels' (domain ids) or 'kmeans' (hidden-state clusters)")
+        if clusters is not None and clusters < 1:
+            raise ValueError(f"clusters={clusters} must be >= 1 (k-means pseudo-sources)")
         if sparsify not in ("grad", "random", "none"):
             raise ValueError(
                 f"sparsify={sparsify!r}; choose 'grad', 'random' or 'none' (the weight-magnitude criteria of "
@@ -144,9 +222,14 @@ class CoLMSelector:
             raise ValueError(f"h={h} must be positive (coordinates kept per source)")
         if distance not in ("l1", "cosine"):
             raise ValueError(f"distance={distance!r}; choose 'l1' (CoLM Eq. 8) or 'cosine'")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding={rounding!r}; choose one of {', '.join(ROUNDINGS)}")
         self.feature = feature
-        self.requires = frozenset({feature})
+        self.sources = sources
+        self.clusters = clusters
+        self.requires = frozenset({feature, "hidden"} if sources == "kmeans" else {feature})
         self.keep_small = bool(keep_small)
+        self.small_from = small_from
         self.small_rule = small_rule
         self.small_c = small_c
         self.small_sources = None if small_sources is None else [int(q) for q in small_sources]
@@ -156,8 +239,15 @@ class CoLMSelector:
         self.sparsify = sparsify
         self.h = int(h)
         self.distance = distance
-        self.weighted = bool(weighted)
+        self.rounding = rounding
         self.seed_salt = int(seed_salt)
+
+    @property
+    def needs_source_sizes(self) -> bool:
+        """Whether the step must fill ``Pool.source_sizes`` (dataset-level small sources)."""
+        return (
+            self.keep_small and self.small_sources is None and self.small_from == "dataset" and self.sources == "labels"
+        )
 
     # -- pieces -------------------------------------------------------------------------------
     def small_sources_of(self, pool: Pool, k: int) -> torch.Tensor:
@@ -177,7 +267,26 @@ class CoLMSelector:
                     f"more than the batch k={k}; raise train.batch_size or list fewer sources"
                 )
             return small
-        return small_source_mask(counts, rule=self.small_rule, c=self.small_c, max_keep=k)
+        if self.small_from == "pool" or self.sources == "kmeans":
+            return small_source_mask(counts, rule=self.small_rule, c=self.small_c, max_keep=k)
+        sizes = pool.source_sizes
+        if sizes is None:
+            raise ValueError(
+                "colm decides its small sources from the dataset's per-domain sizes (Pool.source_sizes), "
+                "which this pool lacks: let the training step fill them, or set small_sources=[...] or "
+                "small_from='pool'"
+            )
+        sizes = torch.as_tensor(sizes, dtype=torch.long)
+        if sizes.numel() != pool.num_domains:
+            raise ValueError(f"pool.source_sizes has {sizes.numel()} entries but the mixture has {pool.num_domains}")
+        small = small_source_mask(sizes, rule=self.small_rule, c=self.small_c, max_keep=k, pool_counts=counts)
+        return small & (counts > 0)
+
+    def _pseudo_sources(self, pool: Pool) -> Pool:
+        """``pool`` with its domain ids replaced by k-means clusters of its hidden states."""
+        c = self.clusters or pool.num_domains
+        assign = kmeans(pool.feature("hidden"), c, generator=pool.generator(Salt.COLM_KMEANS))
+        return dataclasses.replace(pool, domains=assign, num_domains=c, source_sizes=None, domain_weights=None)
 
     def _mask(self, feats: torch.Tensor, groups: torch.Tensor, num_groups: int, pool: Pool) -> torch.Tensor:
         d = feats.shape[1]
@@ -200,6 +309,8 @@ class CoLMSelector:
     # -- protocol -----------------------------------------------------------------------------
     def select(self, pool: Pool, k: int) -> Selection:
         check_k(k, pool.size)
+        if self.sources == "kmeans":
+            pool = self._pseudo_sources(pool)
         raw = pool.feature(self.feature)
         if raw.dim() != 2 or raw.shape[0] != pool.size:
             raise ValueError(f"feature {self.feature!r} must be [n={pool.size}, d], got {tuple(raw.shape)}")
@@ -209,6 +320,8 @@ class CoLMSelector:
         big_rows = torch.nonzero(~small[pool.domains]).flatten()
         rest = k - kept.numel()
         info: dict[str, Any] = {"method": self.name, "small_sources": torch.nonzero(small).flatten().tolist()}
+        if self.sources == "kmeans":
+            info["clusters"] = pool.domains.tolist()
 
         picks: list[torch.Tensor] = [kept]
         weights: list[torch.Tensor] = [torch.ones(kept.numel())]
@@ -219,7 +332,7 @@ class CoLMSelector:
                 groups = pool.domains[big_rows]
                 num_groups = pool.num_domains
                 counts = torch.bincount(groups, minlength=num_groups)
-                budgets = proportional_budgets(counts, rest)
+                budgets = proportional_budgets(counts, rest, rounding=self.rounding)
             else:
                 groups = torch.zeros(big_rows.numel(), dtype=torch.long)
                 num_groups = 1
@@ -233,7 +346,7 @@ class CoLMSelector:
                 members = torch.nonzero(groups == q).flatten()
                 sel = self._medoids(feats[members][:, mask[q]], int(budgets[q]))
                 chosen.append(members[sel.indices])
-                weights.append(sel.weights.to(torch.float32) if self.weighted else torch.ones(len(sel)))
+                weights.append(sel.weights.to(torch.float32))
             local = torch.cat(chosen)
             selected_big = big_rows[local]
             picks.append(selected_big)

@@ -25,7 +25,7 @@ only" comparison).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -44,6 +44,10 @@ __all__ = ["GreatsSelector"]
 class GreatsSelector:
     """GREATS greedy with the learning-rate-scaled interaction penalty.
 
+    Features: ``feature_defaults`` asks for the features of GREATS as ported in PartitionSel's code
+    (L2-normalised gradients of the last 3 transformer blocks); the GREATS code itself uses every
+    LoRA layer, unnormalised (``selection.features.blocks=0``, ``normalize=false``; docs/methods.md).
+
     Args:
         second_order: include the -eta^2 <g_i, g_j> interaction term (default True).
         anchors: ``"mean"`` (reference code) or ``"balanced"`` validation score (see
@@ -51,11 +55,14 @@ class GreatsSelector:
         lr: override of eta (default: the optimiser's current ``pool.lr``, clamped to >= 1e-12).
         per_domain_budgets: cap picks per domain (partition-matroid variant; default False as in
             GREATS).
-        budget, shares, minimum: budget policy (see :class:`~mixsel.selection.budgets.BudgetPolicy`).
+        budget, shares, minimum, rounding: budget policy (see
+            :class:`~mixsel.selection.budgets.BudgetPolicy`).
     """
 
     name = "greats"
     requires = frozenset({"gram", "val_scores"})
+    feature_defaults: ClassVar[dict[str, Any]] = {"source": "blocks", "normalize": True}
+    weighted_loss = False
 
     def __init__(
         self,
@@ -66,6 +73,7 @@ class GreatsSelector:
         budget: str = "proportional",
         shares: Sequence[float] | None = None,
         minimum: int = 1,
+        rounding: str = "smallest_first",
     ) -> None:
         if anchors not in ANCHOR_MODES:
             raise ValueError(f"anchors={anchors!r}; choose one of {', '.join(ANCHOR_MODES)}")
@@ -74,7 +82,7 @@ class GreatsSelector:
         self.second_order = bool(second_order)
         self.anchors = anchors
         self.lr = lr
-        self.budgets = BudgetPolicy.of(budget, shares, minimum, enabled=per_domain_budgets)
+        self.budgets = BudgetPolicy.of(budget, shares, minimum, enabled=per_domain_budgets, rounding=rounding)
 
     def select(self, pool: Pool, k: int) -> Selection:
         check_k(k, pool.size)

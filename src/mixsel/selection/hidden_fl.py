@@ -6,6 +6,9 @@ Picks k representative examples of the pool by greedy facility location on the c
 of the model's mean-pooled last hidden states h_i (feature ``hidden``):
 
     F(S) = sum_{i in V} max_{s in S} cos(h_i, h_s)    (shifted to be non-negative by the solver).
+
+``Selection.weights`` are the cluster sizes of the medoids; the method trains unweighted
+(``selection.use_weights=true`` applies them, CRAIG-style).
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ class HiddenFacilityLocationSelector:
     Args:
         per_domain_budgets: if True, at most k_d picks per domain under the ``budget`` policy
             (default False: the paper's domain-agnostic FL).
-        budget, shares, minimum: budget policy (see :class:`~mixsel.selection.budgets.BudgetPolicy`).
-        weighted: if True, weight each pick by its cluster size (CRAIG-style); default uniform.
+        budget, shares, minimum, rounding: budget policy (see
+            :class:`~mixsel.selection.budgets.BudgetPolicy`).
     """
 
     name = "hidden_fl"
     requires = frozenset({"hidden"})
+    weighted_loss = False
 
     def __init__(
         self,
@@ -53,10 +57,9 @@ class HiddenFacilityLocationSelector:
         budget: str = "proportional",
         shares: Sequence[float] | None = None,
         minimum: int = 1,
-        weighted: bool = False,
+        rounding: str = "smallest_first",
     ) -> None:
-        self.budgets = BudgetPolicy.of(budget, shares, minimum, enabled=per_domain_budgets)
-        self.weighted = bool(weighted)
+        self.budgets = BudgetPolicy.of(budget, shares, minimum, enabled=per_domain_budgets, rounding=rounding)
 
     def select(self, pool: Pool, k: int) -> Selection:
         check_k(k, pool.size)
@@ -65,8 +68,7 @@ class HiddenFacilityLocationSelector:
         groups, budgets = self.budgets.constraint(pool, k, info)
         sel = facility_location(similarity, k, groups=groups, budgets=budgets)
         info["solver"] = sel.info
-        weights = sel.weights if self.weighted else torch.ones(len(sel))
-        return Selection(indices=sel.indices, weights=weights, gains=sel.gains, info=info)
+        return Selection(indices=sel.indices, weights=sel.weights, gains=sel.gains, info=info)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

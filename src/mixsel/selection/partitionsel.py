@@ -25,7 +25,7 @@ problems with the same budgets.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -90,18 +90,24 @@ def anchor_scores(pool: Pool, anchors: str = "mean") -> torch.Tensor:
 class PartitionSelSelector:
     """PartitionSel: validation-guided gradient matching under per-domain budgets.
 
+    ``Selection.weights`` are the NNLS weights w of the final refit (the natural weights of the
+    method); the loss applies them only with ``selection.use_weights=true``. The reference code
+    trains on the unweighted selection, which is the default (``weighted_loss = False``).
+
+    Features: ``feature_defaults`` asks for PartitionSel's reference features, the L2-normalised
+    per-example gradients of the last 3 transformer blocks (LoRA A/B under peft).
+
     Args:
         budget: per-domain budget policy: ``"proportional"`` (default, k_d ~ pool counts),
             ``"weights"`` (from a reweighter's domain weights), ``"fixed"`` (``shares``) or
             ``"minimum"`` (proportional with a floor of ``minimum`` per present domain).
         shares: per-domain shares for ``budget="fixed"``.
         minimum: floor for ``budget="minimum"``.
+        rounding: budget rounding, ``"smallest_first"`` (the reference code) or
+            ``"largest_remainder"`` (:func:`mixsel.selection.budgets.round_quotas`).
         randomized: pick uniformly from the residual-correlation shortlist (the reference code,
             Residual Random Greedy; randomness from ``pool.generator``). Default False: pick the
             shortlist's best (deterministic greedy; a labelled deviation, see docs/methods.md).
-        use_omp_weights: return the NNLS weights w as ``Selection.weights`` (they are applied only
-            when ``selection.use_weights`` is on); default False: unit weights, as the reference
-            code trains on the unweighted selection. The weights are always in ``info``.
         anchors: ``"mean"`` or ``"balanced"`` (see :func:`anchor_scores`).
         self_curvature: keep the 1/2 eta^2 K_ii term in s' (the reference code insists on it).
         lr: override of the learning rate eta (default: the optimiser's current ``pool.lr``).
@@ -110,6 +116,8 @@ class PartitionSelSelector:
 
     name = "partitionsel"
     requires = frozenset({"gram", "val_scores"})
+    feature_defaults: ClassVar[dict[str, Any]] = {"source": "blocks", "normalize": True}
+    weighted_loss = False
     block_diagonal = False
 
     def __init__(
@@ -117,8 +125,8 @@ class PartitionSelSelector:
         budget: str = "proportional",
         shares: Sequence[float] | None = None,
         minimum: int = 1,
+        rounding: str = "smallest_first",
         randomized: bool = False,
-        use_omp_weights: bool = False,
         anchors: str = "mean",
         self_curvature: bool = True,
         lr: float | None = None,
@@ -128,9 +136,8 @@ class PartitionSelSelector:
             raise ValueError(f"anchors={anchors!r}; choose one of {', '.join(ANCHOR_MODES)}")
         if lr is not None and not lr > 0:
             raise ValueError(f"lr={lr} must be positive (or None to use the optimiser's learning rate)")
-        self.budgets = BudgetPolicy.of(budget, shares, minimum)
+        self.budgets = BudgetPolicy.of(budget, shares, minimum, rounding=rounding)
         self.randomized = bool(randomized)
-        self.use_omp_weights = bool(use_omp_weights)
         self.anchors = anchors
         self.self_curvature = bool(self_curvature)
         self.lr = lr
@@ -169,11 +176,9 @@ class PartitionSelSelector:
             "budgets": budgets.tolist(),
             "lr": eta,
             "utility": sol.info["utility"],
-            "omp_weights": omp_weights.tolist(),
             "solver": sol.info,
         }
-        weights = omp_weights.to(torch.float32) if self.use_omp_weights else torch.ones(len(sol))
-        return Selection(indices=sol.indices, weights=weights, gains=sol.gains, info=info)
+        return Selection(indices=sol.indices, weights=omp_weights.to(torch.float32), gains=sol.gains, info=info)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -47,24 +47,31 @@ class RandomSelector(_Stateless):
 class StratifiedSelector(_Stateless):
     """Per-domain stratified random selection.
 
-    Each domain d gets a budget k_d proportional to its count in the pool (largest-remainder
-    rounding; ``budget="weights"`` follows ``pool.domain_weights`` instead, e.g. from a reweighter),
-    and k_d of its candidates are drawn uniformly at random.
+    Each domain d gets a budget k_d proportional to its count in the pool (``budget="weights"``
+    follows ``pool.domain_weights`` instead, e.g. from a reweighter; ``"uniform"`` gives every
+    present domain an equal share), and k_d of its candidates are drawn uniformly at random.
 
     Args:
         budget: ``"proportional"`` (default) or ``"weights"`` or ``"uniform"`` (equal shares, capped
             by availability).
         minimum: floor on each present domain's budget (proportional mode).
+        rounding: budget rounding (:func:`mixsel.selection.budgets.round_quotas`).
     """
 
     name = "stratified"
 
-    def __init__(self, budget: str = "proportional", minimum: int = 0, seed_salt: int = Salt.STRATIFIED) -> None:
+    def __init__(
+        self,
+        budget: str = "proportional",
+        minimum: int = 0,
+        rounding: str = "smallest_first",
+        seed_salt: int = Salt.STRATIFIED,
+    ) -> None:
         if budget not in {"proportional", "weights", "uniform"}:
             raise ValueError(f"budget={budget!r}; choose proportional, weights or uniform")
         # a positive floor turns the proportional split into the "minimum" policy
         policy = "minimum" if budget == "proportional" and minimum > 0 else budget
-        self.budgets = BudgetPolicy(policy, minimum=minimum)
+        self.budgets = BudgetPolicy(policy, minimum=minimum, rounding=rounding)
         self.seed_salt = int(seed_salt)
 
     def select(self, pool: Pool, k: int) -> Selection:

@@ -78,6 +78,7 @@ class RankedSelector:
             ``per_domain_budgets``.
         shares: per-domain shares for ``budget="fixed"``.
         minimum: per-domain floor for ``budget="minimum"``.
+        rounding: budget rounding (:func:`mixsel.selection.budgets.round_quotas`).
     """
 
     name: str = "ranked"
@@ -89,8 +90,9 @@ class RankedSelector:
         budget: str = "proportional",
         shares: Sequence[float] | None = None,
         minimum: int = 1,
+        rounding: str = "smallest_first",
     ) -> None:
-        self.budgets = BudgetPolicy.of(budget, shares, minimum, enabled=per_domain_budgets)
+        self.budgets = BudgetPolicy.of(budget, shares, minimum, enabled=per_domain_budgets, rounding=rounding)
 
     def score(self, pool: Pool) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
