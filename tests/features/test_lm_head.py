@@ -10,7 +10,15 @@ import torch
 from features_oracle import per_sample_grads, rel_err
 
 from mixsel.features import KroneckerProjector, materialize_grads, pool_gradient_features
-from mixsel.features.lm_head import head_grads, head_gram, head_grams, head_pass, head_project, head_sq_norms
+from mixsel.features.lm_head import (
+    head_grads,
+    head_gram,
+    head_grams,
+    head_pass,
+    head_project,
+    head_sq_norms,
+    target_losses,
+)
 from mixsel.features.loss import _full_forward_stats, token_losses
 from mixsel.registry import get_selector
 from mixsel.selection.base import Pool
@@ -149,3 +157,13 @@ def test_selections_are_unchanged_by_the_chunked_pass():
             p = Pool(domains=domains, num_domains=3, features={k: feats[k] for k in sel.requires}, step=1, seed=0)
             picks.append(sel.select(p, 6).indices.tolist())
         assert picks[0] == picks[1], name
+
+
+def test_target_losses_equal_the_full_loss(model64, pool):
+    from mixsel.features import per_example_loss
+
+    with torch.no_grad():
+        h = model64.model(input_ids=pool["input_ids"], attention_mask=pool["attention_mask"]).last_hidden_state
+        want = per_example_loss(model64.lm_head(h), pool["labels"])
+        got = target_losses(model64.lm_head, h, pool["labels"], token_bytes=97 * 8 * 5)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -47,6 +47,9 @@ __all__ = [
     "head_pass",
     "head_project",
     "head_sq_norms",
+    "stats_from_logp",
+    "target_logp",
+    "target_losses",
 ]
 
 log = logging.getLogger(__name__)
@@ -306,6 +309,58 @@ def head_pass(
             projector=projector,
         )
     return out
+
+
+def target_logp(
+    head: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor, *, token_bytes: int = DEFAULT_TOKEN_BYTES
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the target tokens under ``head(h)``, the head applied at target positions only.
+
+    Differentiable (autograd keeps one ``[tokens, V]`` block per chunk, never the ``[n, T, V]`` logits).
+
+    Args:
+        head: the LM head (any module mapping [..., H] to [..., V]).
+        h: Tensor[n, T, H] its input (after the final norm).
+        labels: LongTensor[n, T], -100 = ignored (Hugging Face shift: ``h[:, t]`` predicts ``labels[:, t + 1]``).
+
+    Returns:
+        ``(logp, rows, counts)``: Tensor[N] the target tokens' log-probabilities (row-major order),
+        LongTensor[N] their example, LongTensor[n] targets per example.
+    """
+    mask = labels[:, 1:] != IGNORE_INDEX
+    h_t, y = h[:, :-1][mask], labels[:, 1:][mask]
+    rows = mask.nonzero()[:, 0]
+    dtype = _compute_dtype(h.dtype)
+    vocab = int(getattr(head, "out_features", 0) or head.weight.shape[0])
+    step = max(1, int(token_bytes // (4 * vocab)))
+    parts = []
+    for t0 in range(0, h_t.shape[0], step):
+        z = head(h_t[t0 : t0 + step]).to(dtype)
+        parts.append(z.gather(-1, y[t0 : t0 + step, None]).squeeze(-1) - torch.logsumexp(z, dim=-1))
+    logp = torch.cat(parts) if parts else h_t.new_zeros(0, dtype=dtype)
+    return logp, rows, mask.sum(1)
+
+
+def target_losses(
+    head: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor, *, token_bytes: int = DEFAULT_TOKEN_BYTES
+) -> torch.Tensor:
+    """Per-example mean target-token cross-entropy of ``head(h)``, the head applied at target positions only.
+
+    Equals ``per_example_loss(head(h), labels)`` without the ``[n, T, V]`` logits (:func:`target_logp`).
+    """
+    logp, rows, counts = target_logp(head, h, labels, token_bytes=token_bytes)
+    total = torch.zeros(labels.shape[0], dtype=logp.dtype, device=h.device).index_add(0, rows, -logp)
+    return total / counts.clamp(min=1).to(logp.dtype)
+
+
+def stats_from_logp(logp: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``loss``, ``confidence``, ``perplexity``, ``completion_length`` (each [n]) from target log-probabilities."""
+    logp = logp.detach()
+    n = counts.shape[0]
+    denom = counts.clamp(min=1).to(logp.dtype)
+    loss = -torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add_(0, rows, logp) / denom
+    conf = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add_(0, rows, logp.exp()) / denom
+    return {"loss": loss, "confidence": conf, "perplexity": loss.exp(), "completion_length": counts.to(logp.dtype)}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from mixsel.features.grads import (
     block_modules,
     capture_linear_factors,
     factor_gram,
-    factor_sq_norms,
+    factor_grams,
     find_last_module,
     materialize_grads,
 )
@@ -160,15 +160,33 @@ def _factor_features(
     method: str,
     infos: list[dict[str, Any]],
 ) -> dict[str, torch.Tensor]:
-    """Gram quantities straight from the factors (ghost or materialised inner products, no feature vectors)."""
-    return _gram_features(
-        lambda a, b: _sum_gram(a, b, method, infos),
-        lambda a: torch.stack([factor_sq_norms(f) for f in a]).sum(0),
-        fs,
-        gs,
-        need,
-        normalize=normalize,
-    )
+    """Gram quantities straight from the factors (ghost or materialised inner products, no feature vectors).
+
+    One sweep per module: its gradients are built once for every product asked for (``gram``,
+    validation scores, validation Gram, norms), and the modules' products are summed.
+    """
+    wanted = {"gram"} if "gram" in need else set()
+    if normalize or "grad_norm" in need:
+        wanted.add("sq")
+    if gs is not None and "val_scores" in need:
+        wanted.add("cross")
+    if gs is not None and ("val_gram" in need or normalize):
+        wanted.add("val_gram")
+    total: dict[str, torch.Tensor] = {}
+    for i, f in enumerate(fs):
+        parts, info = factor_grams(f, None if gs is None else gs[i], wanted, method=method)
+        infos.append(info)
+        for key, value in parts.items():
+            total[key] = value if key not in total else total[key] + value
+    memo = {("f", None): total.get("gram"), ("f", "g"): total.get("cross"), ("g", None): total.get("val_gram")}
+    names = {id(fs): "f", id(gs): "g"}
+
+    def kernel(a: Any, b: Any) -> torch.Tensor:
+        k = memo[(names[id(a)], None if b is None else names[id(b)])]
+        assert k is not None
+        return k
+
+    return _gram_features(kernel, lambda _a: total["sq"], fs, gs, need, normalize=normalize)
 
 
 def _gram_features(
