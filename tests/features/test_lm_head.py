@@ -92,6 +92,10 @@ def test_blocked_gradient_features_match_the_oracle(model64, pool, val, oracle):
     assert rel_err(one["gram"], g @ g.T) <= 1e-10 and rel_err(one["cross"], g @ gv.T) <= 1e-10
     assert rel_err(one["val_gram"], gv @ gv.T) <= 1e-10 and rel_err(one["sq"], g.square().sum(1)) <= 1e-10
     assert rel_err(head_grams(f, None, {"sq"})["sq"], g.square().sum(1)) <= 1e-10
+    in_pass = head_pass(model64, pool, sq_norms=True, token_bytes=97 * 8 * 15)["grad_sq_norm"]  # whole examples
+    assert rel_err(in_pass, g.square().sum(1)) <= 1e-10
+    norms = pool_gradient_features(model64, pool, need=("grad_norm",), return_info=True)
+    assert rel_err(norms[0]["grad_norm"], g.norm(dim=1)) <= 1e-10 and norms[1]["gram"] == [{"method": "in-pass"}]
     assert rel_err(materialize_grads(f.to_factors()), g) <= 1e-10  # the packed layout as GradFactors
 
 

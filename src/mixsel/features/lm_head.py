@@ -160,6 +160,20 @@ def _rows_per_chunk(model: torch.nn.Module, batch: dict[str, torch.Tensor], max_
     return max(1, int(max_bytes // per_row))
 
 
+def _token_chunks(counts: torch.Tensor, step: int) -> list[tuple[int, int]]:
+    """Ranges of packed target tokens holding whole examples, about ``step`` tokens each (one example at least)."""
+    out: list[tuple[int, int]] = []
+    start = end = 0
+    for c in counts.tolist():
+        if end > start and end + c - start > step:
+            out.append((start, end))
+            start = end
+        end += c
+    if end > start:
+        out.append((start, end))
+    return out
+
+
 def _inputs(batch: dict[str, torch.Tensor], rows: slice, device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {"input_ids": batch["input_ids"][rows].to(device), "use_cache": False}
     if batch.get("attention_mask") is not None:
@@ -174,6 +188,7 @@ def head_pass(
     hidden: bool = False,
     tokens: bool = False,
     token_losses: bool = False,
+    sq_norms: bool = False,
     projector: KroneckerProjector | None = None,
     row_bytes: int = DEFAULT_ROW_BYTES,
     token_bytes: int = DEFAULT_TOKEN_BYTES,
@@ -187,6 +202,8 @@ def head_pass(
         tokens: also return ``head_tokens``, the :class:`HeadTokens` of the batch.
         token_losses: also return ``token_losses`` [n, T - 1], each target token's cross-entropy at
             its position (0 elsewhere; :func:`mixsel.features.loss.token_losses`).
+        sq_norms: also return ``grad_sq_norm`` [n], ``||G_i||^2`` of the LM-head gradients, from the
+            logits at hand (the ghost identity within each example; no second pass).
         projector: with ``tokens``, a :class:`~mixsel.features.projection.KroneckerProjector` of the
             head's ``(V, H)``: the output side ``(softmax - onehot) P_out`` is computed from the logits
             already at hand (``HeadTokens.err_out``), so :func:`head_project` needs no second pass.
@@ -220,6 +237,7 @@ def head_pass(
         packed: dict[str, torch.Tensor] = {}
         vocab = int(head.weight.shape[0])
         p_out = None if projector is None else projector.p_out.matrix(dtype, device)
+        sq = torch.zeros(n, dtype=dtype, device=device)
         if tokens:
             h_dim = int(head.weight.shape[1])
             packed = {
@@ -257,8 +275,7 @@ def head_pass(
                 h_t = h_full[:, :-1][mask]
                 z_all = None if logits is None else logits[:, :-1][mask]
                 step = max(1, int(token_bytes // (4 * vocab)))
-                for t0 in range(0, h_t.shape[0], step):
-                    t1 = min(t0 + step, h_t.shape[0])
+                for t0, t1 in _token_chunks(mask.sum(1), step):  # whole examples per chunk
                     if z_all is None:
                         z = F.linear(h_t[t0:t1], head.weight, head.bias).to(dtype)
                     else:
@@ -268,10 +285,18 @@ def head_pass(
                     tok_logp[ex[t0:t1], slot[t0:t1]] = z.gather(-1, yy).squeeze(-1) - lse
                     if tokens:
                         packed["lse"][ex[t0:t1], slot[t0:t1]] = lse
-                    if p_out is not None:  # (softmax - onehot) @ P_out, the Kronecker projection's output side
+                    if p_out is not None or sq_norms:  # softmax - onehot of these tokens
                         err = torch.exp(z.sub_(lse.unsqueeze(-1)))
                         err.scatter_add_(-1, yy, -torch.ones_like(yy, dtype=dtype))
-                        packed["err_out"][ex[t0:t1], slot[t0:t1]] = err @ p_out
+                        if p_out is not None:  # the Kronecker projection's output side
+                            packed["err_out"][ex[t0:t1], slot[t0:t1]] = err @ p_out
+                        if sq_norms:  # ||G_i||^2 = sum_{t,s} (e_t . e_s)(h_t . h_s) / c_i^2, example by example
+                            hh = h_t[t0:t1].to(dtype)
+                            seg = ex[t0:t1]
+                            for i in torch.unique_consecutive(seg).tolist():
+                                sel = seg == i
+                                e_i, h_i = err[sel], hh[sel]
+                                sq[i] = ((e_i @ e_i.T) * (h_i @ h_i.T)).sum() / counts[i].to(dtype) ** 2
                     del z
                 if tokens:
                     packed["h"][ex, slot] = h_t.to(dtype)
@@ -290,6 +315,8 @@ def head_pass(
         }
         if hidden:
             result["hidden"] = out_hidden if out_hidden is not None else torch.zeros(0, dtype=dtype)
+        if sq_norms:
+            result["grad_sq_norm"] = sq
         if token_losses:
             per_token = torch.zeros(mask_all.shape, dtype=dtype, device=device)
             per_token[mask_all] = -tok_logp[valid]

@@ -263,6 +263,14 @@ def _lm_head_features(
         else:
             log.info("the LM head has %d <= %d gradient coordinates: kept exact", vocab * width, projection_dim)
     t0 = time.perf_counter()
+    if grad_need == {"grad_norm"} and projection_dim is None:  # the norms alone come from the pass itself
+        stats = head_pass(model, pool_batch, hidden="hidden" in need, sq_norms=True)
+        out = {k: stats[k] for k in need & SCALAR_FEATURES}
+        out["grad_norm"] = stats["grad_sq_norm"].clamp(min=0).sqrt()
+        info["time_forward"] = time.perf_counter() - t0
+        info["backend"] = "factors"
+        info["gram"].append({"method": "in-pass"})
+        return out
     stats = head_pass(model, pool_batch, hidden="hidden" in need, tokens=bool(grad_need), projector=proj)
     ft: HeadTokens | None = stats.pop("head_tokens", None)
     out: dict[str, torch.Tensor] = {k: stats[k] for k in need & SCALAR_FEATURES}
