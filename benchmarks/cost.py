@@ -632,7 +632,8 @@ def scale_points(
                 ]
             )
             runners[name] = Runner(name, load_config(DEFAULT_CONFIG, [*args.override, *overrides]), shared)
-        samples = run_reps(runners, args.scaling_reps, seed=args.seed + n, warmup=False) if runners else {}
+        warm = n == sizes[0]  # the first size warms every method up (lazy imports, allocator)
+        samples = run_reps(runners, args.scaling_reps, seed=args.seed + n, warmup=warm) if runners else {}
         for name in SCALING_METHODS:
             point: dict[str, Any] = {
                 "model": label,
@@ -643,7 +644,7 @@ def scale_points(
             if name in skipped:
                 points.append({**point, "skipped": skipped[name]})
                 continue
-            ph = [phases_of(s["wall"]) for s in samples[name]]
+            ph = [phases_of(s[args.clock]) for s in samples[name]]
             med = {k: round(median([p[k] for p in ph]), 4) for k in (*PHASES, "total")}
             select = med["forward"] + med["features"] + med["solver"] + med["other"]
             point.update({"s_per_step": med, "select_s": round(select, 4), "dominant": dominant(med)})

@@ -87,6 +87,9 @@ def test_blocked_gradient_features_match_the_oracle(model64, pool, val, oracle):
     assert rel_err(head_gram(f, fv, max_bytes=tiny), g @ gv.T) <= 1e-10
     assert rel_err(head_sq_norms(f, max_bytes=tiny), g.square().sum(1)) <= 1e-10
     assert rel_err(head_grads(f, max_bytes=tiny), g) <= 1e-10
+    kept = head_pass(model64, pool, tokens=True, keep_err_bytes=10**9)["head_tokens"]
+    assert kept.err is not None and f.err is None
+    assert rel_err(head_gram(kept, max_bytes=tiny), g @ g.T) <= 1e-10  # the kept err: the same Gram
     assert torch.all(head_grads(f)[4] == 0)
     one = head_grams(f, fv, {"gram", "sq", "cross", "val_gram"}, max_bytes=tiny)  # one sweep, every product
     assert rel_err(one["gram"], g @ g.T) <= 1e-10 and rel_err(one["cross"], g @ gv.T) <= 1e-10

@@ -41,6 +41,7 @@ from mixsel.features.projection import KroneckerProjector
 
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
+    "DEFAULT_KEEP_ERR_BYTES",
     "HeadTokens",
     "head_grads",
     "head_gram",
@@ -58,6 +59,7 @@ IGNORE_INDEX = -100
 DEFAULT_ROW_BYTES = 256 * 2**20  # activations of one row chunk of the body forward (rough bound)
 DEFAULT_TOKEN_BYTES = 32 * 2**20  # logits of one token chunk at the head
 DEFAULT_BLOCK_BYTES = 32 * 2**20  # one vocabulary block of per-example gradients [n, V_b, H]
+DEFAULT_KEEP_ERR_BYTES = 192 * 2**20  # the exact LM-head Grams keep softmax - onehot [n, T', V] up to this
 _WARNED: set[str] = set()
 
 
@@ -81,6 +83,8 @@ class HeadTokens:
         weight: the head's weight [V, H] (a view, not a copy); ``bias`` its bias or None.
         err_out: Tensor[n, T', d_out] ``(softmax - onehot) P_out`` (without ``scale``) when
             :func:`head_pass` was given ``projector`` (the same object), else None.
+        err: Tensor[n, T', V] ``scale * (softmax - onehot)`` when the pass kept it (``keep_err_bytes``),
+            else None (then :meth:`err_block` recomputes each block from ``h``).
     """
 
     h: torch.Tensor
@@ -91,6 +95,7 @@ class HeadTokens:
     bias: torch.Tensor | None = None
     err_out: torch.Tensor | None = None
     projector: KroneckerProjector | None = None
+    err: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -111,6 +116,8 @@ class HeadTokens:
 
     def err_block(self, v0: int, v1: int) -> torch.Tensor:
         """Tensor[n, T', v1 - v0]: ``scale * (softmax - onehot)`` restricted to vocabulary rows ``[v0, v1)``."""
+        if self.err is not None:  # kept by the pass: a view
+            return self.err[:, :, v0:v1]
         w = self.weight[v0:v1].to(self.h.dtype)
         b = None if self.bias is None else self.bias[v0:v1].to(self.h.dtype)
         z = F.linear(self.h, w, b)
@@ -190,6 +197,7 @@ def head_pass(
     token_losses: bool = False,
     sq_norms: bool = False,
     projector: KroneckerProjector | None = None,
+    keep_err_bytes: int = 0,
     row_bytes: int = DEFAULT_ROW_BYTES,
     token_bytes: int = DEFAULT_TOKEN_BYTES,
 ) -> dict[str, Any]:
@@ -207,6 +215,8 @@ def head_pass(
         projector: with ``tokens``, a :class:`~mixsel.features.projection.KroneckerProjector` of the
             head's ``(V, H)``: the output side ``(softmax - onehot) P_out`` is computed from the logits
             already at hand (``HeadTokens.err_out``), so :func:`head_project` needs no second pass.
+        keep_err_bytes: with ``tokens``, keep ``HeadTokens.err`` (``[n, T', V]``) when it takes at most
+            this many bytes, so that the exact Grams need no second pass over the vocabulary.
         row_bytes: rough activation budget of one row chunk of the body forward.
         token_bytes: budget of one block of logits at the head.
 
@@ -247,6 +257,8 @@ def head_pass(
             }
             if p_out is not None:
                 packed["err_out"] = torch.zeros(n, width, p_out.shape[1], dtype=dtype, device=device)
+            if n * width * vocab * torch.finfo(dtype).bits // 8 <= keep_err_bytes:
+                packed["err"] = torch.zeros(n, width, vocab, dtype=dtype, device=device)
         captured: dict[str, torch.Tensor] = {}
 
         def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
@@ -285,11 +297,13 @@ def head_pass(
                     tok_logp[ex[t0:t1], slot[t0:t1]] = z.gather(-1, yy).squeeze(-1) - lse
                     if tokens:
                         packed["lse"][ex[t0:t1], slot[t0:t1]] = lse
-                    if p_out is not None or sq_norms:  # softmax - onehot of these tokens
+                    if p_out is not None or sq_norms or "err" in packed:  # softmax - onehot of these tokens
                         err = torch.exp(z.sub_(lse.unsqueeze(-1)))
                         err.scatter_add_(-1, yy, -torch.ones_like(yy, dtype=dtype))
                         if p_out is not None:  # the Kronecker projection's output side
                             packed["err_out"][ex[t0:t1], slot[t0:t1]] = err @ p_out
+                        if "err" in packed:  # kept for the exact Grams: no second pass over the vocabulary
+                            packed["err"][ex[t0:t1], slot[t0:t1]] = err
                         if sq_norms:  # ||G_i||^2 = sum_{t,s} (e_t . e_s)(h_t . h_s) / c_i^2, example by example
                             hh = h_t[t0:t1].to(dtype)
                             seg = ex[t0:t1]
@@ -322,6 +336,8 @@ def head_pass(
             per_token[mask_all] = -tok_logp[valid]
             result["token_losses"] = per_token
         scale = valid.to(dtype) / denom[:, None]
+        if "err" in packed:
+            packed["err"].mul_(scale.unsqueeze(-1))
     # cloned outside inference mode: plain tensors that later code may modify in place
     out: dict[str, Any] = {k: v.clone() for k, v in result.items()}
     if tokens:
@@ -334,6 +350,7 @@ def head_pass(
             bias=None if head.bias is None else head.bias.detach(),
             err_out=packed["err_out"].clone() if "err_out" in packed else None,
             projector=projector,
+            err=packed.get("err"),  # not cloned (the largest tensor); only read, by the Gram functions
         )
     return out
 

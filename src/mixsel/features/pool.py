@@ -19,7 +19,7 @@ from mixsel.features.grads import (
     find_last_module,
     materialize_grads,
 )
-from mixsel.features.lm_head import HeadTokens, head_grads, head_grams, head_pass, head_project
+from mixsel.features.lm_head import DEFAULT_KEEP_ERR_BYTES, HeadTokens, head_grads, head_grams, head_pass, head_project
 from mixsel.features.loss import GradFactors, forward_stats, output_embeddings
 from mixsel.features.projection import KroneckerProjector
 from mixsel.types import GRADIENT_FEATURES, SCALAR_FEATURES
@@ -271,13 +271,16 @@ def _lm_head_features(
         info["backend"] = "factors"
         info["gram"].append({"method": "in-pass"})
         return out
-    stats = head_pass(model, pool_batch, hidden="hidden" in need, tokens=bool(grad_need), projector=proj)
+    keep = 0 if proj is not None or "grads" in need else DEFAULT_KEEP_ERR_BYTES  # the exact Grams reuse err
+    stats = head_pass(
+        model, pool_batch, hidden="hidden" in need, tokens=bool(grad_need), projector=proj, keep_err_bytes=keep
+    )
     ft: HeadTokens | None = stats.pop("head_tokens", None)
     out: dict[str, torch.Tensor] = {k: stats[k] for k in need & SCALAR_FEATURES}
     wants_val = bool(need & {"val_scores", "val_gram"})
     gt = None
     if grad_need and wants_val and val_batch is not None:
-        gt = head_pass(model, val_batch, tokens=True, projector=proj)["head_tokens"]
+        gt = head_pass(model, val_batch, tokens=True, projector=proj, keep_err_bytes=keep)["head_tokens"]
     info["time_forward"] = time.perf_counter() - t0
     if ft is None:
         return out
