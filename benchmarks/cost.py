@@ -5,6 +5,8 @@ One command, every figure a ratio of times measured side by side in ONE process:
     python benchmarks/cost.py --quick     # ~3 min: 2 repetitions, pools 32-128, the embedded model only
     python benchmarks/cost.py             # <= 15 min: 6 repetitions, pools 32-1024, embedded + SmolLM2-135M/LoRA
     python benchmarks/cost.py --part overhead --threads 2 --reps 8
+    python benchmarks/cost.py --threads 1 --clock cpu   # a loaded machine: ratios of process CPU time
+    python benchmarks/cost.py --quick --device cuda     # the same ratios on a GPU (peak = max_memory_allocated)
 
 Results: ``benchmarks/results/cost.json`` and ``cost.png`` (the methods' ratios against the targets),
 ``cost_scaling.json`` and ``cost_scaling.png`` (selection s/step and peak memory against pool and
@@ -72,6 +74,7 @@ log = logging.getLogger("cost")
 
 _WALL = time.perf_counter  # kept before --clock cpu replaces time.perf_counter
 _CPU = time.process_time
+DEVICE = torch.device("cpu")  # --device; every model of the run goes there
 
 PHASES = ("forward", "features", "solver", "other", "train", "reweight")
 
@@ -124,6 +127,11 @@ TARGETS = (
 # --------------------------------------------------------------------------------------------------
 
 
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 class Clock:
     """Wall and process CPU seconds of named phases."""
 
@@ -133,10 +141,12 @@ class Clock:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        _sync()
         w, c = _WALL(), _CPU()
         try:
             yield
         finally:
+            _sync()
             self.wall[name] = self.wall.get(name, 0.0) + _WALL() - w
             self.cpu[name] = self.cpu.get(name, 0.0) + _CPU() - c
 
@@ -153,10 +163,18 @@ class Clock:
 
 
 def tensor_peak_mb(fn: Callable[[], Any]) -> float:
-    """Peak extra CPU tensor memory (MiB) while ``fn`` runs, from the profiler's memory events."""
+    """Peak extra tensor memory (MiB) while ``fn`` runs: on CPU from the profiler's memory events, on
+    CUDA ``max_memory_allocated`` above the memory allocated before."""
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+        base = torch.cuda.memory_allocated(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        fn()
+        torch.cuda.synchronize(DEVICE)
+        return (torch.cuda.max_memory_allocated(DEVICE) - base) / 2**20
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -213,7 +231,7 @@ def build_shared(cfg: Any, model: torch.nn.Module | None = None) -> Shared:
     mixture = load_mixture(cfg.data, tokenizer, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     model = model if model is not None else build_model(cfg.model, tokenizer)
-    model.train()
+    model.to(DEVICE).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     return Shared(cfg, tokenizer, mixture, model, optimizer)
@@ -414,9 +432,11 @@ def run_reps(runners: dict[str, Any], reps: int, *, seed: int = 0, warmup: bool 
         for name in order:
             r = runners[name]
             clock = Clock()
+            _sync()
             w0, c0 = _WALL(), _CPU()
             for _ in range(r.steps_per_rep):
                 r.step(clock)
+            _sync()
             wall_total, cpu_total = _WALL() - w0, _CPU() - c0
             if warmup and rep == 0:
                 continue
@@ -795,6 +815,7 @@ def meta_of(args: argparse.Namespace, load_start: float, t0: float) -> dict[str,
         "reps": args.reps,
         "quick": args.quick,
         "clock": args.clock,
+        "device": str(DEVICE),
     }
 
 
@@ -818,6 +839,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-point-s", type=float, default=60.0, help="skip scaling points predicted slower")
     ap.add_argument("--no-memory", action="store_true", help="skip the profiler memory passes")
     ap.add_argument("--no-smollm", action="store_true", help="skip the SmolLM2-135M point")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (CUDA when available)")
     ap.add_argument("--override", nargs="*", default=[], help="a.b=c overrides of every config (tests)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -828,6 +850,11 @@ def main(argv: list[str] | None = None) -> None:
     for noisy in ("mixsel", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
+    global DEVICE
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    DEVICE = torch.device(auto if args.device == "auto" else args.device)
+    if args.clock == "cpu" and DEVICE.type == "cuda":
+        raise SystemExit("--clock cpu measures CPU work; on a GPU use --clock wall")
     if args.clock == "cpu":  # every timing, the library's own included, reports process CPU seconds
         time.perf_counter = time.process_time  # type: ignore[assignment]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -838,6 +865,7 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "cost.json").write_text(json.dumps(res, indent=1))
         plot_overhead(res, args.out / "cost.png")
         print(format_table(res))
+        print(format_targets(res))
     if args.part in ("all", "scaling"):
         t0, l0 = time.time(), load1()
         res = scaling(args)
@@ -866,6 +894,35 @@ def format_table(res: dict[str, Any]) -> str:
     met = [t for t in res["targets"] if not t["met"]]
     lines.append(f"\nfloor {res['summary']}; missed targets: {len(met)} of {len(res['targets'])}")
     lines += [f"  MISSED {t['target']} {t['method']}: {t['value']} > {t['bound']}" for t in met]
+    return "\n".join(lines)
+
+
+def format_targets(res: dict[str, Any]) -> str:
+    """docs/cost.md's table: each method's ratios next to its targets (met / missed)."""
+    by: dict[str, dict[str, Any]] = {}
+    for t in res["targets"]:
+        by.setdefault(t["method"], {})[t["metric"]] = t
+    lines = [
+        "| method | kind | x floor | x random_4b | features / pool forward | peak x random_4b | reweight / train |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(name: str, row: dict[str, Any], metric: str) -> str:
+        if metric not in row:
+            return "-"
+        t = by.get(name, {}).get(metric)
+        mark = "" if t is None else (" (met)" if t["met"] else f" (**missed**, <= {t['bound']:g})")
+        return f"{row[metric]:.2f}{mark}"
+
+    for name, row in res["methods"].items():
+        if row["kind"] == "floor":
+            continue
+        feat = cell(name, row, "features_x_forward") if row["kind"] == "gradient" else "-"
+        rew = cell(name, row, "reweight_x_train") if row["kind"] == "reweighting" else "-"
+        lines.append(
+            f"| {name} | {row['kind']} | {cell(name, row, 'x_floor')} | {cell(name, row, 'x_random_4b')} | {feat} | "
+            f"{cell(name, row, 'peak_x_random_4b')} | {rew} |"
+        )
     return "\n".join(lines)
 
 
