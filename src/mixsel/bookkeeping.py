@@ -15,7 +15,11 @@ One piece of code per idea, so a method behaves the same in every loop:
   the per-domain :class:`mixsel.DomainStats` a reweighter consumes (losses, DoReMi's per-token
   excess over a reference model, DoGraph's domain gradients), summed over ranks;
 * :func:`is_update_step`, :func:`balanced_rows`: on which steps, and from which validation rows,
-  a reweighter's validation gradient is computed.
+  a reweighter's validation gradient is computed;
+* :func:`gradient_capture`, :func:`captured_domain_gradients`, :func:`validation_gradient`:
+  DoGraph's domain gradients of the trained rows, captured in the training step's own backward
+  (``reweighting.grad_rows=trained``), and its validation target;
+* :func:`is_stats_step`: on which steps the costly statistics are computed (``reweighting.amortize``).
 """
 
 from __future__ import annotations
@@ -33,16 +37,20 @@ from mixsel.types import DomainStats, Selection
 __all__ = [
     "ANCHOR_SAMPLING",
     "balanced_rows",
+    "captured_domain_gradients",
     "domain_gradients",
     "domain_stats",
     "draw_anchors",
     "example_weights",
+    "gradient_capture",
+    "is_stats_step",
     "is_update_step",
     "mixture_weights",
     "reduce_stats",
     "reference_losses",
     "resolve_use_weights",
     "source_sizes",
+    "validation_gradient",
 ]
 
 #: How :func:`draw_anchors` draws the validation anchors.
@@ -222,13 +230,15 @@ def domain_stats(
     )
 
 
-@torch.no_grad()
 def reference_losses(
     reference: torch.nn.Module, batch: dict[str, torch.Tensor], micro_batch_size: int | None = None
 ) -> torch.Tensor:
     """Per-token losses of a frozen reference model on ``batch`` (CPU float64, 0 off target tokens).
 
     Feed them to :func:`domain_stats` with the proxy's per-token losses and the target mask.
+
+    One inference-mode pass (:func:`mixsel.features.lm_head.head_pass`: the head applied at the
+    target tokens only, never the full logits), in chunks of ``micro_batch_size`` rows.
 
     Args:
         reference: the reference LM (eval mode, no gradients).
@@ -238,16 +248,15 @@ def reference_losses(
     Returns:
         Tensor[k, T - 1] (:func:`mixsel.features.loss.token_losses`).
     """
-    from mixsel.features.loss import token_losses
+    from mixsel.features.lm_head import head_pass
 
     device = next(reference.parameters()).device
     n = int(batch["input_ids"].shape[0])
     step = micro_batch_size or max(n, 1)
     out = []
     for s in range(0, n, step):
-        ids, mask = batch["input_ids"][s : s + step].to(device), batch["attention_mask"][s : s + step].to(device)
-        logits = reference(input_ids=ids, attention_mask=mask).logits
-        out.append(token_losses(logits.float(), batch["labels"][s : s + step].to(device)).double().cpu())
+        rows = {k: batch[k][s : s + step].to(device) for k in _MODEL_KEYS if k in batch}
+        out.append(head_pass(reference, rows, token_losses=True)["token_losses"].double().cpu())
     width = max(int(batch["labels"].shape[1]) - 1, 0)
     return torch.cat(out) if out else torch.zeros(0, width, dtype=torch.float64)
 
@@ -283,30 +292,128 @@ def domain_gradients(
     Returns:
         ``(grad_sum, val_grad)``: Tensor[D, d] float64 (CPU) and Tensor[d] float64 (CPU) or None.
     """
-    from mixsel.features import pool_gradient_features
+    grads = _row_features(model, batch, source=source, modules=modules, projection_dim=projection_dim, seed=seed)
+    summed = torch.zeros(num_domains, grads.shape[1], dtype=torch.float64)
+    summed.index_add_(0, domains.cpu(), grads.double())
+    val_grad = None
+    if val_batch is not None:
+        val_grad = validation_gradient(
+            model, val_batch, source=source, modules=modules, projection_dim=projection_dim, seed=seed
+        )
+    return summed, val_grad
 
-    device = next(model.parameters()).device
-    kwargs: dict[str, Any] = {
-        "source": "lm_head" if source == "auto" else source,  # DoGraph's features: the LM head unless asked
+
+def _grad_kwargs(source: str, modules: Sequence[str] | None, projection_dim: int, seed: int) -> dict[str, Any]:
+    return {
+        "source": _grad_source(source),
         "modules": modules,
         "projection_dim": projection_dim,
         "seed": seed,
         "need": ("grads",),
     }
+
+
+def _grad_source(source: str) -> str:
+    """DoGraph's features: the LM head unless a source is asked for (``selection.features.source=auto``)."""
+    return "lm_head" if source == "auto" else source
+
+
+def validation_gradient(
+    model: torch.nn.Module,
+    val_batch: dict[str, torch.Tensor],
+    *,
+    source: str,
+    modules: Sequence[str] | None,
+    projection_dim: int,
+    seed: int,
+) -> torch.Tensor:
+    """Tensor[d] float64 (CPU): the mean projected gradient of ``val_batch`` (DoGraph's target)."""
+    return (
+        _row_features(model, val_batch, source=source, modules=modules, projection_dim=projection_dim, seed=seed)
+        .double()
+        .mean(0)
+    )
+
+
+def gradient_capture(
+    model: torch.nn.Module, *, source: str, modules: Sequence[str] | None, projection_dim: int, seed: int
+) -> Any:
+    """A :class:`mixsel.features.capture.GradientCapture` of the features :func:`domain_gradients` computes.
+
+    Wrap the training micro-batches in it and ``watch`` each micro-batch's per-example losses; then
+    :func:`captured_domain_gradients` gives the domain sums of the trained rows without a second pass.
+    """
+    from mixsel.features.capture import GradientCapture
+    from mixsel.features.loss import output_embeddings
+    from mixsel.features.pool import _source_modules
+
+    source = _grad_source(source)
+    if source == "lm_head":
+        return GradientCapture(model, [output_embeddings(model)], projection_dim=projection_dim, seed=seed, bias=False)
+    mods = _source_modules(model, source, modules, 3)  # pool_gradient_features' default blocks
+    return GradientCapture(model, mods, projection_dim=projection_dim, seed=seed)
+
+
+def captured_domain_gradients(
+    capture: Any,
+    batch: dict[str, torch.Tensor],
+    domains: torch.Tensor,
+    num_domains: int,
+    *,
+    model: torch.nn.Module,
+    source: str,
+    modules: Sequence[str] | None,
+    projection_dim: int,
+    seed: int,
+) -> torch.Tensor:
+    """Tensor[D, d] float64 (CPU): summed per-domain gradient features of the captured (trained) rows.
+
+    Rows that had zero weight in the loss (so no gradient in the step) are computed by a separate pass.
+
+    Args:
+        capture: the :func:`gradient_capture` that watched the step's micro-batches.
+        batch: the trained rows (``input_ids``, ``attention_mask``, ``labels``), in micro-batch order.
+        domains: LongTensor[k] their domain ids.
+    """
+    feats, missing = capture.features()
+    if bool(missing.any()):
+        rows = torch.nonzero(missing).flatten()
+        sub = {k: batch[k][rows] for k in _MODEL_KEYS}
+        feats[rows] = _row_features(
+            model, sub, source=source, modules=modules, projection_dim=projection_dim, seed=seed
+        ).to(feats.dtype)
+    summed = torch.zeros(num_domains, feats.shape[1], dtype=torch.float64)
+    return summed.index_add_(0, domains.cpu(), feats.double())
+
+
+def _row_features(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    source: str,
+    modules: Sequence[str] | None,
+    projection_dim: int,
+    seed: int,
+) -> torch.Tensor:
+    from mixsel.features import pool_gradient_features
+
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         on_device = {k: batch[k].to(device) for k in _MODEL_KEYS}
-        grads = pool_gradient_features(model, on_device, **kwargs)["grads"].cpu()
-        summed = torch.zeros(num_domains, grads.shape[1], dtype=torch.float64)
-        summed.index_add_(0, domains.cpu(), grads.double())
-        val_grad = None
-        if val_batch is not None:
-            vb = {k: val_batch[k].to(device) for k in _MODEL_KEYS}
-            val_grad = pool_gradient_features(model, vb, **kwargs)["grads"].double().mean(0).cpu()
+        return pool_gradient_features(model, on_device, **_grad_kwargs(source, modules, projection_dim, seed))[
+            "grads"
+        ].cpu()
     finally:
         model.train(was_training)
-    return summed, val_grad
+
+
+def is_stats_step(step: int, update_every: int, amortize: bool) -> bool:
+    """Whether the costly domain statistics are computed at ``step``: every step, or with ``amortize``
+    only on the last step of each ``update_every`` window (the loop then updates the reweighter on
+    those steps alone, with that step's statistics)."""
+    return not amortize or (step + 1) % update_every == 0
 
 
 def balanced_rows(domain_ids: torch.Tensor, num_domains: int, per_domain: int) -> torch.Tensor:

@@ -219,6 +219,12 @@ class ReweightingConfig:
     projection_dim: int = 512
     # validation rows per domain for the target gradient (DoGraph)
     val_per_domain: int = 4
+    # rows of DoGraph's domain gradients: trained (captured in the train step's own backward, no extra
+    # pass) | pool (a separate pass over this rank's share of the pool)
+    grad_rows: str = "trained"
+    # compute the costly domain statistics (DoReMi's reference losses, DoGraph's domain gradients) only on
+    # the last step of each update_every window and update the reweighter from that step's rows alone
+    amortize: bool = False
 
 
 @dataclass
@@ -691,6 +697,7 @@ _CHOICES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("selection.features.source", ("auto", "blocks", "lm_head", "linear")),
     ("selection.features.anchor_sampling", ("uniform", "balanced")),
     ("selection.features.zo_direction", ("fixed", "per_step")),
+    ("reweighting.grad_rows", ("trained", "pool")),
 )
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

@@ -41,6 +41,7 @@ The run folder gets ``config.yaml``, ``metrics.jsonl``, ``result.json`` and ``fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -352,9 +353,12 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     else:
         log.info(launch)
     rw_options = _weights_from(dict(cfg.reweighting.options), domains)
+    # reweighting.amortize: the loop computes the statistics and updates the reweighter every update_every steps
+    update_every = cfg.reweighting.update_every
+    amortize = cfg.reweighting.amortize and update_every > 1
     try:
         reweighter = get_reweighter(
-            cfg.reweighting.method, domains=domains, update_every=cfg.reweighting.update_every, **rw_options
+            cfg.reweighting.method, domains=domains, update_every=1 if amortize else update_every, **rw_options
         )
     except TypeError as err:  # an unknown or missing keyword option
         raise ValueError(
@@ -502,22 +506,31 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         losses = []
         mb = cfg.train.micro_batch_size
-        for s in range(0, len(chosen), mb):
-            rows = chosen[s : s + mb]
-            batch = {key: pool[key][rows].to(device) for key in ("input_ids", "attention_mask", "labels")}
-            with autocast:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            vocab = logits.shape[-1]
-            tok = token_losses(logits.float(), batch["labels"])  # per token, for DoReMi's per-token excess
-            per_ex = tok.sum(1) / target_mask(batch["labels"]).sum(1).clamp_min(1)
-            if not torch.isfinite(per_ex).all():
-                raise FloatingPointError(
-                    f"training diverged: non-finite loss at step {step + 1} (domains "
-                    f"{chosen_domains[s : s + mb].tolist()}); {_last_good(out)}: lower train.lr or check the "
-                    "data, then resume from the last checkpoint with --resume (train.resume=true)"
-                )
-            (per_ex * w[s : s + mb].to(device)).sum().div(total_w.to(device)).mul(world.world_size).backward()
-            losses.append(tok.detach().cpu())
+        stats_step = bookkeeping.is_stats_step(step, update_every, amortize)
+        fc, rc = cfg.selection.features, cfg.reweighting
+        grad_kw = {"source": fc.source, "modules": fc.modules, "projection_dim": rc.projection_dim, "seed": cfg.seed}
+        capture = None  # DoGraph's domain gradients of the trained rows, from this very backward
+        if reweighter.needs_grad and stats_step and rc.grad_rows == "trained":
+            capture = bookkeeping.gradient_capture(model, **grad_kw)
+        with capture if capture is not None else contextlib.nullcontext():
+            for s in range(0, len(chosen), mb):
+                rows = chosen[s : s + mb]
+                batch = {key: pool[key][rows].to(device) for key in ("input_ids", "attention_mask", "labels")}
+                with autocast:
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                vocab = logits.shape[-1]
+                tok = token_losses(logits.float(), batch["labels"])  # per token, for DoReMi's per-token excess
+                per_ex = tok.sum(1) / target_mask(batch["labels"]).sum(1).clamp_min(1)
+                if not torch.isfinite(per_ex).all():
+                    raise FloatingPointError(
+                        f"training diverged: non-finite loss at step {step + 1} (domains "
+                        f"{chosen_domains[s : s + mb].tolist()}); {_last_good(out)}: lower train.lr or check the "
+                        "data, then resume from the last checkpoint with --resume (train.resume=true)"
+                    )
+                if capture is not None:
+                    capture.watch(per_ex)
+                (per_ex * w[s : s + mb].to(device)).sum().div(total_w.to(device)).mul(world.world_size).backward()
+                losses.append(tok.detach().cpu())
         if world.distributed:
             for p in params:  # a rank with no selected example still joins the all-reduce, with zeros
                 if p.grad is None:
@@ -551,38 +564,49 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             torch.cat(losses) if losses else torch.zeros(0),
             num_domains,
             step=step,
-            ref_losses=bookkeeping.reference_losses(reference, trained, mb) if reference is not None else None,
+            ref_losses=bookkeeping.reference_losses(reference, trained, mb)
+            if reference is not None and stats_step
+            else None,
             mask=target_mask(trained["labels"]),
         )
-        if reweighter.needs_grad:  # domain gradient statistics (DoGraph): this rank's share of the pool
-            rows = torch.arange(pool["input_ids"].shape[0])[world.rank :: world.world_size]
-            val_rows = bookkeeping.balanced_rows(val_split.domain_ids, num_domains, cfg.reweighting.val_per_domain)
-            stats.grad, stats.val_grad = bookkeeping.domain_gradients(
-                model,
-                {key: pool[key][rows] for key in ("input_ids", "attention_mask", "labels")},
-                pool["domain_ids"][rows],
-                num_domains,
-                val_batch=val_split.collate(val_rows, pad_id)
-                if bookkeeping.is_update_step(step, cfg.reweighting.update_every)
-                else None,
-                source=cfg.selection.features.source,
-                modules=cfg.selection.features.modules,
-                projection_dim=cfg.reweighting.projection_dim,
-                seed=cfg.seed,
-            )
+        if reweighter.needs_grad and stats_step:  # domain gradient statistics (DoGraph)
+            val_rows = bookkeeping.balanced_rows(val_split.domain_ids, num_domains, rc.val_per_domain)
+            val_batch = None
+            if bookkeeping.is_update_step(step, update_every) or amortize:
+                val_batch = val_split.collate(val_rows, pad_id)
+            if capture is not None:  # the trained rows, captured in the backward above
+                stats.grad = bookkeeping.captured_domain_gradients(
+                    capture, trained, chosen_domains, num_domains, model=model, **grad_kw
+                )
+                if val_batch is not None:
+                    stats.val_grad = bookkeeping.validation_gradient(model, val_batch, **grad_kw)
+            else:  # reweighting.grad_rows=pool: this rank's share of the pool, in a separate pass
+                rows = torch.arange(pool["input_ids"].shape[0])[world.rank :: world.world_size]
+                stats.grad, stats.val_grad = bookkeeping.domain_gradients(
+                    model,
+                    {key: pool[key][rows] for key in ("input_ids", "attention_mask", "labels")},
+                    pool["domain_ids"][rows],
+                    num_domains,
+                    val_batch=val_batch,
+                    **grad_kw,
+                )
         bookkeeping.reduce_stats(stats, all_reduce_sum)
-        reweighter.update(stats)  # the reweighter accumulates and acts every reweighting.update_every calls
+        if stats_step:  # the reweighter accumulates and acts every update_every calls (amortize: every call)
+            reweighter.update(stats)
         t3 = time.perf_counter()
 
         # 5. logging, evaluation, checkpoints
         metrics: dict[str, Any] = dict(result.metrics)
+        captured = capture.seconds if capture is not None else 0.0  # projecting DoGraph's captured gradients
         metrics.update(
             {
                 "train/loss": float(stats.loss_sum.sum() / stats.counts.sum().clamp_min(1)),
                 "train/lr": lr,
                 "time/select": t1 - t0,
-                "time/train": t2 - t1,
-                "time/reweight": t3 - t2,  # reference losses (DoReMi), domain gradients (DoGraph), the update
+                "time/train": t2 - t1 - captured,
+                "time/reweight": t3
+                - t2
+                + captured,  # reference losses (DoReMi), domain gradients (DoGraph), the update
                 "time/step": time.perf_counter() - t0,
             }
         )

@@ -155,8 +155,8 @@ def _disk_full(monkeypatch: Any) -> None:
 def _nan_loss(monkeypatch: Any) -> None:
     import mixsel.features.loss as loss_mod
 
-    real = loss_mod.per_example_loss
-    monkeypatch.setattr(loss_mod, "per_example_loss", lambda logits, labels: real(logits, labels) * float("nan"))
+    real = loss_mod.token_losses  # the training step's per-token losses
+    monkeypatch.setattr(loss_mod, "token_losses", lambda logits, labels: real(logits, labels) * float("nan"))
 
 
 def _compare(id: str, spec: dict[str, Any] | str, expect: str) -> Row:

@@ -2,6 +2,11 @@
 
 * :mod:`~mixsel.features.loss`: per-example loss, confidence, perplexity, completion length, and the
   LM-head gradient factors, from one no-grad forward (:func:`forward_stats`);
+* :mod:`~mixsel.features.lm_head`: the chunked inference pass behind it (:func:`head_pass`: the head
+  at target tokens only, never the ``[n, T, V]`` logits) and the exact LM-head Grams by vocabulary
+  blocks;
+* :mod:`~mixsel.features.capture`: per-example gradient features captured inside a training step's
+  own backward (:class:`GradientCapture`, DoGraph's domain gradients);
 * :mod:`~mixsel.features.grads`: exact per-example gradients of the LM head (:func:`last_layer_grads`)
   or of chosen linear / LoRA layers (:func:`linear_grads`; the last transformer blocks' layers by
   :func:`block_modules`) and their inner products by the ghost
@@ -12,6 +17,7 @@
 * :func:`pool_gradient_features`: the one call the training step makes.
 """
 
+from mixsel.features.capture import GradientCapture
 from mixsel.features.grads import (
     GRAM_METHODS,
     block_modules,
@@ -29,6 +35,7 @@ from mixsel.features.grads import (
     resolve_modules,
 )
 from mixsel.features.hidden import mean_pool
+from mixsel.features.lm_head import HeadTokens, head_pass, target_losses
 from mixsel.features.loss import (
     GradFactors,
     LMHeadFactors,
@@ -54,6 +61,8 @@ __all__ = [
     "PROJECTION_KINDS",
     "AdamNormalizer",
     "GradFactors",
+    "GradientCapture",
+    "HeadTokens",
     "KroneckerProjector",
     "LMHeadFactors",
     "RandomProjector",
@@ -66,6 +75,7 @@ __all__ = [
     "find_last_module",
     "forward_stats",
     "ghost_gram",
+    "head_pass",
     "kronecker_dims",
     "last_layer_grads",
     "last_layer_gram",
@@ -80,6 +90,7 @@ __all__ = [
     "spsa_direction",
     "spsa_features",
     "stats_from_logits",
+    "target_losses",
     "target_mask",
     "token_losses",
     "topk_source_mask",

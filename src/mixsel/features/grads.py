@@ -35,6 +35,7 @@ from mixsel.features.loss import (
     GradFactors,
     forward_stats,
     model_inputs,
+    output_embeddings,
     per_example_loss,
     stats_from_logits,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "capture_linear_factors",
     "decoder_layers",
     "factor_gram",
+    "factor_grams",
     "factor_sq_norms",
     "find_last_module",
     "ghost_gram",
@@ -61,6 +63,7 @@ log = logging.getLogger(__name__)
 GRAM_METHODS = ("auto", "ghost", "materialize")
 DEFAULT_CHUNK = 2048  # tokens per ghost block / rows per materialised chunk bound
 DEFAULT_MAX_BYTES = 2 * 2**30  # auto never materialises more than this
+DEFAULT_GRAPH_BYTES = 192 * 2**20  # autograd graph of one row chunk in capture_linear_factors (rough bound)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,6 +224,54 @@ def factor_gram(
         gf = materialize_grads(f)
         k = gf @ gf.T if g is None else gf @ materialize_grads(g.to(gf.dtype)).T
     return k, info
+
+
+def factor_grams(
+    f: GradFactors,
+    g: GradFactors | None,
+    wanted: set[str],
+    *,
+    method: str = "auto",
+    chunk: int = DEFAULT_CHUNK,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every Gram product of one module in one go: ``gram`` (f, f), ``cross`` (f, g), ``val_gram`` (g, g), ``sq``.
+
+    With the materialising backend each batch's gradients are built once and feed every product
+    (instead of once per product); the ghost backend runs once per product. ``method`` as
+    :func:`factor_gram` (``"auto"`` decides from the self-Gram's costs).
+    """
+    if method not in GRAM_METHODS:
+        raise ValueError(f"method={method!r} is not one of {GRAM_METHODS}")
+    info: dict[str, Any] = _gram_costs(f, None)
+    if method == "auto":
+        cheaper = "ghost" if info["ghost_flops"] <= info["materialize_flops"] else "materialize"
+        if cheaper == "materialize" and info["materialize_bytes"] > max_bytes:
+            cheaper = "ghost"
+        method = cheaper
+    info["method"] = method
+    out: dict[str, torch.Tensor] = {}
+    if method == "materialize":
+        gf = materialize_grads(f) if wanted & {"gram", "cross", "sq"} else None
+        gg = materialize_grads(g.to(f.out_grads.dtype)) if g is not None and wanted & {"cross", "val_gram"} else None
+        if gf is not None and "gram" in wanted:
+            out["gram"] = gf @ gf.T
+        if gf is not None and "sq" in wanted:
+            out["sq"] = out["gram"].diagonal().clone() if "gram" in out else gf.square().sum(1)
+        if gf is not None and gg is not None and "cross" in wanted:
+            out["cross"] = gf @ gg.T
+        if gg is not None and "val_gram" in wanted:
+            out["val_gram"] = gg @ gg.T
+        return out, info
+    if "gram" in wanted:
+        out["gram"] = ghost_gram(f, chunk=chunk)
+    if "sq" in wanted:
+        out["sq"] = out["gram"].diagonal().clone() if "gram" in out else factor_sq_norms(f)
+    if g is not None and "cross" in wanted:
+        out["cross"] = ghost_gram(f, g, chunk=chunk)
+    if g is not None and "val_gram" in wanted:
+        out["val_gram"] = ghost_gram(g, chunk=chunk)
+    return out, info
 
 
 # --------------------------------------------------------------------------------------------------
@@ -452,66 +503,138 @@ def capture_linear_factors(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     modules: str | torch.nn.Module | Sequence[str | torch.nn.Module],
+    *,
+    graph_bytes: int = DEFAULT_GRAPH_BYTES,
 ) -> tuple[list[GradFactors], dict[str, torch.Tensor]]:
     """Factors of the per-example gradients of ``modules``' weights, from one forward and one backward.
 
     Forward hooks capture each module's input and output; one ``torch.autograd.grad`` of the summed
     per-example losses w.r.t. the captured outputs gives each example's output gradients (no parameter
     ``.grad`` is touched and the backward stops at the earliest captured module). Weights of the chosen
-    modules are made to require grad for the call and restored afterwards.
+    modules are made to require grad for the call and every other parameter not to, so no autograd
+    graph is kept before the first chosen module; everything is restored afterwards.
+
+    The rows run in chunks whose graph fits in about ``graph_bytes``, and the LM head is applied at the
+    target positions only (:func:`mixsel.features.lm_head.target_logp`, unless it is itself a chosen
+    module or the model post-processes its logits): the ``[n, T, V]`` logits never exist. Modules that
+    read the same input (q, k, v; gate, up) share one ``inputs`` tensor. ``out_grads`` are zero where
+    ``mask`` is False; ``inputs`` are the raw layer inputs (they only ever meet ``out_grads``).
 
     Returns:
         (factors per module, stats) where stats holds ``loss``, ``confidence``, ``perplexity`` and
         ``completion_length`` of the same forward.
     """
+    from mixsel.features.lm_head import _direct_head_reason, _Stop, stats_from_logp, target_logp
+
     targets = resolve_modules(model, modules)
+    head = output_embeddings(model)
+    stop_at_head = _direct_head_reason(model, head) is None and all(mod is not head for _, mod in targets)
     records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name, _ in targets}
+    chosen = {id(p) for _, mod in targets for p in mod.parameters(recurse=False)}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
     handles = []
-    saved = []
     for name, mod in targets:
-        for p in mod.parameters(recurse=False):
-            saved.append((p, p.requires_grad))
-            p.requires_grad_(True)
 
         def hook(_m: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor, name: str = name) -> None:
             records[name].append((args[0].detach(), out))
 
         handles.append(mod.register_forward_hook(hook))
+    captured: dict[str, torch.Tensor] = {}
+
+    def head_hook(_m: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if "h" not in captured:  # the body's output: stop the forward here (the head runs in target_logp)
+            captured["h"] = args[0]
+            raise _Stop
+
+    if stop_at_head:
+        handles.append(head.register_forward_pre_hook(head_hook))
+    n, width = batch["input_ids"].shape[:2]
+    device = next(model.parameters()).device
+    attn = batch.get("attention_mask")
+    mask_all = torch.ones(n, width, dtype=torch.bool) if attn is None else attn.bool()
+    labels_all = batch["labels"]
+    chunk = _graph_rows(model, targets, width, graph_bytes)
+    out_bufs: list[torch.Tensor | None] = [None] * len(targets)
+    in_bufs: list[torch.Tensor | None] = [None] * len(targets)
+    stats_parts: list[dict[str, torch.Tensor]] = []
     try:
-        with torch.enable_grad():
-            out = model(**model_inputs(batch, model))
-            labels = batch["labels"].to(out.logits.device)
-            losses = per_example_loss(out.logits, labels)
-            outs = []
-            for name, _ in targets:
-                if len(records[name]) != 1:
-                    raise ValueError(
-                        f"module {name!r} ran {len(records[name])} times in one forward; exactly once is supported"
+        for p, _ in saved:
+            p.requires_grad_(id(p) in chosen)
+        for r0 in range(0, n, chunk):
+            rows = slice(r0, min(r0 + chunk, n))
+            for name in records:
+                records[name].clear()
+            captured.clear()
+            labels = labels_all[rows].to(device)
+            with torch.enable_grad():
+                logits = None
+                try:
+                    logits = model(**model_inputs({k: v[rows] for k, v in batch.items() if torch.is_tensor(v)}, model))
+                    logits = logits.logits
+                except _Stop:
+                    pass
+                if logits is None:
+                    logp, tok_rows, counts = target_logp(head, captured["h"], labels)
+                    total = torch.zeros(labels.shape[0], dtype=logp.dtype, device=device).index_add(0, tok_rows, -logp)
+                    losses = total / counts.clamp(min=1).to(logp.dtype)
+                    stats_parts.append(stats_from_logp(logp, tok_rows, counts))
+                else:
+                    losses = per_example_loss(logits, labels)
+                    stats_parts.append(stats_from_logits(logits, labels))
+                outs = []
+                for name, _ in targets:
+                    if len(records[name]) != 1:
+                        raise ValueError(
+                            f"module {name!r} ran {len(records[name])} times in one forward; exactly once is supported"
+                        )
+                    outs.append(records[name][0][1])
+                if losses.requires_grad:
+                    grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+                else:  # no target token in the chunk: every gradient is zero
+                    grads = (None,) * len(outs)
+            shared: dict[int, int] = {}  # modules that read the same input tensor share one buffer
+            mask = mask_all[rows].to(device)
+            for k, ((name, _mod), go) in enumerate(zip(targets, grads)):
+                x = records[name][0][0]
+                dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+                if go is None:
+                    go = torch.zeros_like(outs[k])
+                if out_bufs[k] is None:
+                    out_bufs[k] = torch.zeros(n, width, go.shape[-1], dtype=dtype, device=device)
+                torch.mul(go.detach(), mask.unsqueeze(-1), out=out_bufs[k][rows])  # type: ignore[index]
+                first = shared.setdefault(hash((x.data_ptr(), tuple(x.shape), x.stride())), k)
+                if in_bufs[k] is None:
+                    in_bufs[k] = (
+                        in_bufs[first]
+                        if first != k and in_bufs[first] is not None
+                        else torch.empty(n, width, x.shape[-1], dtype=dtype, device=device)
                     )
-                outs.append(records[name][0][1])
-            grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+                if first == k or in_bufs[k] is not in_bufs[first]:
+                    in_bufs[k][rows] = x.to(dtype)  # type: ignore[index]
     finally:
         for h in handles:
             h.remove()
         for p, flag in saved:
             p.requires_grad_(flag)
-    stats = stats_from_logits(out.logits, labels)
-    attn = batch.get("attention_mask")
-    factors = []
-    for (name, mod), go in zip(targets, grads):
-        x = records[name][0][0]
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if attn is None else attn.to(x.device).bool()
-        go = torch.zeros_like(outs[len(factors)]) if go is None else go
-        factors.append(
-            GradFactors(
-                out_grads=go.detach().to(dtype) * mask.unsqueeze(-1),
-                inputs=x.to(dtype) * mask.unsqueeze(-1),
-                mask=mask,
-                bias=mod.bias is not None,
-            )
-        )
+    stats = {key: torch.cat([part[key] for part in stats_parts]) for key in stats_parts[0]} if stats_parts else {}
+    mask = mask_all.to(device)
+    factors = [
+        GradFactors(out_grads=o, inputs=i, mask=mask, bias=mod.bias is not None)  # type: ignore[arg-type]
+        for (_, mod), o, i in zip(targets, out_bufs, in_bufs)
+    ]
     return factors, stats
+
+
+def _graph_rows(model: torch.nn.Module, targets: list[tuple[str, torch.nn.Linear]], width: int, budget: int) -> int:
+    """Rows per chunk of :func:`capture_linear_factors` whose autograd graph fits in about ``budget`` bytes."""
+    config = getattr(model, "config", None)
+    hidden = int(getattr(config, "hidden_size", 0) or 0) or max(m.in_features for _, m in targets)
+    inter = int(getattr(config, "intermediate_size", 0) or 0) or 4 * hidden
+    names = [name for name, _ in targets]
+    blocks = {n.split(".layers.")[1].split(".")[0] for n in names if ".layers." in n} or {"all"}
+    layers = len(blocks) if "all" not in blocks else int(getattr(config, "num_hidden_layers", 1) or 1)
+    per_row = (layers + 1) * (3 * inter + 10 * hidden) * width * 4
+    return max(1, int(budget // max(per_row, 1)))
 
 
 def linear_grads(

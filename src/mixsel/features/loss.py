@@ -234,6 +234,10 @@ def forward_stats(
 ) -> dict[str, Any]:
     """Scalar signals (and optionally pooled hidden states and LM-head factors) from ONE no-grad forward.
 
+    Without ``factors`` this is :func:`mixsel.features.lm_head.head_pass`: an inference-mode pass in
+    row chunks that applies the LM head only at target positions and never holds the ``[n, T, V]``
+    logits. With ``factors`` the whole batch runs at once and ``err`` [n, T', V] is materialised.
+
     Args:
         model: a Hugging Face causal LM (peft-wrapped is fine); dropout should be off (``eval()``).
         batch: dict with ``input_ids``, ``attention_mask`` and ``labels`` (-100 = ignored).
@@ -247,6 +251,15 @@ def forward_stats(
         probability), ``perplexity`` [n] (``exp(loss)``), ``completion_length`` [n] (number of target
         tokens, float), and ``hidden`` / ``lm_head`` when asked.
     """
+    if not factors:
+        from mixsel.features.lm_head import head_pass
+
+        return head_pass(model, batch, hidden=hidden)
+    return _full_forward_stats(model, batch, hidden=hidden)
+
+
+def _full_forward_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, hidden: bool) -> dict[str, Any]:
+    """The whole batch in one no-grad forward with its full logits, and the LM-head factors."""
     head = output_embeddings(model)
     captured: dict[str, torch.Tensor] = {}
 
@@ -266,6 +279,5 @@ def forward_stats(
     if hidden:
         attn = batch.get("attention_mask")
         result["hidden"] = mean_pool(captured["h"].to(dtype), None if attn is None else attn.to(logits.device))
-    if factors:
-        result["lm_head"] = lm_head_factors(captured["h"], logits, labels)
+    result["lm_head"] = lm_head_factors(captured["h"], logits, labels)
     return result

@@ -11,7 +11,9 @@ CoLM (Nguyen et al., ICLR 2025, arXiv 2407.19580) selects medoids of the big sou
 
 Cost (Eq. 6's trick): the activations entering the decoder block that holds the perturbed matrix are
 computed ONCE (no grad; the rest of that forward is skipped), then only that block, the blocks after it
-(none for the last V-projection), the final norm and the LM head run twice per direction.
+(none for the last V-projection), the final norm and the LM head run twice per direction; the head only
+at the target positions, a few thousand tokens at a time (:func:`mixsel.features.lm_head.target_losses`),
+never the ``[n, T, V]`` logits.
 
 Storage design: :func:`spsa_features` returns an :class:`SPSAEstimate` holding only the ``[n, k]``
 coefficients ``c_ik`` and the seed; the directions ``z_k`` (Gaussian, as in Eq. 5) are regenerated from
@@ -27,7 +29,8 @@ from typing import Any
 import torch
 
 from mixsel.features.grads import find_last_module
-from mixsel.features.loss import model_inputs, output_embeddings, per_example_loss
+from mixsel.features.lm_head import target_losses
+from mixsel.features.loss import model_inputs, output_embeddings
 from mixsel.seeding import direction_seed
 
 __all__ = [
@@ -182,7 +185,7 @@ def spsa_features(
             call_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             out = layers[j](h, *args[1:], **call_kwargs)
             h = out[0] if isinstance(out, tuple) else out
-        return per_example_loss(head(norm(h)), labels)
+        return target_losses(head, norm(h), labels)  # the head at target positions only, in token chunks
 
     original = weight.detach().clone()
     coeffs = []

@@ -41,6 +41,7 @@ unwrapped model (``accelerator.unwrap_model``); FSDP-sharded models need the hoo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -267,6 +268,7 @@ class _Pending:
 
     weights: torch.Tensor
     losses: torch.Tensor | None = None
+    capture: Any = None  # DoGraph: a bookkeeping.gradient_capture watching this step's backward
 
 
 def _column_values(dataset: Any, column: str) -> list[Any]:
@@ -317,6 +319,9 @@ class SelectionTrainer(Trainer):
 
     # compute_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
+    # DoGraph's domain gradients are captured in the training backward of compute_loss's own loss (a
+    # subclass whose loss this class does not compute sets False: a separate pass over the trained rows).
+    _capture_gradients = True
 
     def __init__(
         self,
@@ -410,6 +415,7 @@ class SelectionTrainer(Trainer):
         self._val_prepared: Any = None
         self._val_domains: torch.Tensor | None = None
         self._pending: _Pending | None = None
+        self._capture: Any = None
         self._sel_metrics: dict[str, list[float]] = defaultdict(list)
         self._micro = (-1, 0)  # (global step, micro-steps done in it)
         log.info(
@@ -463,6 +469,8 @@ class SelectionTrainer(Trainer):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         tokens = token_losses(logits.float(), labels)  # per token, for DoReMi's per-token excess
         per_example = tokens.sum(1) / target_mask(labels).sum(1).clamp_min(1)
+        if pending.capture is not None:
+            pending.capture.watch(per_example)
         w = pending.weights.to(per_example.device)
         loss = (per_example * w).sum() / w.sum().clamp_min(1e-12)
         pending.losses = tokens.detach()
@@ -605,14 +613,21 @@ class SelectionTrainer(Trainer):
         loss_weights = bookkeeping.mixture_weights(reweighting.reweighter)[1] if reweighting is not None else None
         w = bookkeeping.example_weights(selection, chosen, use_weights=self._use_weights, loss_weights=loss_weights)
         selected = self._selected_inputs(inputs, idx, n)
-        self._pending = _Pending(weights=w)
+        rw = reweighting.reweighter if reweighting is not None else None
+        capture = None
+        if rw is not None and rw.needs_grad and self._capture_gradients:
+            # DoGraph's domain gradients of the trained rows, from this very backward
+            capture = bookkeeping.gradient_capture(self.accelerator.unwrap_model(model), **self._grad_kwargs())
+        self._pending = _Pending(weights=w, capture=capture)
         try:
-            loss = super().training_step(model, selected, num_items_in_batch=None)
+            with capture if capture is not None else contextlib.nullcontext():
+                loss = super().training_step(model, selected, num_items_in_batch=None)
             per_example = self._pending.losses
         finally:
             self._pending = None
         if per_example is None:
             raise RuntimeError("compute_loss did not record per-example losses; do not override it without super()")
+        self._capture = capture
         self._after_step(pool, idx, chosen, per_example.detach(), result.metrics, t_select, n)
         return loss
 
@@ -668,22 +683,33 @@ class SelectionTrainer(Trainer):
         stats = bookkeeping.domain_stats(
             chosen, per_example, num, step=self.state.global_step, ref_losses=ref, mask=mask
         )
-        if rw is not None and rw.needs_grad:  # DoGraph: domain gradients of this rank's pool
-            fc = self.args.feature_config()
+        if rw is not None and rw.needs_grad:  # DoGraph: domain gradients of the trained rows (captured)
             last_micro = self._micro[1] == self.args.gradient_accumulation_steps
             update = last_micro and bookkeeping.is_update_step(self.state.global_step, rw.update_every)
-            stats.grad, stats.val_grad = bookkeeping.domain_gradients(
-                self.accelerator.unwrap_model(self.model),
-                pool,
-                pool["domain_ids"],
-                num,
-                val_batch=self._balanced_val_batch() if update else None,
-                source=fc.source,
-                modules=fc.modules,
-                projection_dim=self.args.reweighting_projection_dim,
-                seed=self.args.seed,
-            )
+            model = self.accelerator.unwrap_model(self.model)
+            trained = {k: pool[k][idx.to(pool[k].device)] for k in ("input_ids", "attention_mask", "labels")}
+            if self._capture is not None:
+                stats.grad = bookkeeping.captured_domain_gradients(
+                    self._capture, trained, chosen, num, model=model, **self._grad_kwargs()
+                )
+            else:  # a loss this trainer does not compute (TRL's): a separate pass over the trained rows
+                stats.grad, _ = bookkeeping.domain_gradients(
+                    model, trained, chosen, num, val_batch=None, **self._grad_kwargs()
+                )
+            if update:
+                stats.val_grad = bookkeeping.validation_gradient(
+                    model, self._balanced_val_batch(), **self._grad_kwargs()
+                )
         return bookkeeping.reduce_stats(stats, self._all_reduce)
+
+    def _grad_kwargs(self) -> dict[str, Any]:
+        fc = self.args.feature_config()
+        return {
+            "source": fc.source,
+            "modules": fc.modules,
+            "projection_dim": self.args.reweighting_projection_dim,
+            "seed": self.args.seed,
+        }
 
     def _after_step(
         self,

@@ -159,6 +159,10 @@ class SelectionSFTTrainer(SelectionTrainer, SFTTrainer):
             ``compute_loss_func`` (the selection weights act on TRL's per-token NLL).
     """
 
+    # TRL computes the loss, not SelectionTrainer.compute_loss: DoGraph's domain gradients come from a
+    # separate pass over the trained rows instead of the training backward.
+    _capture_gradients = False
+
     def __init__(
         self,
         model: Any,
