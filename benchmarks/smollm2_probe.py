@@ -21,7 +21,8 @@ runs in its own process, so that its peak resident set (``ru_maxrss``) is its ow
   ``eval.max_new_tokens`` new tokens at most); a few answers are kept as samples.
 
 A 1024 x 1024 float32 matmul timed next to every repetition (``calibration_s``) and the load average
-show how busy the machine was.
+show how busy the machine was; ``*_cpu_s`` is the process's CPU time (both threads) of the same calls,
+which other processes' load inflates less than the wall-clock seconds.
 """
 
 from __future__ import annotations
@@ -104,37 +105,41 @@ def phase_step(config: str, overrides: list[str], batch: int, reps: int) -> dict
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(mixture.train)
 
-    def step() -> tuple[float, int]:
+    def step() -> tuple[float, float, int]:
         batch_ids = torch.randint(0, n, (batch,), generator=gen)
         b = mixture.train.collate(batch_ids, pad)
-        start = time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         per_example_loss(logits.float(), b["labels"]).mean().backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         optimizer.step()
-        return time.perf_counter() - start, int(b["input_ids"].shape[1])
+        return time.perf_counter() - start, time.process_time() - cpu, int(b["input_ids"].shape[1])
 
-    def pool_forward() -> tuple[float, int]:
+    def pool_forward() -> tuple[float, float, int]:
         pool_ids = torch.randint(0, n, (4 * batch,), generator=gen)
         p = mixture.train.collate(pool_ids, pad)
-        start = time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         with torch.no_grad():
             logits = model(input_ids=p["input_ids"], attention_mask=p["attention_mask"]).logits
             per_example_loss(logits.float(), p["labels"])
-        return time.perf_counter() - start, int(p["input_ids"].shape[1])
+        return time.perf_counter() - start, time.process_time() - cpu, int(p["input_ids"].shape[1])
 
-    step()  # warm-up
+    step()  # warm-up; the peak resident set after one step, then after one pool forward
+    rss_step = _peak_rss_mb()
     pool_forward()
-    steps, pools, calib, step_len, pool_len = [], [], [], [], []
+    rss_pool = _peak_rss_mb()
+    steps, pools, steps_cpu, pools_cpu, calib, step_len, pool_len = [], [], [], [], [], [], []
     for _ in range(reps):
         calib.append(_calibration())
-        s, length = step()
+        s, c, length = step()
         steps.append(s)
+        steps_cpu.append(c)
         step_len.append(length)
         calib.append(_calibration())
-        s, length = pool_forward()
+        s, c, length = pool_forward()
         pools.append(s)
+        pools_cpu.append(c)
         pool_len.append(length)
     return {
         "batch": batch,
@@ -142,13 +147,21 @@ def phase_step(config: str, overrides: list[str], batch: int, reps: int) -> dict
         "reps": reps,
         "step_s": _summary(steps),
         "pool_forward_s": _summary(pools),
+        "step_cpu_s": _summary(steps_cpu),
+        "pool_forward_cpu_s": _summary(pools_cpu),
         "pool_forward_over_step": round(statistics.median(p / s for p, s in zip(pools, steps)), 3),
         "step_padded_len_mean": round(statistics.mean(step_len), 1),
         "pool_padded_len_mean": round(statistics.mean(pool_len), 1),
         "step_tokens_per_s": round(batch * statistics.mean(step_len) / statistics.median(steps), 1),
         "calibration_s": _summary(calib),
         "trainable_params": sum(p.numel() for p in params),
-        "rss_mb": {"start": round(rss_start), "after_load": round(rss_model), "peak": round(_peak_rss_mb())},
+        "rss_mb": {
+            "start": round(rss_start),
+            "after_load": round(rss_model),
+            "peak_after_first_step": round(rss_step),
+            "peak_after_first_pool_forward": round(rss_pool),
+            "peak": round(_peak_rss_mb()),
+        },
     }
 
 

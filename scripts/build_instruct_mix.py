@@ -6,7 +6,7 @@ domain, with the corpus's natural (imbalanced) proportions scaled down to ``--ma
 ================  ======================================================================================
 domain            user message -> assistant response
 ================  ======================================================================================
-``arithmetic``    the word problem + "give the final answer as #### <answer>" -> the corpus's worked
+``arithmetic``    the word problem + 'End your answer with "#### <answer>".' -> the corpus's worked
                   solution ending in ``#### N`` (``answer`` = N, checkable by exact match)
 ``chemistry``     the same, with the corpus's chemistry questions (answers like ``2.36`` or ``Na``)
 ``dictionary``    'Define the noun "birdbath".' -> the WordNet gloss, its example and synonyms
@@ -26,7 +26,9 @@ validation rows, then train rows. A train row whose user message equals a held-o
 
 Every example fits in ``--max-tokens`` tokens of the model's tokenizer as mixsel counts them
 (``tokens(prompt) + tokens(response) + 1`` end-of-turn token, the chat template included): long
-continuations are cut at a line or word end, other rows that do not fit are left out. The ``prompt``
+continuations are cut at a line or word end, other rows that do not fit are left out. Arithmetic and
+chemistry rows are never cut and may take up to ``--qa-max-tokens`` (the default keeps every corpus
+problem, so that the test set keeps the long molar-mass questions too). The ``prompt``
 column is the rendered chat prompt (system, user and the assistant header); the response is the
 bare answer, to which mixsel appends the tokenizer's end token (``<|im_end|>`` for SmolLM2), so that
 prompt + response + end token is exactly the chat template of the whole conversation.
