@@ -13,3 +13,7 @@ python -m pip install --quiet --upgrade pip
 python -m pip install --quiet ${TORCH_SPEC:-torch==2.13.0}
 python -m pip install --quiet -e ".[all]" "${TORCH_PIN:-torch==2.13.0}"
 python -c "import torch, transformers, peft, trl, mixsel; print('mixsel', mixsel.__version__, 'torch', torch.__version__, 'trl', trl.__version__)"
+# opt-in: the pretrained SmolLM2-135M-Instruct of the fine-tuning experiments (98 MB download)
+if [ "${MIXSEL_SMOLLM2:-0}" = "1" ]; then
+  bash scripts/get_smollm2.sh
+fi
