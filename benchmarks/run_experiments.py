@@ -57,6 +57,13 @@ PLAN: list[tuple[str, list[int], list[str] | None]] = [
     ("exp1_equal_batch/compare.yaml", [2], None),
     ("exp1b_pool_2b/compare.yaml", [0], None),
     ("exp5_overhead/compare.yaml", [0], None),
+    # issue 17's regimes: a 10x longer pre-training run (B) and SmolLM2-135M + LoRA fine-tuning (A)
+    ("exp8_smollm2_lora/compare.yaml", [0], ["base", "random", "partitionsel"]),
+    ("exp7_pretrain_long/compare.yaml", [0], None),
+    ("exp8_smollm2_lora/compare.yaml", [0], None),
+    ("exp7_pretrain_long/compare.yaml", [1, 2], None),
+    ("exp8_smollm2_lora/compare.yaml", [1, 2], ["random", "partitionsel", "stratified", "random_4b", "colm"]),
+    ("exp8_smollm2_lora/compare.yaml", [1, 2], ["greats", "per_domain", "gradmatch"]),
     # seeds 1 and 2 of everything else, in the same priority order
     ("exp4_reweighting/compare.yaml", [1, 2], None),
     ("exp1_equal_batch/compare_more.yaml", [1, 2], None),

@@ -60,7 +60,7 @@ def test_missing_file():
     ("override", "field"),
     [
         ("eval.every=0", "eval.every"),
-        ("train.max_steps=0", "train.max_steps"),
+        ("train.max_steps=-1", "train.max_steps"),
         ("train.log_every=0", "train.log_every"),
         ("train.lr=0", "train.lr"),
         ("train.lr=-0.001", "train.lr"),

@@ -341,3 +341,17 @@ def test_identical_runs_write_identical_checkpoints(tmp_path):
         assert train(cfg, progress=False) == {"stopped_at": 2}
     a, b = (read_manifest(tmp_path / name / "checkpoint") for name in ("a", "b"))
     assert a["files"] == b["files"] and a["step"] == 2
+
+
+def test_zero_steps_only_evaluates_the_starting_model(tmp_path):
+    """train.max_steps=0 scores the model as built (a pretrained model's base score): nothing is trained."""
+    from mixsel.train import train
+
+    a = train(_cfg(tmp_path / "a", "train.max_steps=0", "selection.method=random"), progress=False)
+    b = train(_cfg(tmp_path / "b", "train.max_steps=0", "selection.method=big_loss", "train.lr=1.0"), progress=False)
+    assert a["steps"] == 0
+    assert a["test/loss_mean"] == b["test/loss_mean"] and a["val/loss_mean"] == b["val/loss_mean"]
+    pa, pb = _final_params(tmp_path / "a"), _final_params(tmp_path / "b")
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    one = train(_cfg(tmp_path / "c", "train.max_steps=1"), progress=False)
+    assert one["test/loss_mean"] != a["test/loss_mean"]  # one step does change the model

@@ -231,7 +231,7 @@ class ReweightingConfig:
 class TrainConfig:
     """The optimisation: steps, batch and pool sizes, schedule, checkpoints, devices."""
 
-    # optimizer steps
+    # optimizer steps (0 = only evaluate the starting model, e.g. a pretrained model's base score)
     max_steps: int = 200
     # examples trained on per step (selected from the pool)
     batch_size: int = 16
@@ -656,7 +656,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 # (dotted field, smallest allowed value, what the field means): checked by ``validate``
 _MINIMA: tuple[tuple[str, float, str], ...] = (
-    ("train.max_steps", 1, "the number of optimizer steps"),
+    ("train.max_steps", 0, "the number of optimizer steps (0 = only evaluate the starting model)"),
     ("train.batch_size", 1, "examples trained on per step"),
     ("train.pool_size", 1, "candidates drawn per step"),
     ("train.micro_batch_size", 1, "examples per forward/backward"),
