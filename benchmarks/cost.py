@@ -93,6 +93,10 @@ METHODS: dict[str, tuple[list[str], str]] = {
     "hidden_fl": (["selection.method=hidden_fl"], "heuristic"),
     "grad_norm": (["selection.method=grad_norm"], "gradient"),
     "partitionsel": (["selection.method=partitionsel"], "gradient"),
+    # the same selector with cheaper features than its reference (last 3 blocks, exact): the LM head
+    # (exact, ghost inner products), or the last 3 blocks Kronecker-projected to 512 dimensions
+    "partitionsel_head": (["selection.method=partitionsel", "selection.features.source=lm_head"], "option"),
+    "partitionsel_proj": (["selection.method=partitionsel", "selection.features.projection_dim=512"], "option"),
     "per_domain": (["selection.method=per_domain"], "gradient"),
     "greats": (["selection.method=greats"], "gradient"),
     "gradmatch": (["selection.method=gradmatch"], "gradient"),
@@ -917,7 +921,7 @@ def format_targets(res: dict[str, Any]) -> str:
     for name, row in res["methods"].items():
         if row["kind"] == "floor":
             continue
-        feat = cell(name, row, "features_x_forward") if row["kind"] == "gradient" else "-"
+        feat = cell(name, row, "features_x_forward") if row["kind"] in ("gradient", "option") else "-"
         rew = cell(name, row, "reweight_x_train") if row["kind"] == "reweighting" else "-"
         lines.append(
             f"| {name} | {row['kind']} | {cell(name, row, 'x_floor')} | {cell(name, row, 'x_random_4b')} | {feat} | "

@@ -138,6 +138,26 @@ def _cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def _load_cached(path: Path) -> Any:
+    """The cached mixture at ``path``, loaded with ``weights_only=True`` (only mixsel's own data
+    classes are allowed, so a planted file cannot run code); None, with a warning, when the file is
+    unreadable or from another mixsel version (it is then rebuilt and replaced)."""
+    from mixsel.data.summary import DataSummary
+    from mixsel.data.tokenize import DomainCounts, Mixture, TokenizedSplit
+
+    try:
+        with torch.serialization.safe_globals([Mixture, TokenizedSplit, DomainCounts, DataSummary]):
+            mixture = torch.load(path, weights_only=True)
+    except Exception as err:  # any unreadable cache is rebuilt, never trusted
+        log.warning("ignoring the tokenised-mixture cache %s (%s); tokenising again", path, str(err).splitlines()[0])
+        return None
+    if not isinstance(mixture, Mixture):
+        log.warning("ignoring the tokenised-mixture cache %s (not a mixture); tokenising again", path)
+        return None
+    log.info("loaded the tokenised mixture from %s", path)
+    return mixture
+
+
 def load_mixture(cfg: DataConfig, tokenizer: Any, seed: int = 0, *, cache_dir: str | None = None) -> Any:
     """Load, split and tokenise the data described by ``cfg`` into a :class:`mixsel.data.Mixture`.
 
@@ -151,10 +171,8 @@ def load_mixture(cfg: DataConfig, tokenizer: Any, seed: int = 0, *, cache_dir: s
         return _MEMO[key]
     cache_dir = cache_dir or os.environ.get("MIXSEL_CACHE")
     path = Path(cache_dir) / f"mixture-{key}.pt" if cache_dir else None
-    if path is not None and path.exists():
-        mixture = torch.load(path, weights_only=False)
-        log.info("loaded the tokenised mixture from %s", path)
-    else:
+    mixture = _load_cached(path) if path is not None and path.exists() else None
+    if mixture is None:
         mixture = tokenize_mixture(load_mixture_records(cfg, seed), tokenizer, cfg, source=resolve_source(cfg))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
