@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mixsel.cli import main
-from mixsel.compare import format_table, summarize
+from mixsel.compare import format_exact_match, format_table, summarize
 
 from _fast import FAST
 
@@ -29,6 +29,23 @@ def test_summarize_and_table():
     assert "| b | 1 | 3.000 |" in table
     single = format_table(summarize({"b": results["b"]}))
     assert single.startswith("| run | val loss |") and "| b | 3.000 |" in single
+
+
+def test_exact_match_per_domain_table():
+    results = {
+        "a": [
+            {"test/exact_match/x": 0.5, "test/exact_match/y": 0.0},
+            {"test/exact_match/x": 1.0, "test/exact_match/y": 0.5},
+        ],
+        "b": [{"val/loss_mean": 3.0}],
+    }
+    summary = summarize(results)
+    assert summary["a"]["exact_match/y"] == {"mean": 0.25, "std": pytest.approx(0.125**0.5)}  # per domain, over seeds
+    table = format_exact_match(summary).splitlines()
+    assert table[0] == "| run | x | y | mean |"
+    assert table[2] == "| a | 0.750 ± 0.354 | 0.250 ± 0.354 | 0.500 ± 0.354 |"
+    assert table[3] == "| b | - | - | - |"
+    assert format_exact_match(summarize({"b": results["b"]})) == ""  # nothing scored: no table
 
 
 def test_compare_runs_methods_and_chains_reference(tmp_path, capsys):

@@ -53,7 +53,7 @@ from mixsel.config import (
     run_fields,
 )
 
-__all__ = ["format_table", "run_compare", "summarize"]
+__all__ = ["format_exact_match", "format_table", "run_compare", "summarize"]
 
 _COLUMNS = [
     ("val/loss_mean", "val loss", "{:.3f}"),
@@ -81,12 +81,26 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
     summary: dict[str, dict[str, Any]] = {}
     for name, runs in results.items():
         row: dict[str, Any] = {"seeds": len(runs)}
-        for key, _, _ in _COLUMNS:
+        em_keys = sorted({k for r in runs for k in r if k.startswith("test/exact_match/")})
+        for key in [k for k, _, _ in _COLUMNS] + em_keys:
             vals = [v for v in (_metric(r, key) for r in runs) if v is not None and math.isfinite(v)]
             if vals:
-                row[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+                name_ = key.removeprefix("test/")  # per-domain exact match: "exact_match/<domain>"
+                row[name_] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
         summary[name] = row
     return summary
+
+
+def format_exact_match(summary: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table of exact match per scored domain (test split) and their mean; "" if none scored."""
+    domains = sorted({k.split("/", 1)[1] for row in summary.values() for k in row if k.startswith("exact_match/")})
+    if not domains:
+        return ""
+    lines = ["| run | " + " | ".join(domains) + " | mean |", "|" + "---|" * (len(domains) + 2)]
+    for name, row in summary.items():
+        cells = [format_cell(row, f"exact_match/{d}", "{:.3f}") for d in domains]
+        lines.append(f"| {name} | " + " | ".join([*cells, format_cell(row, "exact_match", "{:.3f}")]) + " |")
+    return "\n".join(lines)
 
 
 def format_cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -307,6 +321,9 @@ def run_compare(path: str | Path, extra_overrides: list[str] | None = None, *, p
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     table = format_table(summary)
+    em = format_exact_match(summary)
+    if em:
+        table += "\n\nExact match per scored domain (test split):\n\n" + em
     (out / "summary.md").write_text(table + "\n")
     try:
         from mixsel.plots import plot_compare
