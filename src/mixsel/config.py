@@ -295,6 +295,8 @@ class EvalConfig:
     exact_match: int = 32
     # generated tokens per exact-match prompt
     max_new_tokens: int = 96
+    # prompts decoded together by exact match (larger batches use a CPU better; decoding stops when all end)
+    generation_batch_size: int = 16
     # answer checker: gsm8k, exact, numeric, sympy or package.module:function; or {domain: checker, "*": the rest}
     answer_checker: str | dict[str, str] = "gsm8k"
     # tolerance of the numeric and sympy checkers (relative, and absolute near zero)
@@ -680,6 +682,7 @@ _MINIMA: tuple[tuple[str, float, str], ...] = (
     ("eval.max_per_domain", 1, "validation examples per domain"),
     ("eval.exact_match", 0, "exact-match prompts per scored domain (0 = off)"),
     ("eval.max_new_tokens", 1, "generated tokens per exact-match prompt"),
+    ("eval.generation_batch_size", 1, "prompts decoded together by exact match"),
     ("reweighting.update_every", 1, "steps between reweighting updates"),
     ("reweighting.projection_dim", 1, "dimension of the projected domain gradients"),
     ("reweighting.val_per_domain", 1, "validation rows per domain for the target gradient"),

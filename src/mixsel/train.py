@@ -456,6 +456,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                     split,
                     limit=cfg.eval.exact_match,
                     max_new_tokens=cfg.eval.max_new_tokens,
+                    batch_size=cfg.eval.generation_batch_size,
                     prefix=prefix,
                     checker=cfg.eval.answer_checker,
                     tolerance=cfg.eval.answer_tolerance,
