@@ -294,25 +294,28 @@ def format_extra_tables(summary: dict[str, dict]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def paired_table(summary: dict[str, dict], base: str) -> str:
-    """Per-seed differences of the final mean validation loss against run ``base`` (same seed).
+def paired_table(summary: dict[str, dict], base: str, *, metric: str = "val") -> str:
+    """Per-seed differences of the final mean validation loss (``metric="val"``) or of the mean
+    exact match (``metric="em"``) against run ``base`` (same seed).
 
     Pairing by seed removes what the runs of one seed share (the initialisation, the pools, in
     fine-tuning the pre-trained checkpoint), so small but consistent effects show.
     """
-    ref = summary.get(base, {}).get("per_seed_val", {})
+    em = metric == "em"
+    key, label, better = ("per_seed_em", "exact match", "higher") if em else ("per_seed_val", "val loss", "lower")
+    ref = summary.get(base, {}).get(key, {})
     lines = [
-        f"| run | Δ val loss vs {base} (mean ± std over seeds) | lower than {base} in | per seed |",
+        f"| run | Δ {label} vs {base} (mean ± std over seeds) | {better} than {base} in | per seed |",
         "|---|---|---|---|",
     ]
     for name, row in summary.items():
-        mine = row.get("per_seed_val", {})
+        mine = row.get(key, {})
         seeds = sorted(set(mine) & set(ref))
         if name == base or not seeds:
             continue
         diffs = [mine[s] - ref[s] for s in seeds]
         spread = f" ± {statistics.stdev(diffs):.3f}" if len(diffs) > 1 else ""
-        wins = sum(d < 0 for d in diffs)
+        wins = sum(d > 0 for d in diffs) if em else sum(d < 0 for d in diffs)
         lines.append(
             f"| {name} | {statistics.fmean(diffs):+.3f}{spread} | {wins} of {len(diffs)} seeds | "
             + ", ".join(f"{d:+.3f}" for d in diffs)
@@ -321,12 +324,24 @@ def paired_table(summary: dict[str, dict], base: str) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def _paired_em(summary: dict[str, dict], base: str) -> str:
+    return paired_table(summary, base, metric="em")
+
+
+def _exact_match_table(summary: dict[str, dict]) -> str:
+    from mixsel.compare import format_exact_match
+
+    return format_exact_match(summary)
+
+
 TABLES = {
     "main": None,
     "time": time_table,
     "conflicts": conflicts_table,
     "domains": domain_table,
     "paired": paired_table,
+    "paired_em": _paired_em,
+    "exact_match": _exact_match_table,
 }
 _MARK = re.compile(r"(<!-- table (\S+?)/(\w+)(?::(\w+))? -->\n)(.*?)(<!-- end table -->)", re.S)
 
@@ -334,8 +349,9 @@ _MARK = re.compile(r"(<!-- table (\S+?)/(\w+)(?::(\w+))? -->\n)(.*?)(<!-- end ta
 def fill_doc(text: str, summaries: dict[str, dict]) -> str:
     """Replace every ``<!-- table EXPERIMENT/KIND -->`` ... ``<!-- end table -->`` block of ``text``.
 
-    KIND is one of ``main`` (the compare table), ``time``, ``conflicts``, ``domains`` or
-    ``paired:BASE`` (per-seed differences against run BASE). The prose
+    KIND is one of ``main`` (the compare table), ``time``, ``conflicts``, ``domains``,
+    ``exact_match`` (per scored domain), ``paired:BASE`` / ``paired_em:BASE`` (per-seed differences of
+    the validation loss / exact match against run BASE). The prose
     around the blocks is left alone, so ``docs/results.md`` keeps its analysis while its tables
     always come from the results.
     """
@@ -352,7 +368,7 @@ def fill_doc(text: str, summaries: dict[str, dict]) -> str:
             )
         else:
             fn = TABLES[kind]
-            if kind == "paired":
+            if kind in ("paired", "paired_em"):
                 if not arg:
                     raise ValueError(f"{match.group(1).strip()}: a paired table names its baseline, e.g. paired:random")
                 body = fn(summary, arg)
@@ -365,7 +381,7 @@ def fill_doc(text: str, summaries: dict[str, dict]) -> str:
 
 def summarize_results(results: Path, experiments: Path) -> dict[str, dict]:
     """Write ``summary.json`` / ``summary.md`` of every experiment from the copied results."""
-    from mixsel.compare import _with_run_means, format_table, summarize
+    from mixsel.compare import _metric, _with_run_means, format_table, summarize
 
     summaries = {}
     for folder in sorted(p for p in experiments.iterdir() if p.is_dir()):
@@ -395,6 +411,11 @@ def summarize_results(results: Path, experiments: Path) -> dict[str, dict]:
             row.update(extras.get(run, {}))
             row["per_seed_val"] = {
                 str(r.get("seed", i)): r["val/loss_mean"] for i, r in enumerate(by_run[run]) if "val/loss_mean" in r
+            }
+            row["per_seed_em"] = {  # mean exact match over the scored domains (test split)
+                str(r.get("seed", i)): em
+                for i, r in enumerate(by_run[run])
+                if (em := _metric(r, "exact_match")) is not None
             }
             row["per_domain_val"] = {
                 k.split("/", 2)[2]: statistics.fmean(r[k] for r in by_run[run])

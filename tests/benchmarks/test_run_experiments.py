@@ -164,3 +164,15 @@ def test_paired_table_differences_by_seed():
     assert "| m | -0.033" in doc
     with pytest.raises(ValueError, match="names its baseline"):
         runner.fill_doc("<!-- table e/paired -->\n<!-- end table -->", {"e": summary})
+
+
+def test_paired_exact_match_and_per_domain_exact_match_tables():
+    summary = {
+        "random": {"seeds": 2, "per_seed_em": {"0": 0.10, "1": 0.20}, "exact_match/x": {"mean": 0.15, "std": 0.07}},
+        "m": {"seeds": 2, "per_seed_em": {"0": 0.25, "1": 0.15}, "exact_match/x": {"mean": 0.2, "std": 0.07}},
+    }
+    doc = runner.fill_doc("<!-- table e/paired_em:random -->\n<!-- end table -->", {"e": summary})
+    assert "| run | Δ exact match vs random (mean ± std over seeds) | higher than random in | per seed |" in doc
+    assert "| m | +0.050 ± 0.141 | 1 of 2 seeds | +0.150, -0.050 |" in doc
+    doc = runner.fill_doc("<!-- table e/exact_match -->\n<!-- end table -->", {"e": summary})
+    assert "| run | x | mean |" in doc and "| m | 0.200 ± 0.070 | - |" in doc
