@@ -18,17 +18,18 @@ pytest.importorskip("transformers")
 def test_summarize_and_table():
     results = {
         "a": [{"val/loss_mean": 2.0, "test/exact_match/x": 0.5}, {"val/loss_mean": 4.0, "test/exact_match/x": 1.0}],
-        "b": [{"val/loss_mean": 3.0}],
+        "b": [{"val/loss_mean": 3.0, "test/loss_mean": 3.5}],
     }
     summary = summarize(results)
     assert summary["a"]["val/loss_mean"] == {"mean": 3.0, "std": 2**0.5}  # sample std (n - 1)
+    assert summary["b"]["test/loss_mean"] == {"mean": 3.5, "std": 0.0}  # table columns keep their names
     assert summary["a"]["exact_match"]["mean"] == 0.75
     table = format_table(summary)
     assert "| run | seeds | val loss |" in table
     assert "| a | 2 | 3.000 ± 1.414 |" in table
     assert "| b | 1 | 3.000 |" in table
     single = format_table(summarize({"b": results["b"]}))
-    assert single.startswith("| run | val loss |") and "| b | 3.000 |" in single
+    assert single.startswith("| run | val loss |") and "| b | 3.000 | - | 3.500 |" in single
 
 
 def test_exact_match_per_domain_table():
@@ -41,6 +42,7 @@ def test_exact_match_per_domain_table():
     }
     summary = summarize(results)
     assert summary["a"]["exact_match/y"] == {"mean": 0.25, "std": pytest.approx(0.125**0.5)}  # per domain, over seeds
+    assert "test/exact_match/y" not in summary["a"] and "exact_match" in summary["a"]
     table = format_exact_match(summary).splitlines()
     assert table[0] == "| run | x | y | mean |"
     assert table[2] == "| a | 0.750 ± 0.354 | 0.250 ± 0.354 | 0.500 ± 0.354 |"

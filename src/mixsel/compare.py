@@ -85,7 +85,7 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
         for key in [k for k, _, _ in _COLUMNS] + em_keys:
             vals = [v for v in (_metric(r, key) for r in runs) if v is not None and math.isfinite(v)]
             if vals:
-                name_ = key.removeprefix("test/")  # per-domain exact match: "exact_match/<domain>"
+                name_ = key.removeprefix("test/") if key in em_keys else key  # "exact_match/<domain>"
                 row[name_] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
         summary[name] = row
     return summary
