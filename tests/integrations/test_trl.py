@@ -251,3 +251,30 @@ def test_raw_selection_val_dataset_is_prepared_like_the_eval_set(tmp_path):
     assert tok.decode(val[0]["input_ids"]).startswith("<|user|>")
     batch = trainer._anchor_batch(0)
     assert batch["input_ids"].shape[0] == trainer.args.val_anchors and "domain" not in batch
+
+
+def test_dograph_takes_domain_gradients_from_a_separate_pass(tmp_path):
+    """TRL computes the loss itself, so DoGraph's domain gradients come from bookkeeping.domain_gradients
+    over the trained rows (no in-backward capture); the weights move and stay a distribution."""
+    from mixsel import bookkeeping
+
+    calls = []
+    real = bookkeeping.domain_gradients
+
+    def counted(*args, **kwargs):
+        calls.append(args[1]["input_ids"].shape[0])
+        return real(*args, **kwargs)
+
+    trainer = make_trainer(
+        tmp_path, conversations(), conversations(6), selector="random", reweighter="dograph", reweighter_options={}
+    )
+    assert trainer._capture_gradients is False
+    bookkeeping.domain_gradients, saved = counted, real
+    try:
+        out = trainer.train()
+    finally:
+        bookkeeping.domain_gradients = saved
+    assert math.isfinite(out.training_loss)
+    assert calls == [4, 4, 4]  # one pass per step over the 4 trained rows
+    rw = trainer.reweighting_callback.reweighter
+    assert rw.num_calls == 3 and torch.isclose(rw.weights.sum(), torch.tensor(1.0, dtype=rw.weights.dtype))
