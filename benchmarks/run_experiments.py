@@ -139,7 +139,14 @@ def _task_yaml(task: Task, work: Path, extra: list[str]) -> Path:
     ``extra`` overrides come after each run's own, so they win (e.g. the steps of ``--quick``).
     """
     spec = yaml.safe_load(task.spec_path.read_text())
-    runs = {name: list(spec["runs"][name] or []) + list(extra) for name in [*task.deps, task.run]}
+    needed, todo = set(), list(task.deps)
+    while todo:  # the dependencies of the dependencies too (doremi_two_stage -> doremi -> uniform)
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(_refs(spec["runs"][name] or []))
+    order = [name for name in spec["runs"] if name in needed] + [task.run]  # as listed: references point back
+    runs = {name: list(spec["runs"][name] or []) + list(extra) for name in order}
     base = spec.get("base")
     out = {
         "base": str((task.spec_path.parent / base).resolve()) if base else None,

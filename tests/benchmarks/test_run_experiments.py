@@ -176,3 +176,21 @@ def test_paired_exact_match_and_per_domain_exact_match_tables():
     assert "| m | +0.050 ± 0.141 | 1 of 2 seeds | +0.150, -0.050 |" in doc
     doc = runner.fill_doc("<!-- table e/exact_match -->\n<!-- end table -->", {"e": summary})
     assert "| run | x | mean |" in doc and "| m | 0.200 ± 0.070 | - |" in doc
+
+
+def test_task_yaml_lists_dependencies_of_dependencies(tmp_path):
+    spec_path = tmp_path / "exp" / "compare.yaml"
+    spec_path.parent.mkdir()
+    spec = {
+        "base": None,
+        "runs": {
+            "uniform": ["selection.method=random"],
+            "other": ["selection.method=stratified"],
+            "doremi": ["reweighting.reference_model={run:uniform}/final"],
+            "two_stage": ["reweighting.options={weights_from: {run:doremi}}"],
+        },
+    }
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    task = runner.Task(spec_path, "exp", "two_stage", 1, ["doremi"])
+    written = yaml.safe_load(runner._task_yaml(task, tmp_path / "work", []).read_text())
+    assert list(written["runs"]) == ["uniform", "doremi", "two_stage"]  # uniform: doremi's reference
