@@ -664,19 +664,19 @@ class SelectionTrainer(Trainer):
         self, pool: dict[str, torch.Tensor], idx: torch.Tensor, chosen: torch.Tensor, per_example: torch.Tensor
     ) -> DomainStats:
         """This micro-step's per-domain statistics, summed over ranks (what the reweighter needs, no more)."""
+        from mixsel.features.loss import target_mask
+
         num = len(self.domains)
         rw = self.reweighting_callback.reweighter if self.reweighting_callback is not None else None
+        trained = {k: pool[k][idx.to(pool[k].device)] for k in ("input_ids", "attention_mask", "labels")}
         ref = None
         if rw is not None and rw.needs_reference and self.reference_model is not None:
             ref_model = self.reference_model
             if next(ref_model.parameters()).device != self.args.device:
                 ref_model.to(self.args.device)
             ref_model.eval().requires_grad_(False)
-            trained = {key: pool[key][idx.to(pool[key].device)] for key in ("input_ids", "attention_mask", "labels")}
             ref = bookkeeping.reference_losses(ref_model, trained)
-        from mixsel.features.loss import target_mask
-
-        mask = target_mask(pool["labels"][idx.to(pool["labels"].device)]).cpu()
+        mask = target_mask(trained["labels"]).cpu()
         if per_example.dim() == 1:  # per-example losses (the TRL route): compare per-example means
             ref = None if ref is None else ref.sum(1) / mask.sum(1).clamp_min(1)
             mask = None
@@ -687,7 +687,6 @@ class SelectionTrainer(Trainer):
             last_micro = self._micro[1] == self.args.gradient_accumulation_steps
             update = last_micro and bookkeeping.is_update_step(self.state.global_step, rw.update_every)
             model = self.accelerator.unwrap_model(self.model)
-            trained = {k: pool[k][idx.to(pool[k].device)] for k in ("input_ids", "attention_mask", "labels")}
             if self._capture is not None:
                 stats.grad = bookkeeping.captured_domain_gradients(
                     self._capture, trained, chosen, num, model=model, **self._grad_kwargs()
