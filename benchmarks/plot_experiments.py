@@ -3,10 +3,11 @@
     python benchmarks/plot_experiments.py [RESULTS_DIR]
 
 Per experiment folder (``<exp>/<run>/seed<s>/metrics.jsonl`` + ``summary.json``) it draws, into
-``<exp>/plots/``: validation loss (mean and worst domain) over steps, mean ± std over seeds;
-final losses as bars with std error bars; the per-step time split (features / solver / train);
-conflicting gradient pairs in the selected vs a random batch (when logged); per-domain final
-validation loss; and the domain weights over steps of every run whose weights move (reweighting).
+``<exp>/plots/``: validation loss (mean and worst domain) over steps and the mean against training
+seconds (the compute-matched view), mean ± std over seeds; final losses as bars with std error
+bars; the per-step time split (features / solver / train); conflicting gradient pairs in the
+selected vs a random batch (when logged); per-domain final validation loss; and the domain weights
+over steps of every run whose weights move (reweighting).
 """
 
 from __future__ import annotations
@@ -47,20 +48,37 @@ def _runs(folder: Path, summary: dict) -> dict[str, list[list[dict]]]:
     return out
 
 
-def _plot_curves(runs: dict[str, list[list[dict]]], key: str, title: str, target: Path) -> Path | None:
+def _seconds(rows: list[dict]) -> dict[int, float]:
+    """Step -> training seconds up to the end of that step (the sum of ``time/step``; evaluation excluded)."""
+    out, total = {}, 0.0
+    for r in sorted((r for r in rows if isinstance(r.get("time/step"), (int, float))), key=lambda r: r["step"]):
+        total += r["time/step"]
+        out[r["step"]] = total
+    return out
+
+
+def _plot_curves(
+    runs: dict[str, list[list[dict]]], key: str, title: str, target: Path, *, x: str = "step"
+) -> Path | None:
+    """``key`` against the step (``x="step"``) or against the training seconds spent so far
+    (``x="seconds"``, mean over seeds: the compute-matched view), mean ± std over seeds."""
     fig, ax = plt.subplots(figsize=(9, 4.5))
     drawn = False
     colors = plt.get_cmap("tab20")  # 20 distinct colours: experiment 1 has 16 runs
     for i, (name, seeds) in enumerate(runs.items()):
         curves = [_curve(rows, key) for rows in seeds]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if x == "seconds":
+            clocks = [_seconds(rows) for rows in seeds]
+            steps = [s for s in steps if all(s in c for c in clocks)]
         if not steps:
             continue
         mean = [statistics.fmean(c[s] for c in curves) for s in steps]
         std = [statistics.stdev([c[s] for c in curves]) if len(curves) > 1 else 0.0 for s in steps]
+        xs = [statistics.fmean(c[s] for c in clocks) for s in steps] if x == "seconds" else steps
         dashed = "random" in name or name in ("uniform", "stratified")  # the baselines
         (line,) = ax.plot(
-            steps,
+            xs,
             mean,
             marker="o",
             ms=3,
@@ -70,7 +88,7 @@ def _plot_curves(runs: dict[str, list[list[dict]]], key: str, title: str, target
         )
         if len(curves) > 1:
             ax.fill_between(
-                steps,
+                xs,
                 [m - s for m, s in zip(mean, std)],
                 [m + s for m, s in zip(mean, std)],
                 color=line.get_color(),
@@ -80,7 +98,7 @@ def _plot_curves(runs: dict[str, list[list[dict]]], key: str, title: str, target
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xlabel("step")
+    ax.set_xlabel("training seconds (sum of time/step)" if x == "seconds" else "step")
     ax.set_ylabel(key)
     ax.set_title(title)
     ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -203,6 +221,13 @@ def plot_experiment(folder: Path) -> list[Path]:
         ),
         _plot_curves(
             runs, "val/loss_worst", f"{folder.name}: validation loss (worst domain)", plots / "val_loss_worst.png"
+        ),
+        _plot_curves(
+            runs,
+            "val/loss_mean",
+            f"{folder.name}: validation loss against training time",
+            plots / "val_loss_time.png",
+            x="seconds",
         ),
         _plot_final(summary, plots / "final_loss.png"),
         _plot_overhead(summary, plots / "overhead.png"),

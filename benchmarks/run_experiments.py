@@ -258,6 +258,29 @@ def _overhead(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def _picks(rows: list[dict]) -> dict[str, float]:
+    """Domain -> mean share of the trained batch over the steps (``select/frac/<domain>``)."""
+    keys = sorted({k for r in rows for k in r if k.startswith("select/frac/")})
+    out = {}
+    for key in keys:
+        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        if vals:
+            out[key.removeprefix("select/frac/")] = statistics.fmean(vals)
+    return out
+
+
+def picks_table(summary: dict[str, dict]) -> str:
+    """Which domains each run trained on: the mean share of each domain in the chosen batches
+    (mean over steps, then over seeds). ``random`` shows the pool's own proportions."""
+    doms = sorted({d for n in summary for d in summary[n].get("per_domain_picks", {})})
+    lines = ["| run | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
+    for n in summary:
+        vals = summary[n].get("per_domain_picks", {})
+        if vals:
+            lines.append(f"| {n} | " + " | ".join(f"{vals[d]:.3f}" if d in vals else "-" for d in doms) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def time_table(summary: dict[str, dict]) -> str:
     """Seconds per step split into pool forward / features / solver / train / reweighting."""
     from mixsel.compare import format_cell
@@ -350,6 +373,7 @@ TABLES = {
     "paired": paired_table,
     "paired_em": _paired_em,
     "exact_match": _exact_match_table,
+    "picks": picks_table,
 }
 _MARK = re.compile(r"(<!-- table (\S+?)/(\w+)(?::(\w+))? -->\n)(.*?)(<!-- end table -->)", re.S)
 
@@ -358,8 +382,9 @@ def fill_doc(text: str, summaries: dict[str, dict]) -> str:
     """Replace every ``<!-- table EXPERIMENT/KIND -->`` ... ``<!-- end table -->`` block of ``text``.
 
     KIND is one of ``main`` (the compare table), ``time``, ``conflicts``, ``domains``,
-    ``exact_match`` (per scored domain), ``paired:BASE`` / ``paired_em:BASE`` (per-seed differences of
-    the validation loss / exact match against run BASE). The prose
+    ``exact_match`` (per scored domain), ``picks`` (domain shares of the trained batches),
+    ``paired:BASE`` / ``paired_em:BASE`` (per-seed differences of the validation loss / exact
+    match against run BASE). The prose
     around the blocks is left alone, so ``docs/results.md`` keeps its analysis while its tables
     always come from the results.
     """
@@ -400,12 +425,20 @@ def summarize_results(results: Path, experiments: Path) -> dict[str, dict]:
                     order.append(run)
         by_run: dict[str, list[dict]] = {}
         extras: dict[str, dict[str, dict[str, float]]] = {}
+        picks: dict[str, dict[str, float]] = {}
         for run in order:
             seeds = sorted((results / folder.name / run).glob("seed*/result.json"))
             if not seeds:
                 continue
             by_run[run] = [_with_run_means(json.loads(p.read_text()), p.parent) for p in seeds]
-            per_seed = [_overhead(_metrics(p.parent)) for p in seeds]
+            rows = [_metrics(p.parent) for p in seeds]
+            per_seed = [_overhead(r) for r in rows]
+            seed_picks = [_picks(r) for r in rows]
+            picks[run] = {
+                d: statistics.fmean(sp[d] for sp in seed_picks)
+                for d in seed_picks[0]
+                if all(d in sp for sp in seed_picks)
+            }
             keys = {k for d in per_seed for k in d}
             extras[run] = {
                 k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
@@ -425,6 +458,8 @@ def summarize_results(results: Path, experiments: Path) -> dict[str, dict]:
                 for i, r in enumerate(by_run[run])
                 if (em := _metric(r, "exact_match")) is not None
             }
+            if picks.get(run):
+                row["per_domain_picks"] = picks[run]
             row["per_domain_val"] = {
                 k.split("/", 2)[2]: statistics.fmean(r[k] for r in by_run[run])
                 for k in by_run[run][0]

@@ -51,6 +51,26 @@ def test_overhead_skips_first_step_and_averages():
     assert runner._overhead(rows) == {"time/step": 2.0}
 
 
+def test_picks_average_domain_shares_over_steps_and_tabulate():
+    rows = [
+        {"step": 1, "select/frac/a": 0.75, "select/frac/b": 0.25},
+        {"step": 2, "select/frac/a": 0.25, "select/frac/b": 0.75},
+        {"step": 3, "select/frac/a": 0.5, "select/frac/b": 0.5, "val/loss_mean": 3.0},
+    ]
+    assert runner._picks(rows) == {"a": 0.5, "b": 0.5}
+    summary = {"random": {"per_domain_picks": {"a": 0.5, "b": 0.5}}, "m": {"per_domain_picks": {"a": 0.125}}, "x": {}}
+    table = runner.picks_table(summary)
+    assert table.splitlines()[0] == "| run | a | b |"
+    assert "| random | 0.500 | 0.500 |" in table and "| m | 0.125 | - |" in table and "| x |" not in table
+    assert runner.picks_table({"x": {}}) == ""
+
+
+def test_seconds_accumulate_step_times_in_step_order():
+    plots = _load("plot_experiments")
+    rows = [{"step": 2, "time/step": 3.0}, {"step": 1, "time/step": 1.5}, {"step": 2, "val/loss_mean": 4.0}]
+    assert plots._seconds(rows) == {1: 1.5, 2: 4.5}
+
+
 def test_timing_experiments_run_alone(tmp_path, monkeypatch):
     """A run of an EXCLUSIVE experiment never overlaps another run, in either direction."""
     import argparse
@@ -127,7 +147,9 @@ def test_runner_end_to_end_two_steps(tmp_path):
     summary = json.loads((results / "tiny" / "summary.json").read_text())
     assert list(summary) == ["random", "doremi"]
     assert summary["random"]["seeds"] == 1 and "time/step" in summary["random"]
+    assert set(summary["random"]["per_domain_picks"]) == set(summary["random"]["per_domain_val"])
     assert (results / "tiny" / "plots" / "val_loss_mean.png").exists()
+    assert (results / "tiny" / "plots" / "val_loss_time.png").exists()
     assert (results / "tiny" / "plots" / "weights_doremi.png").exists()  # DoReMi's weights move
 
 
