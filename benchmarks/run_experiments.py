@@ -58,7 +58,7 @@ PLAN: list[tuple[str, list[int], list[str] | None]] = [
     ("exp1b_pool_2b/compare.yaml", [0], None),
     ("exp5_overhead/compare.yaml", [0], None),
     # issue 17's regimes: a 10x longer pre-training run (B) and SmolLM2-135M + LoRA fine-tuning (A)
-    ("exp8_smollm2_lora/compare.yaml", [0], ["base", "random", "partitionsel"]),
+    ("exp8_smollm2_lora/compare.yaml", [0], ["base", "random", "partitionsel", "stratified"]),
     ("exp7_pretrain_long/compare.yaml", [0], None),
     ("exp8_smollm2_lora/compare.yaml", [1, 2], ["random", "partitionsel"]),  # the headline pair's seeds
     ("exp8_smollm2_lora/compare.yaml", [0], None),
