@@ -120,3 +120,19 @@ def test_budget_policy_uniform_and_constraint():
     assert BudgetPolicy(enabled=False).constraint(_pool([3, 1]), 2, info) == (None, None)
     with pytest.raises(ValueError, match="minimum"):
         BudgetPolicy("minimum", minimum=-1)
+
+
+def test_fewer_picks_than_domains_warns_once_under_smallest_first(caplog, monkeypatch):
+    import mixsel.selection.budgets as budgets
+
+    monkeypatch.setattr(budgets, "_WARNED_SMALL_K", set())
+    pool = _pool([5, 1, 1, 9])
+    with caplog.at_level("WARNING", logger="mixsel.selection.budgets"):
+        # quotas 3*[5,1,1,9]/16 = [0.94, 0.19, 0.19, 1.69] -> floors [0, 0, 0, 1]; the 2 leftover
+        # units go by domain id to domains 0 and 1, not to the larger domain 3
+        assert BudgetPolicy().resolve(pool, 3).tolist() == [1, 1, 0, 1]
+        BudgetPolicy().resolve(pool, 3)
+        BudgetPolicy(rounding="largest_remainder").resolve(pool, 2)
+        BudgetPolicy().resolve(pool, 4)  # k = number of domains: no warning
+    warned = [r.getMessage() for r in caplog.records if "leftover picks out by domain id" in r.getMessage()]
+    assert len(warned) == 1 and "k=3 picks over 4 domains" in warned[0] and "largest_remainder" in warned[0]
