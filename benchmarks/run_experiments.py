@@ -252,9 +252,10 @@ def _overhead(rows: list[dict]) -> dict[str, float]:
         vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and r.get("step", 0) > 1]
         if vals:
             out[key] = statistics.fmean(vals)
-    conf = [r["select/conflicts_random"] for r in rows if isinstance(r.get("select/conflicts_random"), (int, float))]
-    if conf:
-        out["conflicts_random"] = statistics.fmean(conf)
+    for key in ("select/conflicts_random", "select/grad_mismatch", "select/grad_mismatch_random"):
+        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and r[key] == r[key]]  # not NaN
+        if vals:
+            out[key.removeprefix("select/")] = statistics.fmean(vals)
     return out
 
 
@@ -302,10 +303,21 @@ def conflicts_table(summary: dict[str, dict]) -> str:
     from mixsel.compare import format_cell
 
     conf = [n for n in summary if "conflicts_random" in summary[n]]
-    lines = ["| run | conflicts, selected | conflicts, random batch of the same pool |", "|---|---|---|"]
+    mismatch = any("grad_mismatch" in summary[n] for n in conf)
+    head = "| run | conflicts, selected | conflicts, random batch of the same pool |"
+    rule = "|---|---|---|"
+    if mismatch:  # ||mean selected gradient - mean pool gradient||^2 / ||mean pool gradient||^2
+        head += " gradient mismatch to the pool, selected | gradient mismatch, random batch |"
+        rule += "---|---|"
+    lines = [head, rule]
     for n in conf:
-        selected, rand = (format_cell(summary[n], key, "{:.1f}") for key in ("conflicts", "conflicts_random"))
-        lines.append(f"| {n} | {selected} | {rand} |")
+        keys = ["conflicts", "conflicts_random"]
+        fmts = ["{:.1f}", "{:.1f}"]
+        if mismatch:
+            keys += ["grad_mismatch", "grad_mismatch_random"]
+            fmts += ["{:.3f}", "{:.3f}"]
+        cells = [format_cell(summary[n], k, f) for k, f in zip(keys, fmts)]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if conf else ""
 
 

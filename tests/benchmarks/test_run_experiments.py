@@ -51,6 +51,22 @@ def test_overhead_skips_first_step_and_averages():
     assert runner._overhead(rows) == {"time/step": 2.0}
 
 
+def test_conflicts_table_adds_gradient_mismatch_when_logged():
+    rows = [
+        {"step": 2, "select/conflicts_random": 3.0, "select/grad_mismatch": 0.5, "select/grad_mismatch_random": 0.25},
+        {"step": 3, "select/conflicts_random": 5.0, "select/grad_mismatch": 1.5, "select/grad_mismatch_random": 0.75},
+        {"step": 4, "select/grad_mismatch": float("nan")},
+    ]
+    extras = runner._overhead(rows)
+    assert extras == {"conflicts_random": 4.0, "grad_mismatch": 1.0, "grad_mismatch_random": 0.5}
+    row = {"seeds": 1, "conflicts": {"mean": 2.0}, **{k: {"mean": v} for k, v in extras.items()}}
+    table = runner.conflicts_table({"m": row})
+    assert "gradient mismatch to the pool, selected |" in table.splitlines()[0]
+    assert "| m | 2.0 | 4.0 | 1.000 | 0.500 |" in table
+    plain = runner.conflicts_table({"m": {"seeds": 1, "conflicts": {"mean": 2.0}, "conflicts_random": {"mean": 4.0}}})
+    assert plain.splitlines()[-1] == "| m | 2.0 | 4.0 |"
+
+
 def test_picks_average_domain_shares_over_steps_and_tabulate():
     rows = [
         {"step": 1, "select/frac/a": 0.75, "select/frac/b": 0.25},
