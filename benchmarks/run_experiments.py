@@ -270,16 +270,22 @@ def _picks(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def _per_domain_table(summary: dict[str, dict], field: str, *, every_run: bool) -> str:
+    """A run x domain table of ``summary[run][field]`` (``{domain: value}``); runs without the field
+    get a row of ``-`` when ``every_run``, no row otherwise."""
+    doms = sorted({d for n in summary for d in summary[n].get(field, {})})
+    lines = ["| run | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
+    for n in summary:
+        vals = summary[n].get(field, {})
+        if vals or every_run:
+            lines.append(f"| {n} | " + " | ".join(f"{vals[d]:.3f}" if d in vals else "-" for d in doms) + " |")
+    return "\n".join(lines) if doms else ""
+
+
 def picks_table(summary: dict[str, dict]) -> str:
     """Which domains each run trained on: the mean share of each domain in the chosen batches
     (mean over steps, then over seeds). ``random`` shows the pool's own proportions."""
-    doms = sorted({d for n in summary for d in summary[n].get("per_domain_picks", {})})
-    lines = ["| run | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
-    for n in summary:
-        vals = summary[n].get("per_domain_picks", {})
-        if vals:
-            lines.append(f"| {n} | " + " | ".join(f"{vals[d]:.3f}" if d in vals else "-" for d in doms) + " |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+    return _per_domain_table(summary, "per_domain_picks", every_run=False)
 
 
 def time_table(summary: dict[str, dict]) -> str:
@@ -323,12 +329,7 @@ def conflicts_table(summary: dict[str, dict]) -> str:
 
 def domain_table(summary: dict[str, dict]) -> str:
     """Final validation loss per domain (mean over seeds)."""
-    doms = sorted({d for n in summary for d in summary[n].get("per_domain_val", {})})
-    lines = ["| run | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
-    for n in summary:
-        vals = summary[n].get("per_domain_val", {})
-        lines.append(f"| {n} | " + " | ".join(f"{vals[d]:.3f}" if d in vals else "-" for d in doms) + " |")
-    return "\n".join(lines) if doms else ""
+    return _per_domain_table(summary, "per_domain_val", every_run=True)
 
 
 def format_extra_tables(summary: dict[str, dict]) -> str:

@@ -136,3 +136,13 @@ def test_fewer_picks_than_domains_warns_once_under_smallest_first(caplog, monkey
         BudgetPolicy().resolve(pool, 4)  # k = number of domains: no warning
     warned = [r.getMessage() for r in caplog.records if "leftover picks out by domain id" in r.getMessage()]
     assert len(warned) == 1 and "k=3 picks over 4 domains" in warned[0] and "largest_remainder" in warned[0]
+
+
+def test_the_small_k_warning_sits_in_round_quotas_so_direct_callers_get_it(caplog, monkeypatch):
+    # CoLM calls proportional_budgets directly (its big sources), not through a BudgetPolicy
+    import mixsel.selection.budgets as budgets
+
+    monkeypatch.setattr(budgets, "_WARNED_SMALL_K", set())
+    with caplog.at_level("WARNING", logger="mixsel.selection.budgets"):
+        assert proportional_budgets(torch.tensor([5, 1, 1, 9]), 2).tolist() == [1, 0, 0, 1]
+    assert any("k=2 picks over 4 domains" in r.getMessage() for r in caplog.records)

@@ -88,6 +88,7 @@ def round_quotas(quota: torch.Tensor, k: int, caps: torch.Tensor, rounding: str 
         LongTensor[D].
     """
     _check_rounding(rounding)
+    _warn_small_k(k, len(quota), rounding)
     caps = torch.as_tensor(caps, dtype=torch.long)
     if rounding == "largest_remainder":
         return _largest_remainder(torch.as_tensor(quota), k, caps)
@@ -180,7 +181,8 @@ def _warn_small_k(k: int, num_domains: int, rounding: str) -> None:
 
     With fewer picks than domains most quotas floor to 0 and the leftover units go by domain id, so
     the domains that sort first get more than their share (experiment 8, k = 4 of 7 domains:
-    arithmetic 17% of the budgets against 7% of the pools; ``benchmarks/budget_shares.py``).
+    arithmetic 17% of the budgets against 7% of the pools; ``benchmarks/budget_shares.py``). Called
+    by :func:`round_quotas`, so every budgeted selector (CoLM's big sources included) is covered.
     """
     if rounding != "smallest_first" or k >= num_domains or (k, num_domains) in _WARNED_SMALL_K:
         return
@@ -274,7 +276,6 @@ class BudgetPolicy:
         check_k(k, pool.size)
         counts = pool.domain_counts()
         r = self.rounding
-        _warn_small_k(k, pool.num_domains, r)
         if self.policy == "proportional":
             return proportional_budgets(counts, k, rounding=r)
         if self.policy == "minimum":
