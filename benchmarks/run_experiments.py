@@ -60,7 +60,8 @@ PLAN: list[tuple[str, list[int], list[str] | None]] = [
     # issue 17's regimes: a 10x longer pre-training run (B) and SmolLM2-135M + LoRA fine-tuning (A)
     ("exp8_smollm2_lora/compare.yaml", [0], ["base", "random", "partitionsel", "stratified"]),
     ("exp7_pretrain_long/compare.yaml", [0], None),
-    ("exp8_smollm2_lora/compare.yaml", [1, 2], ["random", "partitionsel", "stratified"]),  # headline + control
+    ("exp8_smollm2_lora/compare.yaml", [1, 2], ["random", "partitionsel"]),  # the headline pair, 3 seeds
+    ("exp8_smollm2_lora/compare.yaml", [1, 2], ["stratified"]),  # its control (same budgets, random picks)
     ("exp8_smollm2_lora/compare.yaml", [0], None),
     ("exp7_pretrain_long/compare.yaml", [1, 2], None),
     ("exp8_smollm2_lora/compare.yaml", [1, 2], ["random_4b", "colm"]),
