@@ -38,11 +38,12 @@ def test_batched_generation_equals_single():
 
     with pytest.warns(UserWarning, match=r"eval.max_new_tokens=6 is shorter than"):
         batched, single = record(5), record(1)
-    assert batched == single and all(v == 1.0 for v in batched.values())
+    assert batched == single and all(v == 1.0 for k, v in batched.items() if "exact_match" in k)
     assert seen[5] == seen[1] and len(seen[1]) >= 5
     # with a greedy decode of an untrained model the real scorer finds nothing right
     with pytest.warns(UserWarning, match=r"eval.max_new_tokens=4"):
-        assert all(v == 0.0 for v in exact_match(model, tok, split, limit=3, max_new_tokens=4).values())
+        out = exact_match(model, tok, split, limit=3, max_new_tokens=4)
+    assert all(v == 0.0 for k, v in out.items() if "exact_match" in k)
 
 
 def test_domain_losses_match_manual():
@@ -106,7 +107,7 @@ def test_exact_match_per_domain_with_sympy_a_user_checker_and_unscorable_prompts
         UserWarning, match=r"max_new_tokens=8 is shorter than 3 of the 3 reference responses of domain 'algebra'"
     ):
         out = exact_match(model, tok, mix.test, max_new_tokens=8, checker=checker, prefix="test")
-    assert out == pytest.approx(
+    assert {k: v for k, v in out.items() if "exact_match" in k} == pytest.approx(
         {
             "test/exact_match/algebra": 1.0,
             "test/exact_match/chat": 0.5,
@@ -141,3 +142,69 @@ def test_mixsel_train_scores_with_the_configured_checker(tmp_path):
     assert result["test/exact_match/chemistry"] == 1.0  # every chemistry prompt went to the user's checker
     assert len(_checkers.CALLS) == 2  # eval.exact_match=2 prompts
     assert result["test/exact_match_mean"] == pytest.approx((1.0 + result["test/exact_match/arithmetic"]) / 2)
+    # every scored prompt's generation is kept in the run folder, consistent with the scores
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert sorted(r["domain"] for r in records) == ["arithmetic", "arithmetic", "chemistry", "chemistry"]
+    assert [r["generated"] for r in records if r["domain"] == "chemistry"] == [p for p, _ in _checkers.CALLS]
+    for name in ("arithmetic", "chemistry"):
+        rows = [r for r in records if r["domain"] == name]
+        assert result[f"test/exact_match/{name}"] == sum(r["correct"] for r in rows) / 2
+        assert result[f"test/generation/tokens/{name}"] == sum(r["new_tokens"] for r in rows) / 2
+
+
+def test_generated_length_counts_to_the_first_end_token():
+    from mixsel.evaluate import _generated_length
+
+    # generate pads a row that ended early with the pad token, which may be the end token itself
+    assert _generated_length(torch.tensor([5, 7, 2, 2, 2]), 2) == (3, True)
+    assert _generated_length(torch.tensor([2, 2]), 2) == (1, True)
+    assert _generated_length(torch.tensor([5, 7, 9]), 2) == (3, False)
+    assert _generated_length(torch.tensor([5, 7, 9]), None) == (3, False)
+
+
+def test_generation_records_and_lengths_against_one_prompt_at_a_time():
+    """records and generation/* metrics against decoding each prompt alone, without padding."""
+    from mixsel.evaluate import _prompt_ids, exact_match
+
+    tok, split, model = _split_and_model()
+    arith = split.domains.index("arithmetic")
+    first = next(int(i) for i in split.indices_of(arith) if split.answers[int(i)] is not None)
+    ids = _prompt_ids(split, first)[None]
+    # the end token is the first token the model generates after the first arithmetic prompt, so that
+    # prompt's generation ends at once while the others (most likely) run to the limit
+    first_token = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
+    eos = int(first_token[0, -1])
+
+    class EndsEarly:  # the tokenizer with another end-of-sequence token
+        eos_token_id = eos
+        pad_token_id = tok.pad_token_id
+
+        def decode(self, *args, **kwargs):
+            return tok.decode(*args, **kwargs)
+
+    records: list[dict] = []
+    with pytest.warns(UserWarning, match="eval.max_new_tokens=5"):
+        out = exact_match(model, EndsEarly(), split, limit=3, max_new_tokens=5, batch_size=3, records=records)
+    assert len(records) == sum(1 for k in out if k.startswith("val/exact_match/")) * 3
+    for rec in records:
+        p = _prompt_ids(split, rec["row"])[None]
+        gen = model.generate(
+            input_ids=p,
+            attention_mask=torch.ones_like(p),
+            max_new_tokens=5,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id,
+        )[0, p.shape[1] :].tolist()
+        expected = gen[: gen.index(eos) + 1] if eos in gen else gen
+        assert rec["new_tokens"] == len(expected) and rec["finished"] == (eos in gen)
+        assert rec["generated"] == tok.decode(torch.tensor(expected), skip_special_tokens=True)
+        assert rec["answer"] == split.answers[rec["row"]] and rec["correct"] is False
+    assert next(r for r in records if r["row"] == first)["new_tokens"] == 1
+    for name in {r["domain"] for r in records}:
+        rows = [r for r in records if r["domain"] == name]
+        assert out[f"val/generation/tokens/{name}"] == pytest.approx(sum(r["new_tokens"] for r in rows) / len(rows))
+        assert out[f"val/generation/finished/{name}"] == pytest.approx(sum(r["finished"] for r in rows) / len(rows))
+    assert out["val/generation/finished/arithmetic"] > 0

@@ -93,6 +93,19 @@ def _response_tokens(split: Any, i: int, eos_token_id: int | None) -> int:
     return n - 1 if n and eos_token_id is not None and int(labels[-1]) == eos_token_id else n
 
 
+def _generated_length(new_ids: torch.Tensor, eos_token_id: int | None) -> tuple[int, bool]:
+    """(tokens generated up to and including the first end-of-sequence token, whether there was one).
+
+    ``generate`` pads a row that ended before the others with the pad token, which may be the
+    end-of-sequence token itself (SmolLM2): only the first one counts.
+    """
+    if eos_token_id is not None:
+        hits = (new_ids == eos_token_id).nonzero()
+        if hits.numel():
+            return int(hits[0, 0]) + 1, True
+    return int(new_ids.numel()), False
+
+
 @torch.no_grad()
 def exact_match(
     model: torch.nn.Module,
@@ -105,6 +118,7 @@ def exact_match(
     prefix: str = "val",
     checker: str | Mapping[str, str] = "gsm8k",
     tolerance: float = 1e-6,
+    records: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
     """Greedy-decode the response to each prompt that has a reference answer, and score it.
 
@@ -120,10 +134,18 @@ def exact_match(
         checker: ``eval.answer_checker``: a checker name for every domain, or ``{domain: name}``
             with ``"*"`` for the others.
         tolerance: ``eval.answer_tolerance`` (``numeric`` and ``sympy`` checkers).
+        records: when given, one dict per scored prompt is appended: ``domain``, ``row`` (its index
+            in ``split``), ``generated`` (the decoded text), ``answer`` (the reference), ``correct``,
+            ``new_tokens`` (generated tokens, the end-of-sequence token included) and ``finished``
+            (whether it ended with the end-of-sequence token within ``max_new_tokens``).
 
     Returns:
         ``{f"{prefix}/exact_match/<domain>": accuracy}`` for every scored domain, and
-        ``f"{prefix}/exact_match_mean"``, their unweighted mean (absent when no domain is scored).
+        ``f"{prefix}/exact_match_mean"``, their unweighted mean (absent when no domain is scored);
+        per scored domain also ``f"{prefix}/generation/tokens/<domain>"``, the mean number of
+        generated tokens, and ``f"{prefix}/generation/finished/<domain>"``, the share of generations
+        that ended within ``max_new_tokens`` (a model that has not learnt where an answer ends runs
+        to the limit, which also sets the cost: a batch decodes until its longest row ends).
     """
     checkers = checkers_for(checker, list(split.domains), tolerance=tolerance)
     device = next(model.parameters()).device
@@ -146,7 +168,7 @@ def exact_match(
             )
             warnings.warn(message, stacklevel=3)  # the caller, past torch.no_grad's wrapper
             log.warning(message)
-        correct = 0
+        correct, tokens, finished = 0, 0, 0
         for start in range(0, len(idx), batch_size):
             rows = idx[start : start + batch_size]
             prompts = [_prompt_ids(split, i) for i in rows]
@@ -165,9 +187,26 @@ def exact_match(
                 eos_token_id=tokenizer.eos_token_id,
             )
             for r, i in enumerate(rows):
-                text = tokenizer.decode(gen[r, width:], skip_special_tokens=True)
-                correct += bool(checkers[name](text, split.answers[i]))
+                new_ids = gen[r, width:]
+                text = tokenizer.decode(new_ids, skip_special_tokens=True)
+                ok = bool(checkers[name](text, split.answers[i]))
+                n_new, ended = _generated_length(new_ids, tokenizer.eos_token_id)
+                correct, tokens, finished = correct + ok, tokens + n_new, finished + ended
+                if records is not None:
+                    records.append(
+                        {
+                            "domain": name,
+                            "row": i,
+                            "generated": text,
+                            "answer": split.answers[i],
+                            "correct": ok,
+                            "new_tokens": n_new,
+                            "finished": ended,
+                        }
+                    )
         out[f"{prefix}/exact_match/{name}"] = correct / len(idx)
+        out[f"{prefix}/generation/tokens/{name}"] = tokens / len(idx)
+        out[f"{prefix}/generation/finished/{name}"] = finished / len(idx)
     model.train(was_training)
     scored = [v for k, v in out.items() if k.startswith(f"{prefix}/exact_match/")]
     if scored:

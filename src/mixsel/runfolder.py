@@ -38,6 +38,8 @@ RUN_FILES = frozenset(
         "result.json",
         ".result.json.tmp",
         "selections.jsonl",
+        "generations.jsonl",
+        ".generations.jsonl.tmp",
         CHECKPOINT_NAME,
         PREVIOUS_NAME,
         ".checkpoint.tmp",

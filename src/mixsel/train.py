@@ -444,7 +444,9 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             )
         barrier()
 
-    def evaluate(split: Any, prefix: str, generate: bool = False) -> dict[str, float]:
+    def evaluate(
+        split: Any, prefix: str, generate: bool = False, records: list[dict[str, Any]] | None = None
+    ) -> dict[str, float]:
         metrics = domain_losses(
             model, split, pad_token_id=pad_id, max_per_domain=cfg.eval.max_per_domain, prefix=prefix
         )
@@ -460,6 +462,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                     prefix=prefix,
                     checker=cfg.eval.answer_checker,
                     tolerance=cfg.eval.answer_tolerance,
+                    records=records,
                 )
             )
         return metrics
@@ -655,7 +658,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
 
     # ---- final evaluation on the test split and result.json ----------------------------------
     wall = time.perf_counter() - t_start
-    test = evaluate(mixture.test, "test", generate=True)  # exact match by generation: final test only
+    generations: list[dict[str, Any]] = []  # one record per exact-match prompt -> generations.jsonl
+    test = evaluate(mixture.test, "test", generate=True, records=generations)  # generation: final test only
     final_val = evaluate(val_split, "val")
     result = {
         "name": cfg.name,
@@ -686,6 +690,10 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         with quiet_hf_progress():
             model.save_pretrained(final_dir)
         tokenizer.save_pretrained(final_dir)
+        if generations:
+            tmp = out / ".generations.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in generations))
+            os.replace(tmp, out / "generations.jsonl")
         tmp = out / ".result.json.tmp"  # written last, atomically: a result.json marks a finished run
         tmp.write_text(json.dumps(result, indent=2))
         os.replace(tmp, out / "result.json")
