@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -76,9 +78,11 @@ class ScriptedLM(torch.nn.Module):
             prompt = self.tokenizer.decode(ids[mask.bool()])
             self.prompts.append(prompt)
             answer = next(text for key, text in self.script.items() if key in prompt)
-            rows.append(ids.tolist() + self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+            ended = [*self.tokenizer(answer, add_special_tokens=False)["input_ids"], self.tokenizer.eos_token_id]
+            rows.append(ids.tolist() + ended)
         width = max(map(len, rows))
-        return torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])
+        sequences = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])
+        return SimpleNamespace(sequences=sequences, cache=None, past_key_values=None)
 
 
 def test_exact_match_per_domain_with_sympy_a_user_checker_and_unscorable_prompts(tmp_path):
@@ -154,14 +158,40 @@ def test_mixsel_train_scores_with_the_configured_checker(tmp_path):
         assert result[f"test/generation/tokens/{name}"] == sum(r["new_tokens"] for r in rows) / 2
 
 
-def test_generated_length_counts_to_the_first_end_token():
-    from mixsel.evaluate import _generated_length
+@pytest.mark.parametrize("chunk", [1, 2, 5, 16])
+def test_greedy_generate_drops_finished_rows_and_keeps_every_token(chunk):
+    """greedy_generate against one uninterrupted model.generate of the same left-padded batch."""
+    from mixsel.evaluate import _prompt_ids, greedy_generate
 
-    # generate pads a row that ended early with the pad token, which may be the end token itself
-    assert _generated_length(torch.tensor([5, 7, 2, 2, 2]), 2) == (3, True)
-    assert _generated_length(torch.tensor([2, 2]), 2) == (1, True)
-    assert _generated_length(torch.tensor([5, 7, 9]), 2) == (3, False)
-    assert _generated_length(torch.tensor([5, 7, 9]), None) == (3, False)
+    tok, split, model = _split_and_model()
+    prompts = [_prompt_ids(split, i) for i in range(len(split)) if split.prompts[i]][:6]
+    width = max(p.numel() for p in prompts)
+    ids = torch.full((6, width), tok.pad_token_id)
+    mask = torch.zeros((6, width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - p.numel() :], mask[r, width - p.numel() :] = p, 1
+    torch.manual_seed(0)
+    with torch.no_grad():  # large random weights: an untrained model repeats one token
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)[:, width:].tolist()
+
+    def ends(token: int) -> list[int]:
+        return [row.index(token) + 1 if token in row else 12 for row in free]
+
+    # the end token: the one whose first occurrences end the rows at the most different lengths
+    eos = max(sorted({t for row in free for t in row}), key=lambda t: len(set(ends(t))))
+    assert len(set(ends(eos))) >= 3 and 12 in ends(eos)  # rows leave at different chunks; one never ends
+    full = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos
+    )[:, width:].tolist()
+    expected = [row[: row.index(eos) + 1] if eos in row else row for row in full]
+    got = greedy_generate(model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=eos, chunk=chunk)
+    assert [g.tolist() for g in got] == expected
+    assert [len(g) for g in got] == ends(eos)
+    # without an end token every row runs to the limit
+    no_end = greedy_generate(model, ids, mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0, chunk=chunk)
+    assert [g.tolist() for g in no_end] == free
 
 
 def test_generation_records_and_lengths_against_one_prompt_at_a_time():

@@ -14,7 +14,7 @@ from mixsel.answers import Checker, checkers_for
 from mixsel.data.tokenize import IGNORE_INDEX
 from mixsel.features.loss import per_example_loss
 
-__all__ = ["answer_checkers", "domain_losses", "exact_match"]
+__all__ = ["answer_checkers", "domain_losses", "exact_match", "greedy_generate"]
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +93,84 @@ def _response_tokens(split: Any, i: int, eos_token_id: int | None) -> int:
     return n - 1 if n and eos_token_id is not None and int(labels[-1]) == eos_token_id else n
 
 
-def _generated_length(new_ids: torch.Tensor, eos_token_id: int | None) -> tuple[int, bool]:
-    """(tokens generated up to and including the first end-of-sequence token, whether there was one).
+def _cache_arg() -> str:
+    """The name of ``generate``'s key/value cache, argument and output field: ``cache`` in recent
+    transformers (5.2x; ``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    try:
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+    except ImportError:  # pragma: no cover - transformers is an extra
+        return "past_key_values"
+    return "cache" if "cache" in getattr(GenerateDecoderOnlyOutput, "__dataclass_fields__", {}) else "past_key_values"
 
-    ``generate`` pads a row that ended before the others with the pad token, which may be the
-    end-of-sequence token itself (SmolLM2): only the first one counts.
+
+_CACHE_ARG = _cache_arg()
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+    chunk: int = 16,
+) -> list[torch.Tensor]:
+    """Greedy decoding of a left-padded batch that stops computing the rows that have ended.
+
+    ``model.generate`` decodes every row until the longest one ends (a finished row keeps being
+    computed, padded). Exact-match generations are very uneven - a fine-tuned SmolLM2-135M answers
+    most test problems in 10-60 tokens while a few repeat themselves up to the limit
+    (`docs/results.md`, section 8) - so here ``generate`` runs ``chunk`` tokens at a time and, between
+    chunks, the rows that produced the end-of-sequence token leave the batch and its key/value cache
+    (``Cache.batch_select_indices``); the others continue from the cache. Each row gets the tokens
+    an uninterrupted greedy ``generate`` would give it (the test decodes one prompt at a time).
+
+    Args:
+        input_ids: ``[rows, width]`` prompts, left-padded.
+        attention_mask: ``[rows, width]``, 0 on the padding.
+        max_new_tokens: the most tokens generated per row.
+        eos_token_id: the token that ends a row (``None``: every row runs to ``max_new_tokens``).
+        pad_token_id: passed to ``generate``.
+        chunk: tokens decoded between two removals of finished rows.
+
+    Returns:
+        Per row, its generated tokens, up to and including the first end-of-sequence token.
     """
-    if eos_token_id is not None:
-        hits = (new_ids == eos_token_id).nonzero()
-        if hits.numel():
-            return int(hits[0, 0]) + 1, True
-    return int(new_ids.numel()), False
+    rows = list(range(input_ids.shape[0]))
+    out: list[list[int]] = [[] for _ in rows]
+    ids, mask, cache, produced = input_ids, attention_mask, None, 0
+    while rows and produced < max_new_tokens:
+        step = min(chunk, max_new_tokens - produced)
+        res = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            **{_CACHE_ARG: cache},
+            max_new_tokens=step,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            return_dict_in_generate=True,
+        )
+        new = res.sequences[:, ids.shape[1] :].tolist()
+        keep = []
+        for j, row in enumerate(rows):
+            if eos_token_id is not None and eos_token_id in new[j]:
+                out[row] += new[j][: new[j].index(eos_token_id) + 1]
+            else:
+                out[row] += new[j]
+                keep.append(j)
+        produced += step
+        if not keep or produced >= max_new_tokens:
+            break
+        index = torch.tensor(keep, device=ids.device)
+        ids = res.sequences[index]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], step)], dim=1)[index]
+        cache = getattr(res, _CACHE_ARG)
+        cache.batch_select_indices(index)
+        rows = [rows[j] for j in keep]
+    return [torch.tensor(t, dtype=torch.long) for t in out]
 
 
 @torch.no_grad()
@@ -125,7 +192,8 @@ def exact_match(
     Every domain with answers is scored (an ``answer`` column, or the answer a response states:
     :func:`mixsel.answers.reference_answer`), except prompts whose response was cut to fit
     ``data.max_length`` (their answer is ``None``). Prompts are the tokenised prompts of the split
-    (the same ids the model trained on), left-padded and decoded in batches; the decoded text and the
+    (the same ids the model trained on), left-padded and decoded in batches (:func:`greedy_generate`:
+    finished rows leave the batch); the decoded text and the
     reference go to the domain's checker (:mod:`mixsel.answers`). A warning names each domain whose
     reference responses are longer than ``max_new_tokens``.
 
@@ -178,19 +246,19 @@ def exact_match(
             for r, p in enumerate(prompts):  # left padding: every prompt ends at the last column
                 input_ids[r, width - p.numel() :] = p
                 attention[r, width - p.numel() :] = 1
-            gen = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
+            gen = greedy_generate(
+                model,
+                input_ids.to(device),
+                attention.to(device),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad,
             )
             for r, i in enumerate(rows):
-                new_ids = gen[r, width:]
-                text = tokenizer.decode(new_ids, skip_special_tokens=True)
+                text = tokenizer.decode(gen[r], skip_special_tokens=True)
                 ok = bool(checkers[name](text, split.answers[i]))
-                n_new, ended = _generated_length(new_ids, tokenizer.eos_token_id)
+                n_new = int(gen[r].numel())
+                ended = bool(n_new) and tokenizer.eos_token_id is not None and int(gen[r][-1]) == tokenizer.eos_token_id
                 correct, tokens, finished = correct + ok, tokens + n_new, finished + ended
                 if records is not None:
                     records.append(
