@@ -186,6 +186,7 @@ def exact_match(
     checker: str | Mapping[str, str] = "gsm8k",
     tolerance: float = 1e-6,
     records: list[dict[str, Any]] | None = None,
+    chunk: int = 16,
 ) -> dict[str, float]:
     """Greedy-decode the response to each prompt that has a reference answer, and score it.
 
@@ -206,6 +207,9 @@ def exact_match(
             in ``split``), ``generated`` (the decoded text), ``answer`` (the reference), ``correct``,
             ``new_tokens`` (generated tokens, the end-of-sequence token included) and ``finished``
             (whether it ended with the end-of-sequence token within ``max_new_tokens``).
+        chunk: tokens decoded between two removals of finished rows (:func:`greedy_generate`; at
+            least ``max_new_tokens``: one ``generate`` call per batch, every row decoded until the
+            batch's longest ends).
 
     Returns:
         ``{f"{prefix}/exact_match/<domain>": accuracy}`` for every scored domain, and
@@ -253,6 +257,7 @@ def exact_match(
                 max_new_tokens=max_new_tokens,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=pad,
+                chunk=chunk,
             )
             for r, i in enumerate(rows):
                 text = tokenizer.decode(gen[r], skip_special_tokens=True)
