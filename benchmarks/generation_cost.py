@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if ROOT in Path(args.config).resolve().parents
         else args.config,
         "overrides": args.overrides,
-        "adapter": bool(args.adapter),
+        "adapter": args.adapter,
         "per_domain": args.per_domain,
         "batch_size": args.batch_size,
         "max_new_tokens": limit,
