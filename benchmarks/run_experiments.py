@@ -16,7 +16,10 @@ important work), and copies the light files of every finished run (``result.json
 ``summary.json`` / ``summary.md`` (mean ± sample std over the seeds that finished), refills the
 marked table blocks of ``docs/results.md`` from them (``fill_doc``; the prose is left alone) and calls
 ``plot_experiments.py``, which reads those results only. Finished runs are skipped, so an
-interrupted pass continues.
+interrupted pass continues. Several passes can share one ``--work`` folder (e.g. a second one with
+its own ``--jobs`` and budget while the first finishes its last runs): each task is claimed with a
+lock file (``<work>/locks``), a task a live pass holds is left to it, and a lock whose processes are
+gone is taken over.
 """
 
 from __future__ import annotations
@@ -178,8 +181,58 @@ def copy_light(work: Path, results: Path, task: Task) -> bool:
     return True
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - another user's process
+        return True
+    return True
+
+
+def _lock_path(work: Path, task: Task) -> Path:
+    return work / "locks" / f"{task.experiment}__{task.run}__seed{task.seed}.lock"
+
+
+def claimed_elsewhere(work: Path, task: Task) -> bool:
+    """Whether a live process holds ``task``'s lock (its runner, or the run it started)."""
+    try:
+        pids = [int(x) for x in _lock_path(work, task).read_text().split()]
+    except (OSError, ValueError):
+        return False
+    return any(pid != os.getpid() and _alive(pid) for pid in pids)
+
+
+def claim(work: Path, task: Task) -> bool:
+    """Take ``task`` for this runner: create its lock file (``work/locks``) holding this process's pid.
+
+    Several runners can share a work folder (e.g. one started with a new budget while another
+    finishes its last runs): a task whose lock a live process holds is left to it. A lock whose
+    processes are all gone (a runner killed with its runs) is stale and taken over.
+    """
+    path = _lock_path(work, task)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if claimed_elsewhere(work, task):
+                return False
+            path.unlink(missing_ok=True)  # stale
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        return True
+    return False
+
+
 def run_tasks(tasks: list[Task], args: argparse.Namespace, extra: list[str]) -> dict[str, list[str]]:
-    """Run ``tasks`` with up to ``args.jobs`` subprocesses; return finished / failed / cut keys."""
+    """Run ``tasks`` with up to ``args.jobs`` subprocesses; return finished / failed / cut / elsewhere keys.
+
+    A task another runner is running (:func:`claim`) is not started here; tasks that depend on it wait
+    for its result.
+    """
     work = Path(args.work)
     results = Path(args.results)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -195,12 +248,25 @@ def run_tasks(tasks: list[Task], args: argparse.Namespace, extra: list[str]) -> 
     failed: set[tuple[str, str, int]] = set()
     running: dict[tuple[str, str, int], tuple[subprocess.Popen, Task, float]] = {}
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    report: dict[str, list[str]] = {"finished": [], "failed": [], "cut": []}
-    while pending or running:
+    report: dict[str, list[str]] = {"finished": [], "failed": [], "cut": [], "elsewhere": []}
+    elsewhere: dict[tuple[str, str, int], Task] = {}  # run by another runner: its result is awaited
+
+    def awaits_elsewhere() -> bool:  # a pending task depends on a run another runner has
+        return any((t.experiment, d, t.seed) in elsewhere for t in pending for d in t.deps)
+
+    while pending or running or awaits_elsewhere():
+        for key, task in list(elsewhere.items()):
+            if copy_light(work, results, task):
+                del elsewhere[key]
+                done.add(key)
+            elif not claimed_elsewhere(work, task):
+                del elsewhere[key]
+                failed.add(key)  # the other runner stopped without a result
         for key, (proc, task, start) in list(running.items()):
             if proc.poll() is None:
                 continue
             del running[key]
+            _lock_path(work, task).unlink(missing_ok=True)
             ok = proc.returncode == 0 and copy_light(work, results, task)
             (done if ok else failed).add(key)
             report["finished" if ok else "failed"].append("/".join(map(str, key)))
@@ -223,15 +289,19 @@ def run_tasks(tasks: list[Task], args: argparse.Namespace, extra: list[str]) -> 
             if any(t.experiment in EXCLUSIVE for _, t, _ in running.values()) or (alone and running):
                 break  # a timing run waits for an empty machine, and keeps it empty
             pending.remove(task)
+            if not claim(work, task):
+                elsewhere[task.key] = task
+                report["elsewhere"].append("/".join(map(str, task.key)))
+                print(f"[elsewhere] {'/'.join(map(str, task.key))} (another runner has it)", flush=True)
+                continue
             cfg = _task_yaml(task, work, extra)
             log = open(work / "logs" / f"{cfg.stem}.log", "w")  # noqa: SIM115 - closed with the process
             cmd = [sys.executable, "-m", "mixsel", "compare", "--config", str(cfg), "--quiet"]
             print(f"[start] {'/'.join(map(str, task.key))}", flush=True)
-            running[task.key] = (
-                subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
-                task,
-                time.monotonic(),
-            )
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            with open(_lock_path(work, task), "a") as fh:  # the run itself holds the task too
+                fh.write(f"{proc.pid}\n")
+            running[task.key] = (proc, task, time.monotonic())
         if out_of_time and pending:
             report["cut"].extend("/".join(map(str, t.key)) for t in pending)
             pending = []

@@ -102,6 +102,8 @@ def test_timing_experiments_run_alone(tmp_path, monkeypatch):
     class FakeProc:
         """Finishes on its second poll; records which runs were alive together."""
 
+        pid = 1
+
         def __init__(self, cmd, **kwargs):
             self.name = Path(cmd[cmd.index("--config") + 1]).stem
             self.polls, self.returncode = 0, None
@@ -232,3 +234,61 @@ def test_task_yaml_lists_dependencies_of_dependencies(tmp_path):
     task = runner.Task(spec_path, "exp", "two_stage", 1, ["doremi"])
     written = yaml.safe_load(runner._task_yaml(task, tmp_path / "work", []).read_text())
     assert list(written["runs"]) == ["uniform", "doremi", "two_stage"]  # uniform: doremi's reference
+
+
+def test_runners_sharing_a_work_folder_split_the_tasks(tmp_path, monkeypatch):
+    """A task another live runner holds is left to it (its dependents wait for its result); a stale
+    lock, whose processes are gone, is taken over."""
+    import argparse
+    import subprocess
+
+    exps = tmp_path / "exps"
+    (exps / "e").mkdir(parents=True)
+    (exps / "e" / "c.yaml").write_text(
+        yaml.safe_dump({"runs": {"a": [], "b": ["selection.options={weights_from: a}"], "c": []}})
+    )
+    monkeypatch.setattr(runner, "_refs", lambda overrides: ["a"] if overrides else [])
+    tasks = runner.plan_tasks([("e/c.yaml", [0], None)], exps, None)
+    work = tmp_path / "work"
+    a, b, c = tasks
+    assert b.deps == ["a"]
+    other = subprocess.Popen(["sleep", "30"])  # the other runner, alive
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a runner that was killed: its lock is stale
+    try:
+        for task, pid in ((a, other.pid), (c, gone.pid)):
+            runner._lock_path(work, task).parent.mkdir(parents=True, exist_ok=True)
+            runner._lock_path(work, task).write_text(f"{pid}\n")
+        started: list[str] = []
+        checks = {"a": 0}
+
+        class FakeProc:
+            pid = 1
+
+            def __init__(self, cmd, **kwargs):
+                self.name = Path(cmd[cmd.index("--config") + 1]).stem.split("__")[1]
+                started.append(self.name)
+                self.returncode = 0
+
+            def poll(self):
+                return 0
+
+        def copy_light(work_, results, task):
+            if task.run == "a":  # the other runner's run finishes after a few checks
+                checks["a"] += 1
+                return checks["a"] > 3
+            return task.run in started
+
+        monkeypatch.setattr(runner.subprocess, "Popen", FakeProc)
+        monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+        monkeypatch.setattr(runner, "copy_light", copy_light)
+        args = argparse.Namespace(work=str(work), results=str(tmp_path / "res"), jobs=1, budget_minutes=None)
+        report = runner.run_tasks(tasks, args, [])
+    finally:
+        other.kill()
+        other.wait()
+    assert report["elsewhere"] == ["e/a/0"]
+    assert sorted(report["finished"]) == ["e/b/0", "e/c/0"] and not report["failed"]
+    assert started == ["c", "b"]  # c (stale lock taken over) first; b once a's result appeared
+    # this runner's locks are released; the other runner's stays
+    assert [p.name for p in (work / "locks").iterdir()] == ["e__a__seed0.lock"]
