@@ -125,7 +125,7 @@ def greedy_generate(
     (`docs/results.md`, section 8) - so here ``generate`` runs ``chunk`` tokens at a time and, between
     chunks, the rows that produced the end-of-sequence token leave the batch and its key/value cache
     (``Cache.batch_select_indices``); the others continue from the cache. Each row gets the tokens
-    an uninterrupted greedy ``generate`` would give it (the test decodes one prompt at a time).
+    an uninterrupted greedy ``generate`` of the same batch gives it (tests/test_evaluate.py).
 
     Args:
         input_ids: ``[rows, width]`` prompts, left-padded.
@@ -217,7 +217,7 @@ def exact_match(
         per scored domain also ``f"{prefix}/generation/tokens/<domain>"``, the mean number of
         generated tokens, and ``f"{prefix}/generation/finished/<domain>"``, the share of generations
         that ended within ``max_new_tokens`` (a model that has not learnt where an answer ends runs
-        to the limit, which also sets the cost: a batch decodes until its longest row ends).
+        to the limit).
     """
     checkers = checkers_for(checker, list(split.domains), tolerance=tolerance)
     device = next(model.parameters()).device

@@ -259,6 +259,13 @@ def _check_finite_weights(model: torch.nn.Module, step: int, out: Path) -> None:
         )
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling ``.<name>.tmp`` and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _weight_norm(params: list[torch.nn.Parameter]) -> float:
     """The L2 norm of all ``params`` together."""
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach()) for p in params])))
@@ -691,12 +698,9 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             model.save_pretrained(final_dir)
         tokenizer.save_pretrained(final_dir)
         if generations:
-            tmp = out / ".generations.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in generations))
-            os.replace(tmp, out / "generations.jsonl")
-        tmp = out / ".result.json.tmp"  # written last, atomically: a result.json marks a finished run
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out / "result.json")
+            _write_atomic(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in generations))
+        # written last: a result.json marks a finished run
+        _write_atomic(out / "result.json", json.dumps(result, indent=2))
     if cfg.train.save_every:  # on every rank: checkpoint() is a collective
         checkpoint(cfg.train.max_steps)
     barrier()
