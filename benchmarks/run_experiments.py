@@ -65,6 +65,8 @@ PLAN: list[tuple[str, list[int], list[str] | None]] = [
     ("exp7_pretrain_long/compare.yaml", [0], None),
     ("exp8_smollm2_lora/compare.yaml", [1, 2], ["random", "partitionsel"]),  # the headline pair, 3 seeds
     ("exp8_smollm2_lora/compare.yaml", [1, 2], ["stratified"]),  # its control (same budgets, random picks)
+    # budgets or gradient matching? both under pool-proportional (largest-remainder) budgets
+    ("exp8_smollm2_lora/compare.yaml", [0], ["partitionsel_lr", "stratified_lr"]),
     ("exp8_smollm2_lora/compare.yaml", [0], None),
     ("exp7_pretrain_long/compare.yaml", [1, 2], None),
     ("exp8_smollm2_lora/compare.yaml", [1, 2], ["random_4b", "colm"]),
