@@ -11,7 +11,7 @@ YAML files that share one output folder (each file is also runnable on its own w
 ``--jobs`` of them at once as ``mixsel compare`` subprocesses (a run referring to ``{run:NAME}``
 waits for NAME), in the order of ``PLAN`` (the headline runs first, so a time budget cuts the least
 important work), and copies the light files of every finished run (``result.json``,
-``metrics.jsonl``, ``config.yaml``; never checkpoints) from the work folder to
+``metrics.jsonl``, ``config.yaml``, the exact-match ``generations.jsonl``; never checkpoints) from the work folder to
 ``benchmarks/results/experiments/<experiment>/<run>/seed<s>/``. Then it writes per experiment
 ``summary.json`` / ``summary.md`` (mean ± sample std over the seeds that finished), refills the
 marked table blocks of ``docs/results.md`` from them (``fill_doc``; the prose is left alone) and calls
@@ -41,7 +41,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "benchmarks" / "experiments"
 RESULTS = ROOT / "benchmarks" / "results" / "experiments"
-LIGHT_FILES = ("result.json", "metrics.jsonl", "config.yaml")
+LIGHT_FILES = ("result.json", "metrics.jsonl", "config.yaml", "generations.jsonl")  # the last: ~90 KB for 400 prompts
 DOC = ROOT / "docs" / "results.md"  # its marked table blocks are refilled from the summaries
 
 # (compare file relative to EXPERIMENTS, seeds, runs or None for all) in priority order: the cheap
@@ -361,6 +361,25 @@ def picks_table(summary: dict[str, dict]) -> str:
     return _per_domain_table(summary, "per_domain_picks", every_run=False)
 
 
+def generation_table(summary: dict[str, dict]) -> str:
+    """What the exact-match generations look like, per scored domain (test split, mean over seeds):
+    the share that state their answer on the training responses' ``####`` line (or in a ``\\boxed{}``),
+    the share that ended within ``eval.max_new_tokens``, and the mean number of generated tokens."""
+    from mixsel.compare import format_cell
+
+    kinds = (("stated", "answer line", "{:.2f}"), ("finished", "ended", "{:.2f}"), ("tokens", "tokens", "{:.0f}"))
+    doms = sorted({k.rsplit("/", 1)[1] for row in summary.values() for k in row if k.startswith("generation/")})
+    runs = [n for n in summary if any(k.startswith("generation/") for k in summary[n])]
+    if not doms or not runs:
+        return ""
+    heads = [f"{title}: {d}" for _, title, _ in kinds for d in doms]
+    lines = ["| run | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for n in runs:
+        cells = [format_cell(summary[n], f"generation/{kind}/{d}", fmt) for kind, _, fmt in kinds for d in doms]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def time_table(summary: dict[str, dict]) -> str:
     """Seconds per step split into pool forward / features / solver / train / reweighting."""
     from mixsel.compare import format_cell
@@ -459,6 +478,7 @@ TABLES = {
     "paired": paired_table,
     "paired_em": _paired_em,
     "exact_match": _exact_match_table,
+    "generation": generation_table,
     "picks": picks_table,
 }
 _MARK = re.compile(r"(<!-- table (\S+?)/(\w+)(?::(\w+))? -->\n)(.*?)(<!-- end table -->)", re.S)
@@ -468,7 +488,8 @@ def fill_doc(text: str, summaries: dict[str, dict]) -> str:
     """Replace every ``<!-- table EXPERIMENT/KIND -->`` ... ``<!-- end table -->`` block of ``text``.
 
     KIND is one of ``main`` (the compare table), ``time``, ``conflicts``, ``domains``,
-    ``exact_match`` (per scored domain), ``picks`` (domain shares of the trained batches),
+    ``exact_match`` (per scored domain), ``generation`` (answer format, ends and lengths of the
+    exact-match generations), ``picks`` (domain shares of the trained batches),
     ``paired:BASE`` / ``paired_em:BASE`` (per-seed differences of the validation loss / exact
     match against run BASE). The prose
     around the blocks is left alone, so ``docs/results.md`` keeps its analysis while its tables

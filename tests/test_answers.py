@@ -12,6 +12,7 @@ from mixsel.answers import (
     is_correct,
     normalize_answer,
     reference_answer,
+    states_answer,
 )
 
 
@@ -86,6 +87,13 @@ def test_reference_answer_reads_markers_only():
     assert reference_answer("\\boxed{7}") == "7"
     assert reference_answer("\\boxed{unbalanced") is None
     assert reference_answer("no marker, 42") is None
+
+
+def test_states_answer_needs_a_marker_with_an_answer():
+    assert states_answer("so 6 * 7 = 42\n#### 42")
+    assert states_answer("the answer is \\boxed{x^2}")
+    assert not states_answer("so the answer is 42")
+    assert not states_answer("#### \nthen 42")  # an empty answer line states nothing
 
 
 SYMPY_CASES = [

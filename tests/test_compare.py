@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mixsel.cli import main
-from mixsel.compare import format_exact_match, format_table, summarize
+from mixsel.compare import _with_run_means, format_cell, format_exact_match, format_table, summarize
 
 from _fast import FAST
 
@@ -21,8 +21,8 @@ def test_summarize_and_table():
         "b": [{"val/loss_mean": 3.0, "test/loss_mean": 3.5}],
     }
     summary = summarize(results)
-    assert summary["a"]["val/loss_mean"] == {"mean": 3.0, "std": 2**0.5}  # sample std (n - 1)
-    assert summary["b"]["test/loss_mean"] == {"mean": 3.5, "std": 0.0}  # table columns keep their names
+    assert summary["a"]["val/loss_mean"] == {"mean": 3.0, "std": 2**0.5, "n": 2}  # sample std (n - 1)
+    assert summary["b"]["test/loss_mean"] == {"mean": 3.5, "std": 0.0, "n": 1}  # table columns keep their names
     assert summary["a"]["exact_match"]["mean"] == 0.75
     table = format_table(summary)
     assert "| run | seeds | val loss |" in table
@@ -41,13 +41,35 @@ def test_exact_match_per_domain_table():
         "b": [{"val/loss_mean": 3.0}],
     }
     summary = summarize(results)
-    assert summary["a"]["exact_match/y"] == {"mean": 0.25, "std": pytest.approx(0.125**0.5)}  # per domain, over seeds
+    assert summary["a"]["exact_match/y"] == {"mean": 0.25, "std": pytest.approx(0.125**0.5), "n": 2}  # over seeds
     assert "test/exact_match/y" not in summary["a"] and "exact_match" in summary["a"]
     table = format_exact_match(summary).splitlines()
     assert table[0] == "| run | x | y | mean |"
     assert table[2] == "| a | 0.750 ± 0.354 | 0.250 ± 0.354 | 0.500 ± 0.354 |"
     assert table[3] == "| b | - | - | - |"
     assert format_exact_match(summarize({"b": results["b"]})) == ""  # nothing scored: no table
+
+
+def test_a_value_only_some_seeds_have_says_how_many():
+    results = {"a": [{"val/loss_mean": 2.0, "test/generation/stated/x": 0.5}, {"val/loss_mean": 4.0}]}
+    summary = summarize(results)
+    assert summary["a"]["generation/stated/x"] == {"mean": 0.5, "std": 0.0, "n": 1}
+    assert format_cell(summary["a"], "generation/stated/x", "{:.2f}") == "0.50 (1 of 2 seeds)"
+    assert format_cell(summary["a"], "val/loss_mean", "{:.1f}") == "3.0 ± 1.4"
+
+
+def test_run_means_count_stated_answers_of_older_runs_from_their_generations(tmp_path):
+    rows = [
+        {"domain": "x", "generated": "2 + 2 = 4\n#### 4"},
+        {"domain": "x", "generated": "it is 4"},
+        {"domain": "y", "generated": "\\boxed{Na}"},
+    ]
+    (tmp_path / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    derived = _with_run_means({"val/loss_mean": 1.0}, tmp_path)
+    assert derived["test/generation/stated/x"] == 0.5 and derived["test/generation/stated/y"] == 1.0
+    logged = {"test/generation/stated/x": 0.25}  # a newer run logs it: kept as logged
+    assert _with_run_means(logged, tmp_path) == logged
+    assert _with_run_means({"a": 1.0}, tmp_path / "no-such-run") == {"a": 1.0}
 
 
 def test_compare_runs_methods_and_chains_reference(tmp_path, capsys):

@@ -238,3 +238,30 @@ def test_generation_records_and_lengths_against_one_prompt_at_a_time():
         assert out[f"val/generation/tokens/{name}"] == pytest.approx(sum(r["new_tokens"] for r in rows) / len(rows))
         assert out[f"val/generation/finished/{name}"] == pytest.approx(sum(r["finished"] for r in rows) / len(rows))
     assert out["val/generation/finished/arithmetic"] > 0
+
+
+def test_generation_stated_counts_answers_in_the_reference_form():
+    """generation/stated: the share of generations with a ``####`` line, per record and per domain."""
+    from mixsel.evaluate import exact_match
+
+    tok, split, model = _split_and_model()
+
+    class MarksEvenLengths:  # decodes as the tokenizer, plus an answer line when the generation has even length
+        eos_token_id = tok.eos_token_id
+        pad_token_id = tok.pad_token_id
+
+        def decode(self, ids, **kwargs):
+            text = tok.decode(ids, **kwargs)
+            return text + "\n#### 3" if len(ids) % 2 == 0 else text
+
+    records: list[dict] = []
+    with pytest.warns(UserWarning, match="eval.max_new_tokens"):
+        out = exact_match(model, MarksEvenLengths(), split, limit=3, max_new_tokens=4, batch_size=3, records=records)
+    assert records
+    for rec in records:
+        assert rec["stated"] == (rec["new_tokens"] % 2 == 0)
+    for name in {r["domain"] for r in records}:
+        rows = [r for r in records if r["domain"] == name]
+        want = sum(r["new_tokens"] % 2 == 0 for r in rows) / len(rows)
+        assert out[f"val/generation/stated/{name}"] == pytest.approx(want)
+    assert any(r["stated"] for r in records)  # max_new_tokens=4: every unfinished row is marked

@@ -81,12 +81,16 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
     summary: dict[str, dict[str, Any]] = {}
     for name, runs in results.items():
         row: dict[str, Any] = {"seeds": len(runs)}
-        em_keys = sorted({k for r in runs for k in r if k.startswith("test/exact_match/")})
-        for key in [k for k, _, _ in _COLUMNS] + em_keys:
+        test_keys = sorted({k for r in runs for k in r if k.startswith(("test/exact_match/", "test/generation/"))})
+        for key in [k for k, _, _ in _COLUMNS] + test_keys:
             vals = [v for v in (_metric(r, key) for r in runs) if v is not None and math.isfinite(v)]
             if vals:
-                name_ = key.removeprefix("test/") if key in em_keys else key  # "exact_match/<domain>"
-                row[name_] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+                name_ = key.removeprefix("test/") if key in test_keys else key  # "generation/stated/<d>"...
+                row[name_] = {
+                    "mean": statistics.fmean(vals),
+                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                    "n": len(vals),
+                }
         summary[name] = row
     return summary
 
@@ -104,13 +108,14 @@ def format_exact_match(summary: dict[str, dict[str, Any]]) -> str:
 
 
 def format_cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    """One summary cell: ``mean ± std`` when the row has several seeds, ``mean`` for one, ``-`` if absent."""
+    """One summary cell: ``mean ± std`` when the row has several seeds, ``mean`` for one, ``-`` if absent;
+    ``(n of N seeds)`` follows when only n of the row's N seeds have the value (an older run without it)."""
     cell = row.get(key)
     if not isinstance(cell, dict):
         return "-"
-    if row.get("seeds", 1) > 1:
-        return f"{fmt.format(cell['mean'])} ± {fmt.format(cell['std'])}"
-    return fmt.format(cell["mean"])
+    seeds, n = row.get("seeds", 1), cell.get("n", row.get("seeds", 1))
+    text = f"{fmt.format(cell['mean'])} ± {fmt.format(cell['std'])}" if n > 1 else fmt.format(cell["mean"])
+    return text if n >= seeds else f"{text} ({n} of {seeds} seeds)"
 
 
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
@@ -126,7 +131,10 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
 
 def _with_run_means(result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Add per-step means from ``metrics.jsonl`` to ``result``: conflicting gradient pairs (when a Gram
-    was computed), seconds per step and seconds of selection (pool features + solver) per step."""
+    was computed), seconds per step and seconds of selection (pool features + solver) per step; and,
+    for a run whose ``result.json`` predates ``test/generation/stated/<domain>``, that share counted in
+    its ``generations.jsonl`` (:func:`mixsel.answers.states_answer`)."""
+    result = _with_stated(result, run_dir / "generations.jsonl")
     path = run_dir / "metrics.jsonl"
     if path.exists():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -136,6 +144,19 @@ def _with_run_means(result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             if vals:
                 result = {**result, name: statistics.fmean(vals)}
     return result
+
+
+def _with_stated(result: dict[str, Any], path: Path) -> dict[str, Any]:
+    if not path.exists() or any(k.startswith("test/generation/stated/") for k in result):
+        return result
+    from mixsel.answers import states_answer
+
+    counts: dict[str, list[int]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            counts.setdefault(record["domain"], []).append(states_answer(record["generated"]))
+    return {**result, **{f"test/generation/stated/{d}": sum(v) / len(v) for d, v in counts.items()}}
 
 
 def _substitute(override: str, out: Path, seed: int, runs: dict[str, Any], current: str) -> str:

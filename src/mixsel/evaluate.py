@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mixsel.answers import Checker, checkers_for
+from mixsel.answers import Checker, checkers_for, states_answer
 from mixsel.data.tokenize import IGNORE_INDEX
 from mixsel.features.loss import per_example_loss
 
@@ -206,7 +206,9 @@ def exact_match(
         records: when given, one dict per scored prompt is appended: ``domain``, ``row`` (its index
             in ``split``), ``generated`` (the decoded text), ``answer`` (the reference), ``correct``,
             ``new_tokens`` (generated tokens, the end-of-sequence token included) and ``finished``
-            (whether it ended with the end-of-sequence token within ``max_new_tokens``).
+            (whether it ended with the end-of-sequence token within ``max_new_tokens``) and
+            ``stated`` (whether it states its answer on a ``####`` line or in a ``\\boxed{}``:
+            :func:`mixsel.answers.states_answer`).
         chunk: tokens decoded between two removals of finished rows (:func:`greedy_generate`; at
             least ``max_new_tokens``: one ``generate`` call per batch, every row decoded until the
             batch's longest ends).
@@ -217,7 +219,9 @@ def exact_match(
         per scored domain also ``f"{prefix}/generation/tokens/<domain>"``, the mean number of
         generated tokens, and ``f"{prefix}/generation/finished/<domain>"``, the share of generations
         that ended within ``max_new_tokens`` (a model that has not learnt where an answer ends runs
-        to the limit).
+        to the limit), and ``f"{prefix}/generation/stated/<domain>"``, the share that state their
+        answer in the reference solutions' form (a model that has not learnt the format is scored on
+        its last number).
     """
     checkers = checkers_for(checker, list(split.domains), tolerance=tolerance)
     device = next(model.parameters()).device
@@ -240,7 +244,7 @@ def exact_match(
             )
             warnings.warn(message, stacklevel=3)  # the caller, past torch.no_grad's wrapper
             log.warning(message)
-        correct, tokens, finished = 0, 0, 0
+        correct, tokens, finished, stated = 0, 0, 0, 0
         for start in range(0, len(idx), batch_size):
             rows = idx[start : start + batch_size]
             prompts = [_prompt_ids(split, i) for i in rows]
@@ -264,7 +268,8 @@ def exact_match(
                 ok = bool(checkers[name](text, split.answers[i]))
                 n_new = int(gen[r].numel())
                 ended = bool(n_new) and tokenizer.eos_token_id is not None and int(gen[r][-1]) == tokenizer.eos_token_id
-                correct, tokens, finished = correct + ok, tokens + n_new, finished + ended
+                says = states_answer(text)
+                correct, tokens, finished, stated = correct + ok, tokens + n_new, finished + ended, stated + says
                 if records is not None:
                     records.append(
                         {
@@ -275,11 +280,13 @@ def exact_match(
                             "correct": ok,
                             "new_tokens": n_new,
                             "finished": ended,
+                            "stated": says,
                         }
                     )
         out[f"{prefix}/exact_match/{name}"] = correct / len(idx)
         out[f"{prefix}/generation/tokens/{name}"] = tokens / len(idx)
         out[f"{prefix}/generation/finished/{name}"] = finished / len(idx)
+        out[f"{prefix}/generation/stated/{name}"] = stated / len(idx)
     model.train(was_training)
     scored = [v for k, v in out.items() if k.startswith(f"{prefix}/exact_match/")]
     if scored:

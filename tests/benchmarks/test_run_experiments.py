@@ -161,10 +161,13 @@ def test_runner_end_to_end_two_steps(tmp_path):
         run = results / "tiny" / name / "seed0"
         assert (run / "result.json").exists() and (run / "metrics.jsonl").exists()
         assert not (run / "final").exists()  # checkpoints stay in the work folder
+        generations = (work / "tiny" / name / "seed0" / "generations.jsonl").read_text()
+        assert (run / "generations.jsonl").read_text() == generations  # the exact-match texts come along
         assert (work / "tiny" / name / "seed0" / "final").exists()
     summary = json.loads((results / "tiny" / "summary.json").read_text())
     assert list(summary) == ["random", "doremi"]
     assert summary["random"]["seeds"] == 1 and "time/step" in summary["random"]
+    assert any(k.startswith("generation/stated/") for k in summary["random"])
     assert set(summary["random"]["per_domain_picks"]) == set(summary["random"]["per_domain_val"])
     assert (results / "tiny" / "plots" / "val_loss_mean.png").exists()
     assert (results / "tiny" / "plots" / "val_loss_time.png").exists()
@@ -216,6 +219,22 @@ def test_paired_exact_match_and_per_domain_exact_match_tables():
     assert "| m | +0.050 ± 0.141 | 1 of 2 seeds | +0.150, -0.050 |" in doc
     doc = runner.fill_doc("<!-- table e/exact_match -->\n<!-- end table -->", {"e": summary})
     assert "| run | x | mean |" in doc and "| m | 0.200 ± 0.070 | - |" in doc
+
+
+def test_generation_table_per_domain_over_the_seeds_that_have_it():
+    summary = {
+        "random": {"seeds": 1, "val/loss_mean": {"mean": 2.0, "std": 0.0, "n": 1}},
+        "m": {
+            "seeds": 3,
+            "generation/stated/x": {"mean": 0.75, "std": 0.1, "n": 2},
+            "generation/finished/x": {"mean": 0.5, "std": 0.2, "n": 3},
+            "generation/tokens/x": {"mean": 41.6, "std": 3.0, "n": 3},
+        },
+    }
+    lines = runner.generation_table(summary).splitlines()
+    assert lines[0] == "| run | answer line: x | ended: x | tokens: x |"
+    assert lines[2:] == ["| m | 0.75 ± 0.10 (2 of 3 seeds) | 0.50 ± 0.20 | 42 ± 3 |"]  # no generations: no row
+    assert runner.generation_table({"random": summary["random"]}) == ""
 
 
 def test_task_yaml_lists_dependencies_of_dependencies(tmp_path):

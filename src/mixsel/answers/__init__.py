@@ -49,6 +49,7 @@ __all__ = [
     "is_correct",
     "normalize_answer",
     "reference_answer",
+    "states_answer",
 ]
 
 #: ``(prediction, reference) -> bool``
@@ -150,6 +151,16 @@ def reference_answer(response: str) -> str | None:
         if line:
             return line
     return _last_boxed(response)
+
+
+def states_answer(text: str) -> bool:
+    """Whether a generation states its answer the way worked solutions do: a ``#### <answer>`` line
+    or a ``\\boxed{}`` (:func:`reference_answer`).
+
+    The answer format is something a fine-tuned model has to learn from the responses it trains on;
+    without it a checker falls back to the text's last number (``gsm8k``) or last line (``exact``).
+    """
+    return reference_answer(text) is not None
 
 
 def final_answer(text: str) -> str:
