@@ -368,10 +368,10 @@ def generation_table(summary: dict[str, dict]) -> str:
     from mixsel.compare import format_cell
 
     kinds = (("stated", "answer line", "{:.2f}"), ("finished", "ended", "{:.2f}"), ("tokens", "tokens", "{:.0f}"))
-    doms = sorted({k.rsplit("/", 1)[1] for row in summary.values() for k in row if k.startswith("generation/")})
     runs = [n for n in summary if any(k.startswith("generation/") for k in summary[n])]
-    if not doms or not runs:
+    if not runs:
         return ""
+    doms = sorted({k.rsplit("/", 1)[1] for n in runs for k in summary[n] if k.startswith("generation/")})
     heads = [f"{title}: {d}" for _, title, _ in kinds for d in doms]
     lines = ["| run | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     for n in runs:

@@ -77,7 +77,8 @@ def _metric(result: dict[str, Any], key: str) -> float | None:
 
 
 def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Mean and sample standard deviation (n - 1) over seeds of each table column, per run name."""
+    """Mean, sample standard deviation (n - 1) and ``n`` (the seeds that have it) of each table column
+    and test metric over seeds, per run name."""
     summary: dict[str, dict[str, Any]] = {}
     for name, runs in results.items():
         row: dict[str, Any] = {"seeds": len(runs)}
