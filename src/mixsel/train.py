@@ -77,6 +77,7 @@ from mixsel.preflight import preflight
 from mixsel.registry import get_reweighter
 from mixsel.runfolder import clear_run
 from mixsel.step import OnlineSelector
+from mixsel.types import DomainStats
 
 __all__ = ["default_threads", "main", "summarize_mixture", "train"]
 
@@ -273,6 +274,163 @@ def _weight_norm(params: list[torch.nn.Parameter]) -> float:
 
 # steps in a row with a zero gradient (and a positive loss) after which a model counts as dead
 _DEAD_STEPS = 3
+# the columns a forward pass reads
+_BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def _backward(
+    model: torch.nn.Module,
+    pool: dict[str, torch.Tensor],
+    chosen: torch.Tensor,
+    weights: torch.Tensor,
+    total_weight: torch.Tensor,
+    *,
+    micro_batch_size: int,
+    device: torch.device,
+    autocast: Any,
+    world_size: int,
+    capture: Any,
+    step: int,
+    out: Path,
+) -> tuple[list[torch.Tensor], int]:
+    """Step 3's forward and backward passes over this rank's selected rows, in micro-batches.
+
+    Each micro-batch adds its share of the weighted mean of per-example losses over the whole
+    selection (``total_weight`` is the selected weight summed over ranks; the gradient all-reduce
+    averages over ``world_size``), so the accumulated gradient is the gradient of that mean.
+
+    Returns:
+        The per-token losses of each micro-batch (for the domain statistics) and the model's output
+        size (0 when this rank trained no row).
+    """
+    from mixsel.features.loss import target_mask, token_losses
+
+    losses: list[torch.Tensor] = []
+    vocab = 0
+    for s in range(0, len(chosen), micro_batch_size):
+        rows = chosen[s : s + micro_batch_size]
+        batch = {key: pool[key][rows].to(device) for key in _BATCH_KEYS}
+        with autocast:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        vocab = logits.shape[-1]
+        tok = token_losses(logits.float(), batch["labels"])  # per token, for DoReMi's per-token excess
+        per_ex = tok.sum(1) / target_mask(batch["labels"]).sum(1).clamp_min(1)
+        if not torch.isfinite(per_ex).all():
+            raise FloatingPointError(
+                f"training diverged: non-finite loss at step {step + 1} (domains "
+                f"{pool['domain_ids'][rows].tolist()}); {_last_good(out)}: lower train.lr or check the "
+                "data, then resume from the last checkpoint with --resume (train.resume=true)"
+            )
+        if capture is not None:
+            capture.watch(per_ex)
+        share = weights[s : s + micro_batch_size].to(device)
+        (per_ex * share).sum().div(total_weight.to(device)).mul(world_size).backward()
+        losses.append(tok.detach().cpu())
+    return losses, vocab
+
+
+def _optimizer_step(
+    params: list[torch.nn.Parameter], optimizer: Any, cfg: ExperimentConfig, world: Any, *, step: int, out: Path
+) -> float:
+    """Average the gradients over ranks, clip them, step the optimiser; returns the total gradient norm.
+
+    The norm is the one before clipping to ``train.grad_clip`` (0 = measured only). Stops the run as
+    diverged, with the weights not updated, when the norm is not finite, and after the update when
+    it multiplied the weight norm by more than ``train.max_weight_growth``.
+    """
+    if world.distributed:
+        for p in params:  # a rank with no selected example still joins the all-reduce, with zeros
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            all_reduce_sum(p.grad).div_(world.world_size)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or math.inf))
+    if not math.isfinite(grad_norm):
+        raise FloatingPointError(
+            f"training diverged: the gradient norm is {grad_norm} at step {step + 1} (the weights were not "
+            f"updated); {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}) or set train.grad_clip, "
+            "then --resume"
+        )
+    norm_before = _weight_norm(params) if cfg.train.max_weight_growth else 0.0
+    optimizer.step()
+    if cfg.train.max_weight_growth:
+        growth = _weight_norm(params) / max(norm_before, 1.0)
+        if not growth <= cfg.train.max_weight_growth:  # also NaN
+            raise FloatingPointError(
+                f"training diverged: step {step + 1} multiplied the weight norm by {growth:.3g} (more than "
+                f"train.max_weight_growth={cfg.train.max_weight_growth:g}); {_last_good(out)}: lower train.lr "
+                f"(now {cfg.train.lr:g}), then --resume"
+            )
+    return grad_norm
+
+
+def _check_learning(
+    train_loss: float, grad_norm: float, vocab: int, dead_steps: int, cfg: ExperimentConfig, *, step: int, out: Path
+) -> int:
+    """Stop a run whose loss exceeds ``train.max_loss_factor`` x ln(vocab) or whose gradient died.
+
+    Returns:
+        The number of steps in a row, up to this one, with a zero gradient and a positive loss.
+    """
+    ceiling = cfg.train.max_loss_factor * math.log(vocab) if cfg.train.max_loss_factor and vocab > 1 else None
+    if ceiling is not None and train_loss > ceiling:
+        raise FloatingPointError(
+            f"training diverged: the train loss {train_loss:.4g} at step {step + 1} exceeds train.max_loss_factor="
+            f"{cfg.train.max_loss_factor:g} x ln(vocab size {vocab}) = {ceiling:.4g} (uniform guessing scores "
+            f"{math.log(vocab):.3g}); {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}), then --resume"
+        )
+    dead_steps = dead_steps + 1 if grad_norm == 0.0 and train_loss > 0 else 0
+    if dead_steps >= _DEAD_STEPS:
+        raise FloatingPointError(
+            f"training diverged: the gradient has been exactly 0 for {dead_steps} steps (up to step {step + 1}) "
+            f"with a train loss of {train_loss:.4g}: the model stopped learning, typically after a too-large "
+            f"step; {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}), then --resume"
+        )
+    return dead_steps
+
+
+def _domain_gradient_stats(
+    stats: DomainStats,
+    model: torch.nn.Module,
+    pool: dict[str, torch.Tensor],
+    trained: dict[str, torch.Tensor],
+    chosen_domains: torch.Tensor,
+    val_split: Any,
+    capture: Any,
+    cfg: ExperimentConfig,
+    world: Any,
+    *,
+    step: int,
+    pad_id: int,
+    with_validation: bool,
+    grad_kw: dict[str, Any],
+) -> None:
+    """Step 4 for DoGraph: fill ``stats.grad`` (and ``stats.val_grad`` when ``with_validation``).
+
+    ``reweighting.grad_rows=trained`` projects the gradients ``capture`` kept from the training
+    backward; ``pool`` runs a separate pass over this rank's share of the pool.
+    """
+    num_domains = len(stats.counts)
+    rc = cfg.reweighting
+    val_batch = None
+    if with_validation:
+        val_rows = bookkeeping.balanced_rows(val_split.domain_ids, num_domains, rc.val_per_domain)
+        val_batch = val_split.collate(val_rows, pad_id)
+    if capture is not None:  # the trained rows, captured in the backward
+        stats.grad = bookkeeping.captured_domain_gradients(
+            capture, trained, chosen_domains, num_domains, model=model, **grad_kw
+        )
+        if val_batch is not None:
+            stats.val_grad = bookkeeping.validation_gradient(model, val_batch, **grad_kw)
+    else:  # reweighting.grad_rows=pool: this rank's share of the pool, in a separate pass
+        rows = torch.arange(pool["input_ids"].shape[0])[world.rank :: world.world_size]
+        stats.grad, stats.val_grad = bookkeeping.domain_gradients(
+            model,
+            {key: pool[key][rows] for key in _BATCH_KEYS},
+            pool["domain_ids"][rows],
+            num_domains,
+            val_batch=val_batch,
+            **grad_kw,
+        )
 
 
 def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -286,7 +444,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     from mixsel.data.build import load_mixture
     from mixsel.data.sampler import CandidateSampler
     from mixsel.evaluate import domain_losses, exact_match
-    from mixsel.features.loss import target_mask, token_losses
+    from mixsel.features.loss import target_mask
     from mixsel.logging import build_loggers, check_report_to, launch_message, progress_postfix, truncate_jsonl
     from mixsel.model import build_model, build_tokenizer, quiet_hf_progress
     from mixsel.plots import plot_run
@@ -515,61 +673,35 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         w = bookkeeping.example_weights(mine, chosen_domains, use_weights=use_weights, loss_weights=loss_w)
         total_w = all_reduce_sum(w.sum().clone()).clamp_min(1e-12)
         optimizer.zero_grad(set_to_none=True)
-        losses = []
         mb = cfg.train.micro_batch_size
         stats_step = bookkeeping.is_stats_step(step, update_every, amortize)
-        fc, rc = cfg.selection.features, cfg.reweighting
+        rc = cfg.reweighting
         grad_kw = {"source": fc.source, "modules": fc.modules, "projection_dim": rc.projection_dim, "seed": cfg.seed}
         capture = None  # DoGraph's domain gradients of the trained rows, from this very backward
         if reweighter.needs_grad and stats_step and rc.grad_rows == "trained":
             capture = bookkeeping.gradient_capture(model, **grad_kw)
         with capture if capture is not None else contextlib.nullcontext():
-            for s in range(0, len(chosen), mb):
-                rows = chosen[s : s + mb]
-                batch = {key: pool[key][rows].to(device) for key in ("input_ids", "attention_mask", "labels")}
-                with autocast:
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                vocab = logits.shape[-1]
-                tok = token_losses(logits.float(), batch["labels"])  # per token, for DoReMi's per-token excess
-                per_ex = tok.sum(1) / target_mask(batch["labels"]).sum(1).clamp_min(1)
-                if not torch.isfinite(per_ex).all():
-                    raise FloatingPointError(
-                        f"training diverged: non-finite loss at step {step + 1} (domains "
-                        f"{chosen_domains[s : s + mb].tolist()}); {_last_good(out)}: lower train.lr or check the "
-                        "data, then resume from the last checkpoint with --resume (train.resume=true)"
-                    )
-                if capture is not None:
-                    capture.watch(per_ex)
-                (per_ex * w[s : s + mb].to(device)).sum().div(total_w.to(device)).mul(world.world_size).backward()
-                losses.append(tok.detach().cpu())
-        if world.distributed:
-            for p in params:  # a rank with no selected example still joins the all-reduce, with zeros
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                all_reduce_sum(p.grad).div_(world.world_size)
-        # the total gradient norm, clipped to train.grad_clip (0 = measured only: a factor of exactly 1)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or math.inf))
-        if not math.isfinite(grad_norm):
-            raise FloatingPointError(
-                f"training diverged: the gradient norm is {grad_norm} at step {step + 1} (the weights were not "
-                f"updated); {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}) or set train.grad_clip, "
-                "then --resume"
+            losses, step_vocab = _backward(
+                model,
+                pool,
+                chosen,
+                w,
+                total_w,
+                micro_batch_size=mb,
+                device=device,
+                autocast=autocast,
+                world_size=world.world_size,
+                capture=capture,
+                step=step,
+                out=out,
             )
-        norm_before = _weight_norm(params) if cfg.train.max_weight_growth else 0.0
-        optimizer.step()
-        if cfg.train.max_weight_growth:
-            growth = _weight_norm(params) / max(norm_before, 1.0)
-            if not growth <= cfg.train.max_weight_growth:  # also NaN
-                raise FloatingPointError(
-                    f"training diverged: step {step + 1} multiplied the weight norm by {growth:.3g} (more than "
-                    f"train.max_weight_growth={cfg.train.max_weight_growth:g}); {_last_good(out)}: lower train.lr "
-                    f"(now {cfg.train.lr:g}), then --resume"
-                )
+        vocab = step_vocab or vocab  # a rank that trained no row keeps the size it saw last
+        grad_norm = _optimizer_step(params, optimizer, cfg, world, step=step, out=out)
         scheduler.step()
         t2 = time.perf_counter()
 
         # 4. domain statistics (summed over ranks) -> reweighter
-        trained = {key: pool[key][chosen] for key in ("input_ids", "attention_mask", "labels")}
+        trained = {key: pool[key][chosen] for key in _BATCH_KEYS}
         stats = bookkeeping.domain_stats(
             chosen_domains,
             torch.cat(losses) if losses else torch.zeros(0),
@@ -581,26 +713,21 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             mask=target_mask(trained["labels"]),
         )
         if reweighter.needs_grad and stats_step:  # domain gradient statistics (DoGraph)
-            val_rows = bookkeeping.balanced_rows(val_split.domain_ids, num_domains, rc.val_per_domain)
-            val_batch = None
-            if bookkeeping.is_update_step(step, update_every) or amortize:
-                val_batch = val_split.collate(val_rows, pad_id)
-            if capture is not None:  # the trained rows, captured in the backward above
-                stats.grad = bookkeeping.captured_domain_gradients(
-                    capture, trained, chosen_domains, num_domains, model=model, **grad_kw
-                )
-                if val_batch is not None:
-                    stats.val_grad = bookkeeping.validation_gradient(model, val_batch, **grad_kw)
-            else:  # reweighting.grad_rows=pool: this rank's share of the pool, in a separate pass
-                rows = torch.arange(pool["input_ids"].shape[0])[world.rank :: world.world_size]
-                stats.grad, stats.val_grad = bookkeeping.domain_gradients(
-                    model,
-                    {key: pool[key][rows] for key in ("input_ids", "attention_mask", "labels")},
-                    pool["domain_ids"][rows],
-                    num_domains,
-                    val_batch=val_batch,
-                    **grad_kw,
-                )
+            _domain_gradient_stats(
+                stats,
+                model,
+                pool,
+                trained,
+                chosen_domains,
+                val_split,
+                capture,
+                cfg,
+                world,
+                step=step,
+                pad_id=pad_id,
+                with_validation=bookkeeping.is_update_step(step, update_every) or amortize,
+                grad_kw=grad_kw,
+            )
         bookkeeping.reduce_stats(stats, all_reduce_sum)
         if stats_step:  # the reweighter accumulates and acts every update_every calls (amortize: every call)
             reweighter.update(stats)
@@ -622,21 +749,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             }
         )
         metrics["train/grad_norm"] = grad_norm
-        train_loss = metrics["train/loss"]
-        ceiling = cfg.train.max_loss_factor * math.log(vocab) if cfg.train.max_loss_factor and vocab > 1 else None
-        if ceiling is not None and train_loss > ceiling:
-            raise FloatingPointError(
-                f"training diverged: the train loss {train_loss:.4g} at step {step + 1} exceeds train.max_loss_factor="
-                f"{cfg.train.max_loss_factor:g} x ln(vocab size {vocab}) = {ceiling:.4g} (uniform guessing scores "
-                f"{math.log(vocab):.3g}); {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}), then --resume"
-            )
-        dead_steps = dead_steps + 1 if grad_norm == 0.0 and train_loss > 0 else 0
-        if dead_steps >= _DEAD_STEPS:
-            raise FloatingPointError(
-                f"training diverged: the gradient has been exactly 0 for {dead_steps} steps (up to step {step + 1}) "
-                f"with a train loss of {train_loss:.4g}: the model stopped learning, typically after a too-large "
-                f"step; {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}), then --resume"
-            )
+        dead_steps = _check_learning(metrics["train/loss"], grad_norm, vocab, dead_steps, cfg, step=step, out=out)
         metrics.update({k: v for k, v in reweighter.log_dict().items() if not k.startswith("weights/")})
         comp = stats.counts / stats.counts.sum().clamp_min(1)
         for d, name in enumerate(domains):
