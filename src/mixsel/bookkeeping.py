@@ -36,6 +36,7 @@ from mixsel.types import DomainStats, Selection
 
 __all__ = [
     "ANCHOR_SAMPLING",
+    "MODEL_KEYS",
     "balanced_rows",
     "captured_domain_gradients",
     "domain_gradients",
@@ -58,7 +59,8 @@ ANCHOR_SAMPLING = ("uniform", "balanced")
 
 log = logging.getLogger(__name__)
 
-_MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+#: The batch columns a forward pass reads.
+MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def mixture_weights(reweighter: Reweighter) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -255,7 +257,7 @@ def reference_losses(
     step = micro_batch_size or max(n, 1)
     out = []
     for s in range(0, n, step):
-        rows = {k: batch[k][s : s + step].to(device) for k in _MODEL_KEYS if k in batch}
+        rows = {k: batch[k][s : s + step].to(device) for k in MODEL_KEYS if k in batch}
         out.append(head_pass(reference, rows, token_losses=True)["token_losses"].double().cpu())
     width = max(int(batch["labels"].shape[1]) - 1, 0)
     return torch.cat(out) if out else torch.zeros(0, width, dtype=torch.float64)
@@ -378,7 +380,7 @@ def captured_domain_gradients(
     feats, missing = capture.features()
     if bool(missing.any()):
         rows = torch.nonzero(missing).flatten()
-        sub = {k: batch[k][rows] for k in _MODEL_KEYS}
+        sub = {k: batch[k][rows] for k in MODEL_KEYS}
         feats[rows] = _row_features(
             model, sub, source=source, modules=modules, projection_dim=projection_dim, seed=seed
         ).to(feats.dtype)
@@ -401,7 +403,7 @@ def _row_features(
     was_training = model.training
     model.eval()
     try:
-        on_device = {k: batch[k].to(device) for k in _MODEL_KEYS}
+        on_device = {k: batch[k].to(device) for k in MODEL_KEYS}
         return pool_gradient_features(model, on_device, **_grad_kwargs(source, modules, projection_dim, seed))[
             "grads"
         ].cpu()

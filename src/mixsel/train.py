@@ -274,8 +274,6 @@ def _weight_norm(params: list[torch.nn.Parameter]) -> float:
 
 # steps in a row with a zero gradient (and a positive loss) after which a model counts as dead
 _DEAD_STEPS = 3
-# the columns a forward pass reads
-_BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def _backward(
@@ -309,7 +307,7 @@ def _backward(
     vocab = 0
     for s in range(0, len(chosen), micro_batch_size):
         rows = chosen[s : s + micro_batch_size]
-        batch = {key: pool[key][rows].to(device) for key in _BATCH_KEYS}
+        batch = {key: pool[key][rows].to(device) for key in bookkeeping.MODEL_KEYS}
         with autocast:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         vocab = logits.shape[-1]
@@ -399,7 +397,6 @@ def _domain_gradient_stats(
     cfg: ExperimentConfig,
     world: Any,
     *,
-    step: int,
     pad_id: int,
     with_validation: bool,
     grad_kw: dict[str, Any],
@@ -425,7 +422,7 @@ def _domain_gradient_stats(
         rows = torch.arange(pool["input_ids"].shape[0])[world.rank :: world.world_size]
         stats.grad, stats.val_grad = bookkeeping.domain_gradients(
             model,
-            {key: pool[key][rows] for key in _BATCH_KEYS},
+            {key: pool[key][rows] for key in bookkeeping.MODEL_KEYS},
             pool["domain_ids"][rows],
             num_domains,
             val_batch=val_batch,
@@ -701,7 +698,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         t2 = time.perf_counter()
 
         # 4. domain statistics (summed over ranks) -> reweighter
-        trained = {key: pool[key][chosen] for key in _BATCH_KEYS}
+        trained = {key: pool[key][chosen] for key in bookkeeping.MODEL_KEYS}
         stats = bookkeeping.domain_stats(
             chosen_domains,
             torch.cat(losses) if losses else torch.zeros(0),
@@ -723,7 +720,6 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
                 capture,
                 cfg,
                 world,
-                step=step,
                 pad_id=pad_id,
                 with_validation=bookkeeping.is_update_step(step, update_every) or amortize,
                 grad_kw=grad_kw,

@@ -593,7 +593,7 @@ class SelectionTrainer(Trainer):
         domain_weights = reweighting.weights if reweighting is not None else None
 
         t0 = time.perf_counter()
-        pool = {key: inputs[key] for key in ("input_ids", "attention_mask", "labels") if key in inputs}
+        pool = {key: inputs[key] for key in bookkeeping.MODEL_KEYS if key in inputs}
         pool["domain_ids"] = domain_ids
         lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else self.args.learning_rate
         result = self.online(
@@ -668,7 +668,7 @@ class SelectionTrainer(Trainer):
 
         num = len(self.domains)
         rw = self.reweighting_callback.reweighter if self.reweighting_callback is not None else None
-        trained = {k: pool[k][idx.to(pool[k].device)] for k in ("input_ids", "attention_mask", "labels")}
+        trained = {k: pool[k][idx.to(pool[k].device)] for k in bookkeeping.MODEL_KEYS}
         ref = None
         if rw is not None and rw.needs_reference and self.reference_model is not None:
             ref_model = self.reference_model
