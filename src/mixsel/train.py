@@ -430,6 +430,111 @@ def _domain_gradient_stats(
         )
 
 
+def _check_anchors(cfg: ExperimentConfig, selector: Any, val_rows: int) -> None:
+    """Refuse a selector that matches validation anchors when the validation split is empty."""
+    if val_rows == 0 and cfg.selection.features.val_anchors and selector.requires & {"val_scores", "val_gram"}:
+        raise ValueError(
+            f"selection.method={cfg.selection.method!r} needs validation anchors but the validation split is empty: "
+            "set data.val_per_domain >= 1 (or give validation rows in data.split_column)"
+        )
+
+
+def _build_reweighter(cfg: ExperimentConfig, domains: list[str], *, update_every: int) -> Any:
+    """The ``reweighting.method`` reweighter with its ``reweighting.options`` (one clear line for a bad one)."""
+    options = _weights_from(dict(cfg.reweighting.options), domains)
+    try:
+        return get_reweighter(cfg.reweighting.method, domains=domains, update_every=update_every, **options)
+    except TypeError as err:  # an unknown or missing keyword option
+        raise ValueError(
+            f"reweighting.options for {cfg.reweighting.method!r}: {err}; docs/reweighting.md lists the options"
+        ) from None
+
+
+def _reference_model(cfg: ExperimentConfig, tokenizer: Any, device: torch.device) -> torch.nn.Module | None:
+    """DoReMi's frozen reference model (``reweighting.reference_model``), or ``None``."""
+    if not cfg.reweighting.reference_model:
+        return None
+    from mixsel.config import ModelConfig
+    from mixsel.model import build_model
+
+    reference = build_model(
+        ModelConfig(name_or_path=cfg.reweighting.reference_model), tokenizer, field="reweighting.reference_model"
+    ).to(device)
+    return reference.eval().requires_grad_(False)
+
+
+def _restore(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    sampler: Any,
+    selector: Any,
+    reweighter: Any,
+    cfg: ExperimentConfig,
+    world: Any,
+) -> int:
+    """Load a checkpoint's states into the run's components (exact resume); returns its step."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _restate_schedule(optimizer, scheduler, cfg)
+    sampler.load_state_dict(state["sampler"])
+    selector.load_state_dict(_selector_state(state, world))
+    reweighter.load_state_dict(state["reweighter"])
+    set_rng_state(state["rng"])
+    log.info("resumed from step %d", state["step"])
+    return int(state["step"])
+
+
+def _open_run_folder(out: Path, cfg: ExperimentConfig, mode: str, world: Any, start: int) -> list[Any]:
+    """Write the run folder, only now that config, data and model are known to work; returns the loggers.
+
+    Clears it first under ``mode="overwrite"``; on a resume, ``metrics.jsonl`` and
+    ``selections.jsonl`` keep their lines up to the resumed step (all are dropped on a fresh start).
+    Other ranks than the main one get no loggers.
+    """
+    from mixsel.logging import build_loggers, truncate_jsonl
+
+    barrier()  # every rank has checked the folder before rank 0 writes into it
+    if not world.is_main:
+        return []
+    remove_leftovers(out)
+    if mode == "overwrite":
+        clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    keep = start + 1 if start else 0
+    loggers = build_loggers(out, cfg.train.report_to, truncate_from=keep, run_name=cfg.name, config=config_to_dict(cfg))
+    if cfg.train.log_selections:
+        truncate_jsonl(out / "selections.jsonl", keep)
+    return loggers
+
+
+def _write_final(
+    out: Path,
+    cfg: ExperimentConfig,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    result: dict[str, Any],
+    generations: list[dict[str, Any]],
+) -> None:
+    """The run's plots, ``final/`` (model and tokenizer), ``generations.jsonl`` and, last, ``result.json``."""
+    from mixsel.model import quiet_hf_progress
+    from mixsel.plots import plot_run
+
+    if cfg.train.plots:
+        plot_run(out)
+    final_dir = out / "final"
+    with quiet_hf_progress():
+        model.save_pretrained(final_dir)
+    tokenizer.save_pretrained(final_dir)
+    if generations:
+        _write_atomic(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in generations))
+    # written last: a result.json marks a finished run
+    _write_atomic(out / "result.json", json.dumps(result, indent=2))
+
+
 def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run one experiment; returns the content of ``result.json``.
 
@@ -442,9 +547,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     from mixsel.data.sampler import CandidateSampler
     from mixsel.evaluate import domain_losses, exact_match
     from mixsel.features.loss import target_mask
-    from mixsel.logging import build_loggers, check_report_to, launch_message, progress_postfix, truncate_jsonl
-    from mixsel.model import build_model, build_tokenizer, quiet_hf_progress
-    from mixsel.plots import plot_run
+    from mixsel.logging import check_report_to, launch_message, progress_postfix
+    from mixsel.model import build_model, build_tokenizer
 
     # ---- checks before anything is loaded or written -----------------------------------------
     check_report_to(cfg.train.report_to)
@@ -467,19 +571,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     say(summarize_mixture(mixture, cfg.eval), flush=True)
     domains, train_split = mixture.domains, mixture.train
     num_domains = len(domains)
-    if (
-        len(mixture.validation) == 0
-        and cfg.selection.features.val_anchors
-        and selector.requires
-        & {
-            "val_scores",
-            "val_gram",
-        }
-    ):
-        raise ValueError(
-            f"selection.method={cfg.selection.method!r} needs validation anchors but the validation split is empty: "
-            "set data.val_per_domain >= 1 (or give validation rows in data.split_column)"
-        )
+    _check_anchors(cfg, selector, len(mixture.validation))
     pad_id = tokenizer.pad_token_id
     model = build_model(cfg.model, tokenizer).to(device)
     model.train()
@@ -514,69 +606,25 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         tqdm.write(launch, file=sys.stderr)
     else:
         log.info(launch)
-    rw_options = _weights_from(dict(cfg.reweighting.options), domains)
     # reweighting.amortize: the loop computes the statistics and updates the reweighter every update_every steps
     update_every = cfg.reweighting.update_every
     amortize = cfg.reweighting.amortize and update_every > 1
-    try:
-        reweighter = get_reweighter(
-            cfg.reweighting.method, domains=domains, update_every=1 if amortize else update_every, **rw_options
-        )
-    except TypeError as err:  # an unknown or missing keyword option
-        raise ValueError(
-            f"reweighting.options for {cfg.reweighting.method!r}: {err}; docs/reweighting.md lists the options"
-        ) from None
-    reference = None
-    if cfg.reweighting.reference_model:
-        from mixsel.config import ModelConfig
-
-        reference = build_model(
-            ModelConfig(name_or_path=cfg.reweighting.reference_model), tokenizer, field="reweighting.reference_model"
-        ).to(device)
-        reference.eval().requires_grad_(False)
+    reweighter = _build_reweighter(cfg, domains, update_every=1 if amortize else update_every)
+    reference = _reference_model(cfg, tokenizer, device)
     sampler = CandidateSampler(train_split.domain_ids, pool_size, seed=cfg.seed, num_domains=num_domains)
     autocast = _autocast(cfg.train.autocast, device)
 
     # ---- resume ------------------------------------------------------------------------------
     start = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _restate_schedule(optimizer, scheduler, cfg)
-        sampler.load_state_dict(state["sampler"])
-        selector.load_state_dict(_selector_state(state, world))
-        reweighter.load_state_dict(state["reweighter"])
-        set_rng_state(state["rng"])
-        start = state["step"]
-        log.info("resumed from step %d", start)
+        start = _restore(state, model, optimizer, scheduler, sampler, selector, reweighter, cfg, world)
     state = None  # the checkpoint's tensors are in the model and optimizer now
 
     # ---- the run folder: written only now that config, data and model are known to work ------
-    barrier()  # every rank has checked the folder before rank 0 writes into it
-    if world.is_main:
-        remove_leftovers(out)
-        if mode == "overwrite":
-            clear_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    loggers = _open_run_folder(out, cfg, mode, world, start)
     fingerprint = config_fingerprint(cfg)  # what a resume must match
     result_fingerprint = config_fingerprint(cfg, RESULT_SAFE_FIELDS)  # what mixsel compare resumes on
     run_config = json.loads(json.dumps(run_fields(cfg), default=str))
-    # metrics.jsonl keeps the lines up to the resumed step (all of them are dropped on a fresh start)
-    loggers = (
-        build_loggers(
-            out,
-            cfg.train.report_to,
-            truncate_from=start + 1 if start else 0,
-            run_name=cfg.name,
-            config=config_to_dict(cfg),
-        )
-        if world.is_main
-        else []
-    )
-    if world.is_main and cfg.train.log_selections:  # the same for the selections log
-        truncate_jsonl(out / "selections.jsonl", start + 1 if start else 0)
 
     def log_metrics(metrics: dict[str, Any], step: int) -> None:
         for logger in loggers:
@@ -800,16 +848,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     if world.is_main:
         for logger in loggers:
             logger.close()
-        if cfg.train.plots:
-            plot_run(out)
-        final_dir = out / "final"
-        with quiet_hf_progress():
-            model.save_pretrained(final_dir)
-        tokenizer.save_pretrained(final_dir)
-        if generations:
-            _write_atomic(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in generations))
-        # written last: a result.json marks a finished run
-        _write_atomic(out / "result.json", json.dumps(result, indent=2))
+        _write_final(out, cfg, model, tokenizer, result, generations)
     if cfg.train.save_every:  # on every rank: checkpoint() is a collective
         checkpoint(cfg.train.max_steps)
     barrier()
