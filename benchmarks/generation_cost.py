@@ -59,6 +59,37 @@ def token_steps(lengths: list[int], batch_size: int, chunk: int, limit: int) -> 
     return total
 
 
+def load_model_and_split(config: str, overrides: list[str], adapter: str | None, split: str) -> tuple[Any, ...]:
+    """The config (``mixsel train``'s file and overrides), its tokenizer, one split of its data and its model.
+
+    ``adapter``, when given, is a LoRA adapter folder that ``mixsel train`` saved (its ``final/``),
+    loaded into the config's LoRA modules. The model is returned in ``eval()`` mode.
+    """
+    from mixsel.config import load_config
+    from mixsel.data.build import load_mixture
+    from mixsel.model import build_model, build_tokenizer
+
+    cfg = load_config(config, overrides)
+    tokenizer = build_tokenizer(cfg.model)
+    rows = getattr(load_mixture(cfg.data, tokenizer, seed=cfg.seed), split)
+    model = build_model(cfg.model, tokenizer)
+    if adapter:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+        missing = set_peft_model_state_dict(model, state).unexpected_keys
+        if missing:
+            raise SystemExit(f"{adapter}: {len(missing)} adapter tensors match no LoRA module of the config")
+    return cfg, tokenizer, rows, model.eval()
+
+
+def config_label(config: str) -> str:
+    """``config`` relative to the repository when it lies inside it (as results record it)."""
+    path = Path(config).resolve()
+    return str(path.relative_to(ROOT)) if ROOT in path.parents else config
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
@@ -74,26 +105,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from mixsel.config import load_config
-    from mixsel.data.build import load_mixture
     from mixsel.evaluate import exact_match
-    from mixsel.model import build_model, build_tokenizer
 
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, args.overrides)
+    cfg, tokenizer, split, model = load_model_and_split(args.config, args.overrides, args.adapter, "test")
     limit = cfg.eval.max_new_tokens
-    tokenizer = build_tokenizer(cfg.model)
-    split = load_mixture(cfg.data, tokenizer, seed=cfg.seed).test
-    model = build_model(cfg.model, tokenizer)
-    if args.adapter:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        state = load_file(str(Path(args.adapter) / "adapter_model.safetensors"))
-        missing = set_peft_model_state_dict(model, state).unexpected_keys
-        if missing:
-            raise SystemExit(f"{args.adapter}: {len(missing)} adapter tensors match no LoRA module of the config")
-    model.eval()
 
     runs: dict[str, dict[str, Any]] = {}
     texts: dict[str, list[str]] = {}
@@ -125,9 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         d["answer_marker"] += "####" in r["generated"]
     lengths = [r["new_tokens"] for r in records]
     result = {
-        "config": str(Path(args.config).resolve().relative_to(ROOT))
-        if ROOT in Path(args.config).resolve().parents
-        else args.config,
+        "config": config_label(args.config),
         "overrides": args.overrides,
         "adapter": args.adapter,
         "per_domain": args.per_domain,

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,23 +72,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from mixsel.config import load_config
-    from mixsel.data.build import load_mixture
-    from mixsel.model import build_model, build_tokenizer
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from generation_cost import config_label, load_model_and_split
 
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, args.overrides)
-    tokenizer = build_tokenizer(cfg.model)
-    split = load_mixture(cfg.data, tokenizer, seed=cfg.seed).train
-    model = build_model(cfg.model, tokenizer)
-    if args.adapter:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        state = load_file(str(Path(args.adapter) / "adapter_model.safetensors"))
-        if set_peft_model_state_dict(model, state).unexpected_keys:
-            raise SystemExit(f"{args.adapter}: its adapter tensors do not match the config's LoRA modules")
-    model.eval()
+    cfg, tokenizer, split, model = load_model_and_split(args.config, args.overrides, args.adapter, "train")
     generator = torch.Generator().manual_seed(cfg.seed)
     domains: dict[str, Any] = {}
     for d, name in enumerate(split.domains):
@@ -98,9 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         norm, loss = domains[name]["grad_norm"]["median"], domains[name]["loss"]["mean"]
         print(f"{name}: ||G|| median {norm:.3f}, loss {loss:.3f}")
     result = {
-        "config": str(Path(args.config).resolve().relative_to(ROOT))
-        if ROOT in Path(args.config).resolve().parents
-        else args.config,
+        "config": config_label(args.config),
         "overrides": args.overrides,
         "adapter": args.adapter,
         "per_domain": args.per_domain,
