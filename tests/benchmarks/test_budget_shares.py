@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("budget_shares", ROOT / "benchmarks" / "budget_shares.py")
-shares = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(shares)
+from _scripts import load_script
+
+shares = load_script("benchmarks/budget_shares.py")
 
 
 def test_one_pick_goes_to_the_lowest_id_under_smallest_first():

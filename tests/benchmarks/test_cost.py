@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,21 +10,12 @@ import torch
 from mixsel.config import load_config
 
 from _fast import FAST
+from _scripts import load_script
 
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cost = _load("cost")
+cost = load_script("benchmarks/cost.py")
 
 
 @pytest.mark.parametrize("method", ["partitionsel", "big_loss"])

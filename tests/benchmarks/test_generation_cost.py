@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from _fast import FAST
+from _scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("generation_cost", ROOT / "benchmarks" / "generation_cost.py")
-generation_cost = importlib.util.module_from_spec(spec)
-sys.modules["generation_cost"] = generation_cost
-spec.loader.exec_module(generation_cost)
+generation_cost = load_script("benchmarks/generation_cost.py")
 
 
 def test_token_steps_by_hand():

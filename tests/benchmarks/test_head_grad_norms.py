@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from _fast import FAST
+from _scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("head_grad_norms", ROOT / "benchmarks" / "head_grad_norms.py")
-head_grad_norms = importlib.util.module_from_spec(spec)
-sys.modules["head_grad_norms"] = head_grad_norms
-spec.loader.exec_module(head_grad_norms)
+head_grad_norms = load_script("benchmarks/head_grad_norms.py")
 
 
 def test_summarize_by_hand():

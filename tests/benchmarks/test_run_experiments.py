@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from _fast import FAST
+from _scripts import load_script
 
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-runner = _load("run_experiments")
+runner = load_script("benchmarks/run_experiments.py")
 
 
 def test_refs_finds_every_run_reference():
@@ -82,7 +71,7 @@ def test_picks_average_domain_shares_over_steps_and_tabulate():
 
 
 def test_seconds_accumulate_step_times_in_step_order():
-    plots = _load("plot_experiments")
+    plots = load_script("benchmarks/plot_experiments.py")
     rows = [{"step": 2, "time/step": 3.0}, {"step": 1, "time/step": 1.5}, {"step": 2, "val/loss_mean": 4.0}]
     assert plots._seconds(rows) == {1: 1.5, 2: 4.5}
 

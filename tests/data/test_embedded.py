@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -22,14 +20,7 @@ from mixsel.data.embedded import (
     record_text,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_build_script():
-    spec = importlib.util.spec_from_file_location("build_corpus", ROOT / "scripts" / "build_corpus.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _scripts import load_script
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +30,7 @@ def records():
 
 @pytest.fixture(scope="module")
 def build():
-    return _load_build_script()
+    return load_script("scripts/build_corpus.py")
 
 
 @pytest.fixture(scope="module")

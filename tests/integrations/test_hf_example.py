@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+
+from _scripts import load_script
 
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hf_trainer.py"
-
 
 @pytest.mark.slow
 def test_example_runs_and_resumes(tmp_path):
-    spec = importlib.util.spec_from_file_location("hf_trainer_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("examples/hf_trainer.py", "hf_trainer_example")
     common = [
         "--selector",
         "big_loss",
