@@ -55,11 +55,11 @@ def test_head_stats_match_a_per_example_backward():
     model = build_model(cfg.model, tokenizer).eval()
     rows = split.indices_of(0)[:5]
     stats = head_grad_norms.head_stats(model, split, rows, tokenizer.pad_token_id, batch_size=2)
-    norms, losses = _oracle(model, split.collate(rows, tokenizer.pad_token_id))
+    batch = split.collate(rows, tokenizer.pad_token_id)
+    norms, losses = _oracle(model, batch)
     assert stats["grad_norm"] == pytest.approx(norms, rel=1e-4)
     assert stats["loss"] == pytest.approx(losses, rel=1e-4)
-    labels = split.collate(rows, tokenizer.pad_token_id)["labels"]
-    assert stats["target_tokens"] == (labels[:, 1:] != -100).sum(1).tolist()
+    assert stats["target_tokens"] == (batch["labels"][:, 1:] != -100).sum(1).tolist()
 
 
 def test_one_short_run(tmp_path):
