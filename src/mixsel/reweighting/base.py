@@ -38,6 +38,8 @@ class Reweighter(Protocol):
         mode: where the weights act: ``"sampling"``, ``"loss"`` or ``"both"``.
         needs_reference: ``update`` needs ``DomainStats.ref_loss_sum`` (DoReMi).
         needs_grad: ``update`` needs ``DomainStats.grad`` and, on update steps, ``val_grad`` (DoGraph).
+        needs_val_grad: ``update`` reads ``DomainStats.val_grad`` on update steps (optional attribute;
+            the loops take ``needs_grad`` when it is absent; DoGE's default target does not read it).
         update_every: the update rule runs once every this many ``update`` calls (the calls in
             between accumulate their statistics).
     """

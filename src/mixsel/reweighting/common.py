@@ -166,6 +166,11 @@ class ScheduledReweighter:
     #: ``DomainStats.grad`` (and ``val_grad`` on update steps) is required.
     needs_grad: ClassVar[bool] = False
 
+    @property
+    def needs_val_grad(self) -> bool:
+        """``DomainStats.val_grad`` is read on update steps (every gradient reweighter unless it says otherwise)."""
+        return self.needs_grad
+
     def __init__(self, domains: list[str], *, mode: Mode | None = None, update_every: int = 1) -> None:
         domains = [str(d) for d in domains]
         if not domains:

@@ -100,6 +100,11 @@ class DoGEReweighter(ScheduledReweighter):
     #: The training loop must fill ``DomainStats.grad`` (and ``val_grad`` for ``target="validation"``).
     needs_grad: ClassVar[bool] = True
 
+    @property
+    def needs_val_grad(self) -> bool:
+        """Only ``target="validation"`` reads the validation gradient; ``"others"`` (the default) never does."""
+        return self.target == "validation"
+
     def __init__(
         self,
         domains: list[str],
