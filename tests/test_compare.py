@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -119,6 +120,9 @@ def test_cli_methods_lists_all(capsys):
         "doremi",
     ):
         assert name in out
+    # one line each: name, kind, cost class, what it needs (tests/test_cli.py checks every name)
+    assert re.search(r"^partitionsel +selector +gradients +gram, val_scores", out, re.MULTILINE)
+    assert re.search(r"^doremi +reweighter +forward +mode loss; reference-model losses", out, re.MULTILINE)
 
 
 def test_cli_offline_select(tmp_path, capsys):

@@ -8,7 +8,10 @@ mixsel compare [--config FILE] [a.b=c ...] [-q | -v]
 mixsel select  --features FILE --method NAME --k K [--out FILE] [--option key=value ...]
                                               offline selection from saved features (a dict of
                                               domains, feature tensors, optional source_sizes)
-mixsel methods                                registered selectors and reweighters
+mixsel methods                                registered selectors and reweighters, one line each: the
+                                              kind, the cost class (none, forward, gradients,
+                                              zeroth-order) and what it needs from the training loop
+mixsel --version                              mixsel, torch and transformers versions
 
 Output: the result table on stdout; by default also the start lines (run folder, data, threads, the
 data summary) and a progress bar; ``-q`` prints the result only, ``-v`` adds INFO logs
@@ -194,12 +197,131 @@ def _cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_methods(args: argparse.Namespace) -> int:
-    from mixsel.registry import available_reweighters, available_selectors
+#: What each cost class of ``mixsel methods`` costs: a selector per pool, a reweighter per training step.
+COST_CLASSES: dict[str, str] = {
+    "none": "no model pass",
+    "forward": "one no-grad forward: of the pool (selector); of a reference model on the trained rows (reweighter)",
+    "gradients": "per-example gradient features of the pool (selector); the trained rows' domain gradients, and "
+    "validation gradients on update steps if it reads them (reweighter)",
+    "zeroth-order": "two perturbed no-grad forwards of the pool (SPSA)",
+    "unknown": "requires a feature mixsel does not compute",
+}
 
-    print("selectors:   " + ", ".join(available_selectors()))
-    print("reweighters: " + ", ".join(available_reweighters()))
+
+def _declared(table: dict[str, Any], name: str, build: Any) -> Any:
+    """The instance ``build()`` makes (its defaults), or the registered class when it needs options."""
+    try:
+        return build()
+    except Exception:  # a method without defaults (static: weights=...): read its class attributes
+        return table[name]
+
+
+def selector_cost(requires: frozenset[str] | set[str]) -> str:
+    """The cost class of a selector, from the features it declares in ``requires``.
+
+    Args:
+        requires: feature names (``mixsel.types.FEATURE_NAMES``).
+
+    Returns:
+        ``"none"`` (no model pass), ``"forward"`` (one no-grad pool forward), ``"gradients"``
+        (per-example gradient features), ``"zeroth-order"`` (SPSA: two perturbed forwards) or
+        ``"unknown"`` (a feature name mixsel does not compute).
+    """
+    from mixsel.types import FEATURE_NAMES, GRADIENT_FEATURES, SCALAR_FEATURES, ZEROTH_ORDER_FEATURES
+
+    requires = set(requires)
+    if requires - FEATURE_NAMES:
+        return "unknown"
+    if requires & ZEROTH_ORDER_FEATURES:
+        return "zeroth-order"
+    if requires & GRADIENT_FEATURES:
+        return "gradients"
+    return "forward" if requires & SCALAR_FEATURES else "none"
+
+
+def method_rows() -> list[tuple[str, str, str, str]]:
+    """One ``(name, kind, cost, needs)`` row per registered selector and reweighter.
+
+    Everything is read from what the methods declare, so the listing cannot drift from them:
+    a selector's ``requires`` (and ``needs_source_sizes``), built with its default options; a
+    reweighter's ``mode`` (its class's ``default_mode`` when it cannot be built without options),
+    ``needs_reference``, ``needs_grad`` and the optional ``needs_val_grad`` (default: ``needs_grad``).
+    """
+    from mixsel.registry import (
+        _REWEIGHTERS,
+        _SELECTORS,
+        available_reweighters,
+        available_selectors,
+        get_reweighter,
+        get_selector,
+    )
+
+    rows = []
+    for name in available_selectors():
+        sel = _declared(_SELECTORS, name, lambda name=name: get_selector(name))
+        requires = frozenset(getattr(sel, "requires", frozenset()))
+        needs = [f + (" (validation anchors)" if f in ("val_scores", "val_gram") else "") for f in sorted(requires)]
+        if getattr(sel, "needs_source_sizes", False):
+            needs.append("source sizes")
+        rows.append((name, "selector", selector_cost(requires), ", ".join(needs) or "nothing"))
+    for name in available_reweighters():
+        rw = _declared(_REWEIGHTERS, name, lambda name=name: get_reweighter(name, domains=["a", "b"]))
+        mode = getattr(rw, "mode", None) if not isinstance(rw, type) else None
+        mode = mode or getattr(rw, "default_mode", None) or getattr(rw, "mode", "?")
+        needs_grad = bool(getattr(rw, "needs_grad", False))
+        needs_val_grad = getattr(rw, "needs_val_grad", needs_grad)  # optional; a property when read off a class
+        needs = []
+        if getattr(rw, "needs_reference", False):
+            needs.append("reference-model losses (needs_reference)")
+        if needs_grad:
+            val = needs_val_grad if isinstance(needs_val_grad, bool) else needs_grad
+            needs.append("domain gradients" + (" + validation gradients" if val else "") + " (needs_grad)")
+        cost = "gradients" if needs_grad else "forward" if needs else "none"
+        rows.append((name, "reweighter", cost, f"mode {mode}; " + (", ".join(needs) or "domain loss stats only")))
+    return rows
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    rows = method_rows()
+    width = max(len(row[0]) for row in rows) + 2
+    print(f"{'name':{width}s}{'kind':12s}{'cost':14s}needs from the loop")
+    for name, kind, cost, needs in rows:
+        print(f"{name:{width}s}{kind:12s}{cost:14s}{needs}")
+    print("\nselectors as built with their default options; cost classes:")
+    for cost in sorted({row[2] for row in rows}, key=list(COST_CLASSES).index):
+        print(f"  {cost:14s}{COST_CLASSES[cost]}")
     return 0
+
+
+def version_line() -> str:
+    """``mixsel <version> (torch <v>, transformers <v>)``, read from the installed distributions.
+
+    The versions come from the package metadata, so this imports neither torch nor transformers;
+    an optional package that is absent shows as ``not installed``.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from mixsel import __version__
+
+    found = []
+    for package in ("torch", "transformers", "trl"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            if package != "trl":  # trl is listed only when installed
+                found.append(f"{package} not installed")
+    return f"mixsel {__version__} ({', '.join(found)})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: print :func:`version_line` and exit 0 (computed only when asked for)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None) -> None:
+        print(version_line())
+        parser.exit(0)
 
 
 def _add_verbosity(p: argparse.ArgumentParser) -> None:
@@ -213,6 +335,9 @@ def _add_verbosity(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mixsel", description="Online minibatch selection and domain reweighting for LM data mixtures."
+    )
+    parser.add_argument(
+        "--version", action=_VersionAction, help="print the mixsel, torch and transformers versions and exit"
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="train one experiment")
@@ -248,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], help="selector option key=value (repeatable)")
     p.add_argument("--out", default=None)
     p.set_defaults(func=_cmd_select)
-    p = sub.add_parser("methods", help="list registered selectors and reweighters")
+    p = sub.add_parser(
+        "methods", help="registered selectors and reweighters: what each needs from the loop and its cost"
+    )
     p.set_defaults(func=_cmd_methods)
     return parser
 
