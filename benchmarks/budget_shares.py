@@ -8,7 +8,9 @@ every rounding of :mod:`mixsel.selection.budgets`, and writes the mean share of 
 budgets to ``benchmarks/results/budget_shares.json``. When k is smaller than the number of domains,
 most quotas floor to 0 and the leftover units decide the batch: ``smallest_first`` (the reference
 code's rule) hands them out by domain id, so the domains that sort first get more than their share.
-PartitionSel, stratified, per_domain and CoLM's big sources all budget this way.
+PartitionSel, stratified, per_domain and CoLM's big sources all budget this way. ``carry`` treats
+the trials as successive steps of one run and carries each domain's remainder from step to step
+(:class:`mixsel.selection.budgets.QuotaCarry`), so its shares follow the pools' proportions.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mixsel.selection.budgets import ROUNDINGS, proportional_budgets
+from mixsel.selection.budgets import ROUNDINGS, QuotaCarry, proportional_budgets
 
 # experiment 8's instruction mixture (docs/models.md): train rows per domain, domain ids in this order
 SIZES = {
@@ -35,14 +37,18 @@ OUT = Path(__file__).resolve().parent / "results" / "budget_shares.json"
 
 
 def budget_shares(sizes: dict[str, int], k: int, pool: int, trials: int, rounding: str, seed: int = 0) -> dict:
-    """Mean share of each domain in ``proportional`` budgets of ``k`` over ``trials`` random pools."""
+    """Mean share of each domain in ``proportional`` budgets of ``k`` over ``trials`` random pools.
+
+    With ``rounding="carry"`` the trials are the successive steps of one run (one carry).
+    """
     p = torch.tensor(list(sizes.values()), dtype=torch.float64)
     p = p / p.sum()
     gen = torch.Generator().manual_seed(seed)
     total = torch.zeros(len(sizes), dtype=torch.float64)
+    carry = QuotaCarry() if rounding == "carry" else None
     for _ in range(trials):
         counts = torch.bincount(torch.multinomial(p, pool, replacement=True, generator=gen), minlength=len(sizes))
-        total += proportional_budgets(counts, k, rounding=rounding).double()
+        total += proportional_budgets(counts, k, rounding=rounding, carry=carry).double()
     return {name: round(float(v), 4) for name, v in zip(sizes, total / (trials * k))}
 
 

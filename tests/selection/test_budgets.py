@@ -122,7 +122,7 @@ def test_budget_policy_uniform_and_constraint():
         BudgetPolicy("minimum", minimum=-1)
 
 
-def test_fewer_picks_than_domains_warns_once_under_smallest_first(caplog, monkeypatch):
+def test_fewer_picks_than_domains_warns_once_and_suggests_carry(caplog, monkeypatch):
     import mixsel.selection.budgets as budgets
 
     monkeypatch.setattr(budgets, "_WARNED_SMALL_K", set())
@@ -132,10 +132,14 @@ def test_fewer_picks_than_domains_warns_once_under_smallest_first(caplog, monkey
         # units go by domain id to domains 0 and 1, not to the larger domain 3
         assert BudgetPolicy().resolve(pool, 3).tolist() == [1, 1, 0, 1]
         BudgetPolicy().resolve(pool, 3)
-        BudgetPolicy(rounding="largest_remainder").resolve(pool, 2)
+        BudgetPolicy(rounding="carry").resolve(pool, 2)  # carried remainders: no warning
         BudgetPolicy().resolve(pool, 4)  # k = number of domains: no warning
-    warned = [r.getMessage() for r in caplog.records if "leftover picks out by domain id" in r.getMessage()]
-    assert len(warned) == 1 and "k=3 picks over 4 domains" in warned[0] and "largest_remainder" in warned[0]
+        # largest_remainder starves the small domains too: warned (once per k and domains)
+        BudgetPolicy(rounding="largest_remainder").resolve(pool, 1)
+    warned = [r.getMessage() for r in caplog.records if "leftover picks to the domains that sort" in r.getMessage()]
+    assert len(warned) == 2 and "k=3 picks over 4 domains: smallest_first" in warned[0]
+    assert "k=1 picks over 4 domains: largest_remainder" in warned[1]
+    assert all("never trained" in m and "{rounding: carry}" in m and "\n" not in m for m in warned)
 
 
 def test_the_small_k_warning_sits_in_round_quotas_so_direct_callers_get_it(caplog, monkeypatch):

@@ -46,7 +46,7 @@ from mixsel.features.zeroth_order import AdamNormalizer, topk_source_mask
 from mixsel.registry import register_selector
 from mixsel.seeding import Salt
 from mixsel.selection.base import Pool, check_k
-from mixsel.selection.budgets import ROUNDINGS, proportional_budgets
+from mixsel.selection.budgets import ROUNDINGS, QuotaCarry, proportional_budgets
 from mixsel.selection.hidden_fl import cosine_similarity_matrix
 from mixsel.solvers.facility_location import facility_location, pairwise_l1, similarity_from_distance
 from mixsel.types import Selection
@@ -173,10 +173,13 @@ class CoLMSelector:
         h: coordinates kept by the mask (Table 4; the paper uses the hidden size, 2560 for Phi-2).
         distance: ``"l1"`` (Eq. 8) or ``"cosine"`` (Table 2 ablation).
         rounding: rounding of the b_q budgets (:func:`mixsel.selection.budgets.round_quotas`;
-            default the reference code's smallest-first rule).
+            default the reference code's smallest-first rule; ``"carry"`` carries each source's
+            remainder across steps, saved as ``state_dict()["budget_carry"]``; with
+            ``sources="kmeans"`` the clusters are renumbered every pool, so it only evens out cluster ids).
         seed_salt: salt of ``pool.generator`` for ``sparsify="random"``.
 
-    State: the Adam moments (``state_dict()["normalizer"]``).
+    State: the Adam moments (``state_dict()["normalizer"]``), and the budget carry
+    (``state_dict()["budget_carry"]``) with ``rounding="carry"``.
     """
 
     name = "colm"
@@ -240,6 +243,7 @@ class CoLMSelector:
         self.h = int(h)
         self.distance = distance
         self.rounding = rounding
+        self.carry = QuotaCarry() if rounding == "carry" else None
         self.seed_salt = int(seed_salt)
 
     @property
@@ -332,7 +336,7 @@ class CoLMSelector:
                 groups = pool.domains[big_rows]
                 num_groups = pool.num_domains
                 counts = torch.bincount(groups, minlength=num_groups)
-                budgets = proportional_budgets(counts, rest, rounding=self.rounding)
+                budgets = proportional_budgets(counts, rest, rounding=self.rounding, carry=self.carry)
             else:
                 groups = torch.zeros(big_rows.numel(), dtype=torch.long)
                 num_groups = 1
@@ -357,9 +361,14 @@ class CoLMSelector:
         return Selection(indices=indices, weights=torch.cat(weights), info=info)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"normalizer": self.normalizer.state_dict()}
+        state: dict[str, Any] = {"normalizer": self.normalizer.state_dict()}
+        if self.carry is not None:
+            state.update(self.carry.selector_state())
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "normalizer" not in state:
             raise ValueError("colm state is missing 'normalizer' (the Adam moments); was it saved by CoLMSelector?")
         self.normalizer.load_state_dict(state["normalizer"])
+        if self.carry is not None:
+            self.carry.load_selector_state(state)

@@ -103,7 +103,8 @@ class CraigSelector:
         return Selection(indices=sel.indices, weights=sel.weights, gains=sel.gains, info=info)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        """``{"budget_carry": [...]}`` under ``rounding="carry"`` (see ``BudgetPolicy.state_dict``), else ``{}``."""
+        return self.budgets.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+        self.budgets.load_state_dict(state)

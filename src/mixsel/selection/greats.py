@@ -99,7 +99,8 @@ class GreatsSelector:
         return Selection(indices=sol.indices, weights=torch.ones(len(sol)), gains=sol.gains, info=info)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        """``{"budget_carry": [...]}`` under ``rounding="carry"`` (see ``BudgetPolicy.state_dict``), else ``{}``."""
+        return self.budgets.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+        self.budgets.load_state_dict(state)

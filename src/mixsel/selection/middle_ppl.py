@@ -42,7 +42,7 @@ class MiddlePerplexitySelector(RankedSelector):
 
     Args:
         quantile: centre of the band, in [0, 1] (0.5 = median).
-        per_domain_budgets, budget, shares, minimum: see
+        per_domain_budgets, budget, shares, minimum, rounding: see
             :class:`mixsel.selection.ranked.RankedSelector`.
     """
 
@@ -56,8 +56,11 @@ class MiddlePerplexitySelector(RankedSelector):
         budget: str = "proportional",
         shares: Sequence[float] | None = None,
         minimum: int = 1,
+        rounding: str = "smallest_first",
     ) -> None:
-        super().__init__(per_domain_budgets=per_domain_budgets, budget=budget, shares=shares, minimum=minimum)
+        super().__init__(
+            per_domain_budgets=per_domain_budgets, budget=budget, shares=shares, minimum=minimum, rounding=rounding
+        )
         if not 0.0 <= quantile <= 1.0:
             raise ValueError(f"quantile={quantile} must lie in [0, 1] (0.5 = the median perplexity)")
         self.quantile = float(quantile)

@@ -103,8 +103,9 @@ class PartitionSelSelector:
             ``"minimum"`` (proportional with a floor of ``minimum`` per present domain).
         shares: per-domain shares for ``budget="fixed"``.
         minimum: floor for ``budget="minimum"``.
-        rounding: budget rounding, ``"smallest_first"`` (the reference code) or
-            ``"largest_remainder"`` (:func:`mixsel.selection.budgets.round_quotas`).
+        rounding: budget rounding, ``"smallest_first"`` (the reference code), ``"largest_remainder"``
+            or ``"carry"`` (remainders carried across steps, saved in ``state_dict()``;
+            :func:`mixsel.selection.budgets.round_quotas`).
         randomized: pick uniformly from the residual-correlation shortlist (the reference code,
             Residual Random Greedy; randomness from ``pool.generator``). Default False: pick the
             shortlist's best (deterministic greedy; a labelled deviation, see docs/methods.md).
@@ -181,10 +182,11 @@ class PartitionSelSelector:
         return Selection(indices=sol.indices, weights=omp_weights.to(torch.float32), gains=sol.gains, info=info)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        """``{"budget_carry": [...]}`` under ``rounding="carry"`` (see ``BudgetPolicy.state_dict``), else ``{}``."""
+        return self.budgets.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+        self.budgets.load_state_dict(state)
 
 
 @register_selector("per_domain")

@@ -55,7 +55,9 @@ class StratifiedSelector(_Stateless):
         budget: ``"proportional"`` (default) or ``"weights"`` or ``"uniform"`` (equal shares, capped
             by availability).
         minimum: floor on each present domain's budget (proportional mode).
-        rounding: budget rounding (:func:`mixsel.selection.budgets.round_quotas`).
+        rounding: budget rounding (:func:`mixsel.selection.budgets.round_quotas`); ``"carry"``
+            carries each domain's remainder across steps (saved in ``state_dict()``), so with fewer
+            picks than domains every domain still gets its share over the steps.
     """
 
     name = "stratified"
@@ -87,3 +89,10 @@ class StratifiedSelector(_Stateless):
             picks.append(members[order[: int(budgets[d])]])
         indices = torch.cat(picks) if picks else torch.empty(0, dtype=torch.long)
         return Selection.uniform(indices, info={"method": self.name, "budgets": budgets.tolist()})
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"budget_carry": [...]}`` under ``rounding="carry"`` (see ``BudgetPolicy.state_dict``), else ``{}``."""
+        return self.budgets.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.budgets.load_state_dict(state)

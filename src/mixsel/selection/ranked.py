@@ -78,7 +78,8 @@ class RankedSelector:
             ``per_domain_budgets``.
         shares: per-domain shares for ``budget="fixed"``.
         minimum: per-domain floor for ``budget="minimum"``.
-        rounding: budget rounding (:func:`mixsel.selection.budgets.round_quotas`).
+        rounding: budget rounding (:func:`mixsel.selection.budgets.round_quotas`); ``"carry"`` keeps
+            remainders across steps in ``state_dict()``.
     """
 
     name: str = "ranked"
@@ -106,7 +107,8 @@ class RankedSelector:
         return Selection.uniform(indices, gains=scores[indices].to(torch.float32), info=info)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        """``{"budget_carry": [...]}`` under ``rounding="carry"`` (see ``BudgetPolicy.state_dict``), else ``{}``."""
+        return self.budgets.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+        self.budgets.load_state_dict(state)
