@@ -41,7 +41,6 @@ The run folder gets ``config.yaml``, ``metrics.jsonl``, ``result.json`` and ``fi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -49,13 +48,13 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mixsel import bookkeeping
 from mixsel.checkpoint import (
     CHECKPOINT_NAME,
     read_manifest,
@@ -73,11 +72,9 @@ from mixsel.config import (
     save_config,
 )
 from mixsel.distributed import all_gather_object, all_reduce_sum, barrier, init_world
+from mixsel.engine import Engine, StepPlan, build_engine
 from mixsel.preflight import preflight
-from mixsel.registry import get_reweighter
 from mixsel.runfolder import clear_run
-from mixsel.step import OnlineSelector
-from mixsel.types import DomainStats
 
 __all__ = ["default_threads", "main", "summarize_mixture", "train"]
 
@@ -150,38 +147,6 @@ def _selector_state(state: dict[str, Any], world: Any) -> dict[str, Any]:
             f"this run has {world.world_size} ranks: resume with --nproc_per_node={len(ranks)}"
         )
     return ranks[world.rank]
-
-
-def _weights_from(options: dict[str, Any], domains: list[str]) -> dict[str, Any]:
-    """Resolve ``reweighting.options.weights_from`` (the two-stage DoReMi recipe) into ``weights``.
-
-    ``weights_from`` names a finished run's ``result.json`` (or its folder): its ``average_weights``
-    (DoReMi's stage-one output, Xie et al. 2023 Sec. 2) or else its ``final_weights`` become the
-    ``weights`` option, as a ``{domain: weight}`` mapping, so a domain missing from the file fails
-    loudly in the reweighter instead of being silently misaligned.
-    """
-    source = options.pop("weights_from", None)
-    if source is None:
-        return options
-    if "weights" in options:
-        raise ValueError("reweighting.options has both weights and weights_from: keep one")
-    path = Path(source)
-    if path.is_dir():
-        path = path / "result.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"reweighting.options.weights_from={source!r}: {path} not found; point it at a finished run's "
-            "result.json (e.g. runs/doremi_proxy/result.json)"
-        )
-    result = json.loads(path.read_text())
-    values = result.get("average_weights") or result.get("final_weights")
-    if values is None or "domains" not in result:
-        raise ValueError(f"{path} has no domains / average_weights / final_weights: is it a mixsel result.json?")
-    loaded = dict(zip(result["domains"], values, strict=True))
-    missing = [d for d in domains if d not in loaded]
-    if missing:
-        raise ValueError(f"{path} has no weights for domains {missing} of this run (it has {sorted(loaded)})")
-    return {**options, "weights": {d: float(loaded[d]) for d in domains}}
 
 
 def default_threads() -> int:
@@ -277,54 +242,30 @@ _DEAD_STEPS = 3
 
 
 def _backward(
-    model: torch.nn.Module,
-    pool: dict[str, torch.Tensor],
-    chosen: torch.Tensor,
-    weights: torch.Tensor,
-    total_weight: torch.Tensor,
-    *,
-    micro_batch_size: int,
-    device: torch.device,
-    autocast: Any,
-    world_size: int,
-    capture: Any,
-    step: int,
-    out: Path,
-) -> tuple[list[torch.Tensor], int]:
+    model: torch.nn.Module, engine: Engine, plan: StepPlan, *, device: torch.device, autocast: Any, out: Path
+) -> int:
     """Step 3's forward and backward passes over this rank's selected rows, in micro-batches.
 
-    Each micro-batch adds its share of the weighted mean of per-example losses over the whole
-    selection (``total_weight`` is the selected weight summed over ranks; the gradient all-reduce
-    averages over ``world_size``), so the accumulated gradient is the gradient of that mean.
+    Each micro-batch adds its share of the step's weighted loss (:meth:`mixsel.engine.Engine.loss`),
+    so the accumulated gradient is the gradient of the weighted mean over the whole selection.
 
     Returns:
-        The per-token losses of each micro-batch (for the domain statistics) and the model's output
-        size (0 when this rank trained no row).
+        The model's output size (0 when this rank trained no row).
     """
-    from mixsel.features.loss import target_mask, token_losses
-
-    losses: list[torch.Tensor] = []
     vocab = 0
-    for s in range(0, len(chosen), micro_batch_size):
-        rows = chosen[s : s + micro_batch_size]
-        batch = {key: pool[key][rows].to(device) for key in bookkeeping.MODEL_KEYS}
+    for micro in plan.micro_batches:
         with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(**micro.batch.model_inputs(device)).logits
         vocab = logits.shape[-1]
-        tok = token_losses(logits.float(), batch["labels"])  # per token, for DoReMi's per-token excess
-        per_ex = tok.sum(1) / target_mask(batch["labels"]).sum(1).clamp_min(1)
-        if not torch.isfinite(per_ex).all():
+        try:
+            loss = engine.loss(plan, micro, logits)
+        except FloatingPointError as err:
             raise FloatingPointError(
-                f"training diverged: non-finite loss at step {step + 1} (domains "
-                f"{pool['domain_ids'][rows].tolist()}); {_last_good(out)}: lower train.lr or check the "
-                "data, then resume from the last checkpoint with --resume (train.resume=true)"
-            )
-        if capture is not None:
-            capture.watch(per_ex)
-        share = weights[s : s + micro_batch_size].to(device)
-        (per_ex * share).sum().div(total_weight.to(device)).mul(world_size).backward()
-        losses.append(tok.detach().cpu())
-    return losses, vocab
+                f"{err}; {_last_good(out)}: lower train.lr or check the data, then resume from the last "
+                "checkpoint with --resume (train.resume=true)"
+            ) from None
+        loss.backward()
+    return vocab
 
 
 def _optimizer_step(
@@ -386,50 +327,6 @@ def _check_learning(
     return dead_steps
 
 
-def _domain_gradient_stats(
-    stats: DomainStats,
-    model: torch.nn.Module,
-    pool: dict[str, torch.Tensor],
-    trained: dict[str, torch.Tensor],
-    chosen_domains: torch.Tensor,
-    val_split: Any,
-    capture: Any,
-    cfg: ExperimentConfig,
-    world: Any,
-    *,
-    pad_id: int,
-    with_validation: bool,
-    grad_kw: dict[str, Any],
-) -> None:
-    """Step 4 for DoGraph: fill ``stats.grad`` (and ``stats.val_grad`` when ``with_validation``).
-
-    ``reweighting.grad_rows=trained`` projects the gradients ``capture`` kept from the training
-    backward; ``pool`` runs a separate pass over this rank's share of the pool.
-    """
-    num_domains = len(stats.counts)
-    rc = cfg.reweighting
-    val_batch = None
-    if with_validation:
-        val_rows = bookkeeping.balanced_rows(val_split.domain_ids, num_domains, rc.val_per_domain)
-        val_batch = val_split.collate(val_rows, pad_id)
-    if capture is not None:  # the trained rows, captured in the backward
-        stats.grad = bookkeeping.captured_domain_gradients(
-            capture, trained, chosen_domains, num_domains, model=model, **grad_kw
-        )
-        if val_batch is not None:
-            stats.val_grad = bookkeeping.validation_gradient(model, val_batch, **grad_kw)
-    else:  # reweighting.grad_rows=pool: this rank's share of the pool, in a separate pass
-        rows = torch.arange(pool["input_ids"].shape[0])[world.rank :: world.world_size]
-        stats.grad, stats.val_grad = bookkeeping.domain_gradients(
-            model,
-            {key: pool[key][rows] for key in bookkeeping.MODEL_KEYS},
-            pool["domain_ids"][rows],
-            num_domains,
-            val_batch=val_batch,
-            **grad_kw,
-        )
-
-
 def _check_anchors(cfg: ExperimentConfig, selector: Any, val_rows: int) -> None:
     """Refuse a selector that matches validation anchors when the validation split is empty."""
     if val_rows == 0 and cfg.selection.features.val_anchors and selector.requires & {"val_scores", "val_gram"}:
@@ -437,17 +334,6 @@ def _check_anchors(cfg: ExperimentConfig, selector: Any, val_rows: int) -> None:
             f"selection.method={cfg.selection.method!r} needs validation anchors but the validation split is empty: "
             "set data.val_per_domain >= 1 (or give validation rows in data.split_column)"
         )
-
-
-def _build_reweighter(cfg: ExperimentConfig, domains: list[str], *, update_every: int) -> Any:
-    """The ``reweighting.method`` reweighter with its ``reweighting.options`` (one clear line for a bad one)."""
-    options = _weights_from(dict(cfg.reweighting.options), domains)
-    try:
-        return get_reweighter(cfg.reweighting.method, domains=domains, update_every=update_every, **options)
-    except TypeError as err:  # an unknown or missing keyword option
-        raise ValueError(
-            f"reweighting.options for {cfg.reweighting.method!r}: {err}; docs/reweighting.md lists the options"
-        ) from None
 
 
 def _reference_model(cfg: ExperimentConfig, tokenizer: Any, device: torch.device) -> torch.nn.Module | None:
@@ -463,25 +349,13 @@ def _reference_model(cfg: ExperimentConfig, tokenizer: Any, device: torch.device
     return reference.eval().requires_grad_(False)
 
 
-def _restore(
-    state: dict[str, Any],
-    model: torch.nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    sampler: Any,
-    selector: Any,
-    reweighter: Any,
-    cfg: ExperimentConfig,
-    world: Any,
-) -> int:
+def _restore(state: dict[str, Any], run: _Run) -> int:
     """Load a checkpoint's states into the run's components (exact resume); returns its step."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _restate_schedule(optimizer, scheduler, cfg)
-    sampler.load_state_dict(state["sampler"])
-    selector.load_state_dict(_selector_state(state, world))
-    reweighter.load_state_dict(state["reweighter"])
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    _restate_schedule(run.optimizer, run.scheduler, run.cfg)
+    run.engine.load_state_dict(state, selector_state=_selector_state(state, run.world))
     set_rng_state(state["rng"])
     log.info("resumed from step %d", state["step"])
     return int(state["step"])
@@ -535,19 +409,97 @@ def _write_final(
     _write_atomic(out / "result.json", json.dumps(result, indent=2))
 
 
-def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Run one experiment; returns the content of ``result.json``.
+@dataclass
+class _Run:
+    """What a run holds while it trains (:func:`_start` builds it)."""
 
-    ``progress`` shows the progress bar and prints the start lines (run folder, data, threads, the
-    data summary) on stdout.
-    """
+    cfg: ExperimentConfig
+    world: Any
+    device: torch.device
+    out: Path
+    mixture: Any
+    tokenizer: Any
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: Any
+    scheduler: Any
+    engine: Engine
+    autocast: Any
+    start: int = 0
+    loggers: list[Any] = field(default_factory=list)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    def checkpoint(self, step: int) -> None:
+        """An atomic, verified checkpoint of everything the run needs to continue exactly (a collective)."""
+        engine = self.engine
+        # "local" selection: every rank's selector has its own state
+        selectors = (
+            all_gather_object(engine.selector.selector.state_dict()) if engine.selector.mode == "local" else None
+        )
+        _check_finite_weights(self.model, step, self.out)
+        if self.world.is_main:
+            state = {
+                "step": step,
+                "fingerprint": self.fingerprints["resume"],
+                "run_config": json.loads(json.dumps(run_fields(self.cfg), default=str)),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                **engine.state_dict(),
+                **({"selector_ranks": selectors} if selectors is not None else {}),
+                "rng": rng_state(),
+            }
+            meta = {"fingerprint": self.fingerprints["resume"], "result_fingerprint": self.fingerprints["result"]}
+            save_checkpoint(self.out, state, meta=meta)
+        barrier()
+
+    def evaluate(
+        self, split: Any, prefix: str, generate: bool = False, records: list[dict[str, Any]] | None = None
+    ) -> dict[str, float]:
+        """Per-domain losses on ``split`` (and exact match with ``generate``)."""
+        from mixsel.evaluate import domain_losses, exact_match
+
+        ev, pad = self.cfg.eval, self.tokenizer.pad_token_id
+        metrics = domain_losses(self.model, split, pad_token_id=pad, max_per_domain=ev.max_per_domain, prefix=prefix)
+        if generate and ev.exact_match > 0:
+            metrics.update(
+                exact_match(
+                    self.model,
+                    self.tokenizer,
+                    split,
+                    limit=ev.exact_match,
+                    max_new_tokens=ev.max_new_tokens,
+                    batch_size=ev.generation_batch_size,
+                    prefix=prefix,
+                    checker=ev.answer_checker,
+                    tolerance=ev.answer_tolerance,
+                    records=records,
+                )
+            )
+        return metrics
+
+    def record(self, step: int, plan: StepPlan, metrics: dict[str, Any]) -> None:
+        """``selections.jsonl`` (with ``train.log_selections``) and the metric loggers (rank 0)."""
+        if not self.world.is_main:
+            return
+        if self.cfg.train.log_selections:
+            with open(self.out / "selections.jsonl", "a") as fh:
+                fh.write(json.dumps(self.engine.selections_record(plan)) + "\n")
+        if (step + 1) % self.cfg.train.log_every == 0 or "val/loss_mean" in metrics:
+            for logger in self.loggers:
+                logger.log(metrics, step + 1)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
+def _start(cfg: ExperimentConfig, progress: bool) -> _Run:
+    """Check, then load data and model, build the engine, resume, and open the run folder."""
     from tqdm.auto import tqdm
 
     from mixsel.data.build import load_mixture
-    from mixsel.data.sampler import CandidateSampler
-    from mixsel.evaluate import domain_losses, exact_match
-    from mixsel.features.loss import target_mask
-    from mixsel.logging import check_report_to, launch_message, progress_postfix
+    from mixsel.logging import check_report_to, launch_message
     from mixsel.model import build_model, build_tokenizer
 
     # ---- checks before anything is loaded or written -----------------------------------------
@@ -565,12 +517,10 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     say(f"run folder: {out.absolute()} ({verb})", flush=True)
     say(f"threads: {threads}", flush=True)
 
-    # ---- data and model ----------------------------------------------------------------------
+    # ---- data, model, optimiser, engine --------------------------------------------------------
     tokenizer = build_tokenizer(cfg.model)
     mixture = load_mixture(cfg.data, tokenizer, seed=cfg.seed)
     say(summarize_mixture(mixture, cfg.eval), flush=True)
-    domains, train_split = mixture.domains, mixture.train
-    num_domains = len(domains)
     _check_anchors(cfg, selector, len(mixture.validation))
     pad_id = tokenizer.pad_token_id
     model = build_model(cfg.model, tokenizer).to(device)
@@ -578,253 +528,127 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-
-    # ---- selection and reweighting -----------------------------------------------------------
-    k, pool_size = cfg.train.batch_size, cfg.train.pool_size  # validate(cfg) checked k <= pool_size
-    use_weights = bookkeeping.resolve_use_weights(selector, cfg.selection.use_weights)
-    online = OnlineSelector(
+    train_split, val_split = mixture.train, mixture.validation
+    engine = build_engine(
+        cfg,
         selector,
-        cfg.selection.features,
-        num_domains,
-        seed=cfg.seed,
-        diagnostics=cfg.selection.diagnostics,
-        mode=cfg.train.distributed_selection,
+        mixture.domains,
+        train_domains=train_split.domain_ids,
+        train_batch=lambda ids: train_split.collate(ids, pad_id),
+        val_domains=val_split.domain_ids,
+        val_batch=lambda ids: val_split.collate(ids, pad_id),
         world=world,
-        source_sizes=bookkeeping.source_sizes(train_split.domain_ids, num_domains),
+        reference=_reference_model(cfg, tokenizer, device),
     )
     launch = launch_message(
         "mixsel train",
         world_size=world.world_size,
         backend=torch.distributed.get_backend() if world.distributed else "none",
-        mode=online.mode,
+        mode=engine.selector.mode,
         selector=cfg.selection.method,
-        batch=k,
-        pool=pool_size,
+        batch=cfg.train.batch_size,
+        pool=cfg.train.pool_size,
         rank=world.rank,
     )
     if progress:  # where the progress bar goes: seen on every rank without any logging set up
         tqdm.write(launch, file=sys.stderr)
     else:
         log.info(launch)
-    # reweighting.amortize: the loop computes the statistics and updates the reweighter every update_every steps
-    update_every = cfg.reweighting.update_every
-    amortize = cfg.reweighting.amortize and update_every > 1
-    reweighter = _build_reweighter(cfg, domains, update_every=1 if amortize else update_every)
-    reference = _reference_model(cfg, tokenizer, device)
-    sampler = CandidateSampler(train_split.domain_ids, pool_size, seed=cfg.seed, num_domains=num_domains)
-    autocast = _autocast(cfg.train.autocast, device)
-
-    # ---- resume ------------------------------------------------------------------------------
-    start = 0
+    run = _Run(
+        cfg,
+        world,
+        device,
+        out,
+        mixture,
+        tokenizer,
+        model,
+        params,
+        optimizer,
+        scheduler,
+        engine,
+        _autocast(cfg.train.autocast, device),
+    )
     if state is not None:
-        start = _restore(state, model, optimizer, scheduler, sampler, selector, reweighter, cfg, world)
+        run.start = _restore(state, run)
     state = None  # the checkpoint's tensors are in the model and optimizer now
 
     # ---- the run folder: written only now that config, data and model are known to work ------
-    loggers = _open_run_folder(out, cfg, mode, world, start)
-    fingerprint = config_fingerprint(cfg)  # what a resume must match
-    result_fingerprint = config_fingerprint(cfg, RESULT_SAFE_FIELDS)  # what mixsel compare resumes on
-    run_config = json.loads(json.dumps(run_fields(cfg), default=str))
+    run.loggers = _open_run_folder(out, cfg, mode, world, run.start)
+    run.fingerprints = {"resume": config_fingerprint(cfg), "result": config_fingerprint(cfg, RESULT_SAFE_FIELDS)}
+    return run
 
-    def log_metrics(metrics: dict[str, Any], step: int) -> None:
-        for logger in loggers:
-            logger.log(metrics, step)
 
-    def checkpoint(step: int) -> None:
-        # "local" selection: every rank's selector has its own state (a collective, on all ranks)
-        selectors = all_gather_object(selector.state_dict()) if online.mode == "local" else None
-        _check_finite_weights(model, step, out)
-        if world.is_main:
-            save_checkpoint(
-                out,
-                {
-                    "step": step,
-                    "fingerprint": fingerprint,
-                    "run_config": run_config,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "sampler": sampler.state_dict(),
-                    "selector": selector.state_dict(),
-                    **({"selector_ranks": selectors} if selectors is not None else {}),
-                    "reweighter": reweighter.state_dict(),
-                    "rng": rng_state(),
-                },
-                meta={"fingerprint": fingerprint, "result_fingerprint": result_fingerprint},
-            )
-        barrier()
+def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run one experiment; returns the content of ``result.json``.
 
-    def evaluate(
-        split: Any, prefix: str, generate: bool = False, records: list[dict[str, Any]] | None = None
-    ) -> dict[str, float]:
-        metrics = domain_losses(
-            model, split, pad_token_id=pad_id, max_per_domain=cfg.eval.max_per_domain, prefix=prefix
-        )
-        if generate and cfg.eval.exact_match > 0:
-            metrics.update(
-                exact_match(
-                    model,
-                    tokenizer,
-                    split,
-                    limit=cfg.eval.exact_match,
-                    max_new_tokens=cfg.eval.max_new_tokens,
-                    batch_size=cfg.eval.generation_batch_size,
-                    prefix=prefix,
-                    checker=cfg.eval.answer_checker,
-                    tolerance=cfg.eval.answer_tolerance,
-                    records=records,
-                )
-            )
-        return metrics
+    ``progress`` shows the progress bar and prints the start lines (run folder, data, threads, the
+    data summary) on stdout.
+    """
+    from tqdm.auto import tqdm
 
-    # ---- the loop ----------------------------------------------------------------------------
-    val_split = mixture.validation
+    from mixsel.logging import progress_postfix
+
+    run = _start(cfg, progress)
+    model, engine, world, out = run.model, run.engine, run.world, run.out
     vocab = 0  # the model's output size, read from the first logits (ln V = uniform guessing)
     dead_steps = 0  # steps in a row with a zero gradient and a positive loss
     t_start = time.perf_counter()
     bar = tqdm(
-        range(start, cfg.train.max_steps),
-        initial=start,
+        range(run.start, cfg.train.max_steps),
+        initial=run.start,
         total=cfg.train.max_steps,
         disable=not (progress and world.is_main),
-        desc=f"train[{cfg.selection.method}]",
+        desc=f"train[{cfg.name if cfg.name != 'default' else cfg.selection.method}]",
     )
     for step in bar:
         t0 = time.perf_counter()
-        weights = reweighter.weights
-        # loss-mode weights leave the pool to the sampler: natural proportions, or the reweighter's
-        # proposal (DoReMi's proxy draws from the uniform mixture, Algorithm 1)
-        sample_w, loss_w = bookkeeping.mixture_weights(reweighter)
-
-        # 1. candidate pool (the same global pool on every rank)
-        pool_ids = sampler.draw(sample_w)
-        pool = train_split.collate(pool_ids, pad_id)
-
-        # 2. selection (validation anchors drawn per step, identically on every rank)
-        fc = cfg.selection.features
-        anchors = bookkeeping.draw_anchors(
-            val_split.domain_ids, fc.val_anchors, seed=cfg.seed, step=step, sampling=fc.anchor_sampling
-        )
-        val_batch = val_split.collate(anchors, pad_id)
-        lr = scheduler.get_last_lr()[0]
-        result = online(model, pool, k, step=step, lr=lr, val_batch=val_batch, domain_weights=weights)
-        sel = result.selection
+        lr = run.scheduler.get_last_lr()[0]
+        # 1-2. the pool (drawn by the sampling weights) and its selection, the same on every rank
+        plan = engine.plan(model, step=step, lr=lr)
         t1 = time.perf_counter()
 
-        # 3. weighted train step on this rank's share of the selection
-        mine = result.local if result.local is not None else sel
-        chosen = mine.indices
-        chosen_domains = pool["domain_ids"][chosen]
-        w = bookkeeping.example_weights(mine, chosen_domains, use_weights=use_weights, loss_weights=loss_w)
-        total_w = all_reduce_sum(w.sum().clone()).clamp_min(1e-12)
-        optimizer.zero_grad(set_to_none=True)
-        mb = cfg.train.micro_batch_size
-        stats_step = bookkeeping.is_stats_step(step, update_every, amortize)
-        rc = cfg.reweighting
-        grad_kw = {"source": fc.source, "modules": fc.modules, "projection_dim": rc.projection_dim, "seed": cfg.seed}
-        capture = None  # DoGraph's domain gradients of the trained rows, from this very backward
-        if reweighter.needs_grad and stats_step and rc.grad_rows == "trained":
-            capture = bookkeeping.gradient_capture(model, **grad_kw)
-        with capture if capture is not None else contextlib.nullcontext():
-            losses, step_vocab = _backward(
-                model,
-                pool,
-                chosen,
-                w,
-                total_w,
-                micro_batch_size=mb,
-                device=device,
-                autocast=autocast,
-                world_size=world.world_size,
-                capture=capture,
-                step=step,
-                out=out,
-            )
-        vocab = step_vocab or vocab  # a rank that trained no row keeps the size it saw last
-        grad_norm = _optimizer_step(params, optimizer, cfg, world, step=step, out=out)
-        scheduler.step()
+        # 3. the weighted train step on this rank's share of the selection
+        run.optimizer.zero_grad(set_to_none=True)
+        with plan.backward_context():
+            vocab = _backward(model, engine, plan, device=run.device, autocast=run.autocast, out=out) or vocab
+        grad_norm = _optimizer_step(run.params, run.optimizer, cfg, world, step=step, out=out)
+        run.scheduler.step()
         t2 = time.perf_counter()
 
-        # 4. domain statistics (summed over ranks) -> reweighter
-        trained = {key: pool[key][chosen] for key in bookkeeping.MODEL_KEYS}
-        stats = bookkeeping.domain_stats(
-            chosen_domains,
-            torch.cat(losses) if losses else torch.zeros(0),
-            num_domains,
-            step=step,
-            ref_losses=bookkeeping.reference_losses(reference, trained, mb)
-            if reference is not None and stats_step
-            else None,
-            mask=target_mask(trained["labels"]),
-        )
-        if reweighter.needs_grad and stats_step:  # domain gradient statistics (DoGraph)
-            _domain_gradient_stats(
-                stats,
-                model,
-                pool,
-                trained,
-                chosen_domains,
-                val_split,
-                capture,
-                cfg,
-                world,
-                pad_id=pad_id,
-                with_validation=bookkeeping.is_update_step(step, update_every) or amortize,
-                grad_kw=grad_kw,
-            )
-        bookkeeping.reduce_stats(stats, all_reduce_sum)
-        if stats_step:  # the reweighter accumulates and acts every update_every calls (amortize: every call)
-            reweighter.update(stats)
-        t3 = time.perf_counter()
+        # 4. domain statistics (summed over ranks) -> the reweighter
+        report = engine.finish(model, plan)
 
         # 5. logging, evaluation, checkpoints
-        metrics: dict[str, Any] = dict(result.metrics)
-        captured = capture.seconds if capture is not None else 0.0  # projecting DoGraph's captured gradients
-        metrics.update(
-            {
-                "train/loss": float(stats.loss_sum.sum() / stats.counts.sum().clamp_min(1)),
-                "train/lr": lr,
-                "time/select": t1 - t0,
-                "time/train": t2 - t1 - captured,
-                "time/reweight": t3
-                - t2
-                + captured,  # reference losses (DoReMi), domain gradients (DoGraph), the update
-                "time/step": time.perf_counter() - t0,
-            }
-        )
-        metrics["train/grad_norm"] = grad_norm
+        metrics: dict[str, Any] = {
+            **report.metrics,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "time/train": t2 - t1 - report.metrics["time/capture"],
+            "time/step": time.perf_counter() - t0,
+        }
         dead_steps = _check_learning(metrics["train/loss"], grad_norm, vocab, dead_steps, cfg, step=step, out=out)
-        metrics.update({k: v for k, v in reweighter.log_dict().items() if not k.startswith("weights/")})
-        comp = stats.counts / stats.counts.sum().clamp_min(1)
-        for d, name in enumerate(domains):
-            metrics[f"select/frac/{name}"] = float(comp[d])
-            metrics[f"weights/{name}"] = float(weights[d])
         if (step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.max_steps:
-            metrics.update(evaluate(val_split, "val"))
-        if world.is_main and cfg.train.log_selections:
-            with open(out / "selections.jsonl", "a") as fh:
-                ids = pool_ids[sel.indices].tolist()
-                row = {"step": step + 1, "examples": ids, "pool_index": sel.indices.tolist()}
-                fh.write(json.dumps({**row, "weights": sel.weights.tolist()}) + "\n")
-        if world.is_main and ((step + 1) % cfg.train.log_every == 0 or "val/loss_mean" in metrics):
-            log_metrics(metrics, step + 1)
+            metrics.update(run.evaluate(run.mixture.validation, "val"))
+        run.record(step, plan, metrics)
         if world.is_main:
             bar.set_postfix(progress_postfix(metrics), refresh=False)
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            checkpoint(step + 1)
+            run.checkpoint(step + 1)
         if cfg.train.stop_after is not None and step + 1 >= cfg.train.stop_after:
             # a planned interruption (e.g. a time limit): the schedule still spans max_steps
-            checkpoint(step + 1)
-            for logger in loggers:
-                logger.close()
+            run.checkpoint(step + 1)
+            run.close()
             log.info("stopping after step %d (train.stop_after); continue with --resume", step + 1)
             return {"stopped_at": step + 1}
+    return _finish(run, time.perf_counter() - t_start)
 
-    # ---- final evaluation on the test split and result.json ----------------------------------
-    wall = time.perf_counter() - t_start
+
+def _finish(run: _Run, wall: float) -> dict[str, Any]:
+    """The final evaluation (test split with exact match, then validation), ``final/`` and ``result.json``."""
+    cfg, reweighter = run.cfg, run.engine.reweighting.reweighter
     generations: list[dict[str, Any]] = []  # one record per exact-match prompt -> generations.jsonl
-    test = evaluate(mixture.test, "test", generate=True, records=generations)  # generation: final test only
-    final_val = evaluate(val_split, "val")
+    test = run.evaluate(run.mixture.test, "test", generate=True, records=generations)  # generation: final test only
+    final_val = run.evaluate(run.mixture.validation, "val")
     result = {
         "name": cfg.name,
         "method": cfg.selection.method,
@@ -832,8 +656,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         "steps": cfg.train.max_steps,
         "seed": cfg.seed,
         "wall_time_s": wall,
-        "peak_memory_mb": _peak_memory_mb(device),
-        "domains": domains,
+        "peak_memory_mb": _peak_memory_mb(run.device),
+        "domains": run.mixture.domains,
         "final_weights": [float(x) for x in reweighter.weights],
         **(
             {"average_weights": [float(x) for x in reweighter.average_weights]}
@@ -844,13 +668,12 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         **test,
         "config": config_to_dict(cfg),
     }
-    _check_finite_weights(model, cfg.train.max_steps, out)
-    if world.is_main:
-        for logger in loggers:
-            logger.close()
-        _write_final(out, cfg, model, tokenizer, result, generations)
+    _check_finite_weights(run.model, cfg.train.max_steps, run.out)
+    if run.world.is_main:
+        run.close()
+        _write_final(run.out, cfg, run.model, run.tokenizer, result, generations)
     if cfg.train.save_every:  # on every rank: checkpoint() is a collective
-        checkpoint(cfg.train.max_steps)
+        run.checkpoint(cfg.train.max_steps)
     barrier()
     return result
 

@@ -130,18 +130,23 @@ def test_selection_trainer_stratified_full_model(tmp_path):
 
 
 def test_weighted_loss_matches_hand_computed_mean(tmp_path):
-    """compute_loss = sum_i w_i l_i / sum_i w_i with l_i the per-example mean target-token CE."""
+    """compute_loss = the micro-batch's part of sum_i w_i l_i / sum_i w_i over the whole step, with l_i
+    the per-example mean target-token CE and the normaliser summed over every micro-batch."""
+    from mixsel.engine import Batch, MicroBatch
+
     model = make_tiny_llama()
     args = make_args(tmp_path, domains=DOMAINS)
     trainer = SelectionTrainer(model=model, args=args, train_dataset=make_dataset())
     batch = trainer.data_collator([make_dataset()[i] for i in (0, 13, 22)])
-    batch.pop("domain")
+    domains = batch.pop("domain")
     w = torch.tensor([1.0, 2.0, 0.5])
-    from mixsel.integrations.hf import _Pending
-
-    trainer._pending = _Pending(weights=w)
     model.train()
-    loss = trainer.compute_loss(model, dict(batch))
+    plan = trainer.engine.plan(model, step=0, lr=1e-3)
+    plan.total_weight = torch.tensor(7.0)  # as if another micro-batch of the step weighed 3.5
+    plan.token_losses = [None]
+    trainer._plan = plan
+    micro = MicroBatch(Batch.from_dict({**batch, "domain_ids": domains}), w, 0)
+    loss = trainer.compute_loss(model, {**batch, "mixsel_micro": micro})
     # independent oracle: token-level cross-entropy per row with the causal shift
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"]).logits
@@ -150,10 +155,10 @@ def test_weighted_loss_matches_hand_computed_mean(tmp_path):
         ce = torch.nn.functional.cross_entropy(logits[i, :-1], batch["labels"][i, 1:], reduction="none")
         mask = batch["labels"][i, 1:] != -100
         per.append(ce[mask].mean())
-    expected = (torch.stack(per) * w).sum() / w.sum()
+    expected = (torch.stack(per) * w).sum() / 7.0
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
     # the recorded losses are per token (DoReMi's per-token excess), zero off the targets
-    tokens = trainer._pending.losses
+    tokens = plan.token_losses[0]
     mask = batch["labels"][:, 1:] != -100
     assert tokens.shape == mask.shape and bool((tokens[~mask] == 0).all())
     torch.testing.assert_close(tokens.sum(1) / mask.sum(1), torch.stack(per), rtol=1e-5, atol=1e-6)
@@ -289,23 +294,22 @@ def test_callback_state_roundtrips_through_json():
     assert not torch.equal(cb.weights, torch.full((3,), 1 / 3, dtype=torch.float64))
 
 
-def test_gradient_accumulation_selects_per_micro_step(tmp_path):
-    """With 2 accumulation steps each pool gets its own step id and the loss is averaged over both."""
+def test_gradient_accumulation_selects_once_per_optimiser_step(tmp_path):
+    """With 2 accumulation steps one pool of pool_factor x (2 x 4) rows is drawn and one selection of 8
+    made per optimiser step; its rows are trained in two micro-batches of 4."""
     model = make_tiny_llama()
     args = make_args(tmp_path, max_steps=2, gradient_accumulation_steps=2, domains=DOMAINS)
     trainer = SelectionTrainer(model=model, args=args, train_dataset=make_dataset())
-    steps = []
-    online = trainer.online
-
-    def record(m, batch, k, **kw):
-        steps.append(kw["step"])
-        return online(m, batch, k, **kw)
-
-    trainer.online = _Wrap(online, record)
+    spy = Spy(trainer)
     out = trainer.train()
-    assert steps == [0, 1, 2, 3]
+    assert [pool["input_ids"].shape[0] for pool, _ in spy.pools] == [24, 24]
+    assert [len(selection) for _, selection in spy.pools] == [8, 8]
+    assert [t.shape[0] for t in spy.trained] == [4, 4, 4, 4]
+    for s, (pool, selection) in enumerate(spy.pools):
+        trained = torch.cat(spy.trained[2 * s : 2 * s + 2])
+        assert torch.equal(trained, pool["input_ids"][selection.indices])
     assert math.isfinite(out.training_loss)
-    # each optimiser step logs the mean of its two micro-batch losses (Trainer divides by 2 and sums)
+    # each optimiser step logs the weighted mean over its 8 rows (the micro-batch parts add up)
     assert all(3.0 < h["loss"] < 6.0 for h in trainer.state.log_history if "loss" in h)
 
 

@@ -12,7 +12,7 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 from mixsel.data.embedded import load_embedded_tokenizer  # noqa: E402
-from mixsel.integrations.hf import ReweightingCallback, _Pending  # noqa: E402
+from mixsel.integrations.hf import ReweightingCallback  # noqa: E402
 from mixsel.integrations.trl import SelectionSFTConfig, SelectionSFTTrainer, token_weights  # noqa: E402
 
 from conftest import make_tiny_llama  # noqa: E402
@@ -141,14 +141,14 @@ def test_colm_on_prompt_completion_padding_free(tmp_path):
     )
     seen = spy_on(trainer)
     trained = []
-    original = trainer._selected_inputs
+    original = trainer._micro_inputs
 
-    def record(inputs, idx, n):
-        batch = original(inputs, idx, n)
+    def record(micro):
+        batch = original(micro)
         trained.append(batch)
         return batch
 
-    trainer._selected_inputs = record
+    trainer._micro_inputs = record
     out = trainer.train()
     assert math.isfinite(out.training_loss) and len(seen) == 3
     for (pool, selection, _), batch in zip(seen, trained):
@@ -170,31 +170,42 @@ def _hand_loss(model, batch, weights):
     return (weights * sums).sum() / (weights * counts).sum(), sums / counts
 
 
+def _micro(trainer, padded, domains, w):
+    """A micro-batch of ``padded`` rows with weights ``w`` in a fresh plan (normalised over itself)."""
+    from mixsel.engine import Batch, MicroBatch
+
+    plan = trainer.engine.plan(trainer.model, step=0, lr=1e-3)
+    plan.token_losses = [None]
+    trainer._plan, trainer._token_total = plan, None
+    return MicroBatch(Batch.from_dict({**padded, "domain_ids": domains}), w, 0)
+
+
 def test_weighted_loss_is_trls_token_loss_with_example_weights(tmp_path):
     trainer = make_trainer(tmp_path, conversations(), padding_free=True, max_length=None)
     model = trainer.model
     rows = [trainer.train_dataset[i] for i in range(5)]
     padded = trainer.data_collator(rows)  # the pool collator: padded rows (domain kept)
-    padded.pop("domain")
+    domains = padded.pop("domain")
     w = torch.tensor([1.0, 0.5, 2.0, 0.0, 3.0])
     expected, per_example = _hand_loss(model, padded, w)
 
-    pending = _Pending(weights=w)
-    loss = trainer._weighted_loss(model, dict(padded), pending, False)
+    micro = _micro(trainer, padded, domains, w)
+    loss = trainer._weighted_loss(model, dict(padded), micro, False)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(pending.losses, per_example, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(trainer._plan.token_losses[0], per_example, rtol=1e-5, atol=1e-6)
 
     # padding-free: the same rows flattened by TRL's collator give the same loss and per-example losses
-    flat = trainer._selected_inputs(padded, torch.arange(5), 5)
-    pending_flat = _Pending(weights=w)
-    loss_flat = trainer._weighted_loss(model, dict(flat), pending_flat, False)
+    micro = _micro(trainer, padded, domains, w)
+    flat = trainer._micro_inputs(micro)
+    flat.pop("mixsel_micro")
+    loss_flat = trainer._weighted_loss(model, flat, micro, False)
     torch.testing.assert_close(loss_flat, expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(pending_flat.losses, per_example, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(trainer._plan.token_losses[0], per_example, rtol=1e-4, atol=1e-5)
 
     # unit weights: exactly TRL's own loss
     from trl import SFTTrainer
 
-    ones = trainer._weighted_loss(model, dict(padded), _Pending(weights=torch.ones(5)), False)
+    ones = trainer._weighted_loss(model, dict(padded), _micro(trainer, padded, domains, torch.ones(5)), False)
     torch.testing.assert_close(ones, SFTTrainer.compute_loss(trainer, model, dict(padded)))
 
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,8 +54,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from mixsel import bookkeeping
-from mixsel.config import FeatureConfig
+from mixsel.config import ExperimentConfig, FeatureConfig
+from mixsel.engine import build_engine
 from mixsel.integrations.hf_utils import (
     CausalLMCollator,
     DomainCollator,
@@ -67,7 +67,6 @@ from mixsel.integrations.hf_utils import (
 from mixsel.logging import check_world, launch_message
 from mixsel.registry import get_reweighter, get_selector
 from mixsel.reweighting.common import accumulate_stats
-from mixsel.step import OnlineSelector
 from mixsel.types import DomainStats
 
 __all__ = ["ReweightingCallback", "SelectionTrainer", "SelectionTrainingArguments"]
@@ -147,6 +146,16 @@ class SelectionTrainingArguments(TrainingArguments):
     reweighting_val_per_domain: int = field(
         default=4, metadata={"help": "validation rows per domain for the target gradient (DoGraph)"}
     )
+    distributed_selection: str = field(
+        default="global", metadata={"help": "who computes selection features over ranks: global | local"}
+    )
+    log_selections: bool = field(
+        default=False, metadata={"help": "write every step's picks (rows, domains, weights) to selections.jsonl"}
+    )
+    mixsel: list[str] | dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "further mixsel settings as `mixsel train` overrides, e.g. ['selection.features.blocks=2']"},
+    )
     restore_callback_states_from_checkpoint: bool = field(
         default=True, metadata={"help": "restore callback states (the reweighter) on resume"}
     )
@@ -163,6 +172,62 @@ class SelectionTrainingArguments(TrainingArguments):
             self.domains = [str(d) for d in self.domains]
             if len(set(self.domains)) != len(self.domains):
                 raise ValueError(f"domains={self.domains} has duplicates; domain names must be unique")
+
+    def mixsel_config(self, world_size: int = 1) -> ExperimentConfig:
+        """The :class:`mixsel.config.ExperimentConfig` these arguments describe (what the engine runs).
+
+        The step's batch is ``per_device_train_batch_size x gradient_accumulation_steps x world_size``
+        (``train.batch_size``), its micro-batch ``per_device_train_batch_size`` and its pool
+        ``pool_factor`` times the batch; ``mixsel`` overrides (``a.b=c``, the syntax of ``mixsel train``)
+        reach every other field and are validated by the same code, with the same messages.
+        """
+        from mixsel.config import apply_overrides, config_to_dict, from_dict, validate
+
+        if self.distributed_selection not in ("global", "local"):
+            raise ValueError(
+                f"distributed_selection={self.distributed_selection!r}: the Trainer routes support 'global' and "
+                "'local' ('gather' gives ranks uneven shares, which the Trainer's accumulation cannot take yet)"
+            )
+        rw_options = dict(self.reweighter_options or {})
+        update_every = int(rw_options.pop("update_every", 1))
+        k = self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
+        tree = config_to_dict(ExperimentConfig())
+        tree["seed"] = self.seed
+        tree["train"].update(
+            batch_size=k,
+            micro_batch_size=self.per_device_train_batch_size,
+            pool_size=self.pool_factor * k,
+            distributed_selection=self.distributed_selection,
+        )
+        tree["selection"].update(
+            method=self.selector,
+            options=dict(self.selector_options or {}),
+            use_weights=self.use_selection_weights,
+            diagnostics=self.selection_diagnostics,
+        )
+        tree["selection"]["features"].update(
+            source=self.feature_source,
+            projection_dim=self.projection_dim,
+            normalize=self.feature_normalize,
+            val_anchors=self.val_anchors,
+            anchor_sampling=self.anchor_sampling,
+        )
+        tree["reweighting"].update(
+            method=self.reweighter or "uniform",
+            options={**rw_options, "update_every": update_every} if update_every != 1 else rw_options,
+            update_every=update_every,
+            projection_dim=self.reweighting_projection_dim,
+            val_per_domain=self.reweighting_val_per_domain,
+        )
+        extra = self.mixsel
+        if isinstance(extra, str):
+            extra = [extra]
+        if isinstance(extra, dict):
+            extra = [f"{key}={json.dumps(value)}" for key, value in extra.items()]
+        tree = apply_overrides(tree, list(extra or []))
+        cfg = from_dict(ExperimentConfig, tree)
+        cfg.reweighting.options.pop("update_every", None)  # the engine's update_every (reweighting.update_every)
+        return validate(cfg)
 
     def feature_config(self) -> FeatureConfig:
         """The :class:`mixsel.config.FeatureConfig` these arguments describe."""
@@ -204,6 +269,11 @@ class ReweightingCallback(TrainerCallback, ExportableState):
         self.options = from_jsonable(dict(options or {}))
         self.reweighter = get_reweighter(reweighter, domains=self.domains, **self.options)
         self._window: DomainStats | None = None
+        self._fed = False
+
+    def mark_fed(self) -> None:
+        """The trainer's engine updated the reweighter this step (so :meth:`on_step_end` has nothing to do)."""
+        self._fed = True
 
     @property
     def weights(self) -> torch.Tensor:
@@ -224,7 +294,10 @@ class ReweightingCallback(TrainerCallback, ExportableState):
         self._window = accumulate_stats(self._window, stats)
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        fed, self._fed = self._fed, False
         if self._window is None:
+            if fed:
+                return
             raise RuntimeError(_NOT_FED)
         window, self._window = self._window, None
         window.step = int(state.global_step) - 1
@@ -262,15 +335,6 @@ class ReweightingCallback(TrainerCallback, ExportableState):
         }
 
 
-@dataclass
-class _Pending:
-    """What ``training_step`` hands to ``compute_loss`` for the current selected batch."""
-
-    weights: torch.Tensor
-    losses: torch.Tensor | None = None
-    capture: Any = None  # DoGraph: a bookkeeping.gradient_capture watching this step's backward
-
-
 def _column_values(dataset: Any, column: str) -> list[Any]:
     try:
         import datasets
@@ -297,8 +361,50 @@ def _column_values(dataset: Any, column: str) -> list[Any]:
     return values
 
 
+class _Ticks(torch.utils.data.Dataset):
+    """The Trainer's training "dataset": one item per micro-step of an epoch (the engine draws the rows).
+
+    The Trainer counts epochs, skips on resume and shards over ranks by this dataloader; the rows of
+    each step come from the engine's domain-weighted :class:`mixsel.data.CandidateSampler`.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def _tick_collate(items: list[int]) -> dict[str, torch.Tensor]:
+    return {"tick": torch.tensor(items)}
+
+
+class _EngineCallback(TrainerCallback):
+    """Finishes each optimiser step after the Trainer's optimiser step: statistics -> the reweighter."""
+
+    def __init__(self, trainer: SelectionTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._finish_step()
+
+
+#: The key under which a micro-batch's :class:`mixsel.engine.MicroBatch` rides in the Trainer's inputs.
+MICRO_KEY = "mixsel_micro"
+
+
 class SelectionTrainer(Trainer):
-    """A ``Trainer`` whose every step selects its minibatch from a larger candidate pool.
+    """A ``Trainer`` whose every optimiser step selects its minibatch from a larger candidate pool.
+
+    The step is :class:`mixsel.engine.Engine`'s, the one ``mixsel train`` runs: one pool of
+    ``pool_factor x`` the step's whole batch (``per_device_train_batch_size x
+    gradient_accumulation_steps x world size`` examples) is drawn per optimiser step by the domain
+    weights (a reweighter in ``sampling`` mode changes what is trained), one selection is made, and
+    each rank's share is sliced into the micro-batches the Trainer accumulates. The loss is the
+    weighted mean over the whole selection (one normaliser over ranks and micro-batches).
 
     Args:
         model, args, data_collator, train_dataset, eval_dataset, processing_class, callbacks: as for
@@ -317,8 +423,8 @@ class SelectionTrainer(Trainer):
             weighted loss does not support (label smoothing, ``compute_loss_func``).
     """
 
-    # compute_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps.
-    loss_is_scaled_for_ga = False
+    # compute_loss returns the micro-batch's part of the step's weighted mean (global normaliser)
+    loss_is_scaled_for_ga = True
     # DoGraph's domain gradients are captured in the training backward of compute_loss's own loss (a
     # subclass whose loss this class does not compute sets False: a separate pass over the trained rows).
     _capture_gradients = True
@@ -348,6 +454,12 @@ class SelectionTrainer(Trainer):
             raise ValueError("SelectionTrainer computes its own weighted loss; set label_smoothing_factor=0")
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("SelectionTrainer computes its own weighted loss; drop compute_loss_func")
+        if isinstance(train_dataset, torch.utils.data.IterableDataset):
+            raise ValueError(
+                "SelectionTrainer draws each step's pool by domain from an indexable train_dataset; an "
+                "IterableDataset has no random access: pass a datasets.Dataset (e.g. IterableDataset -> "
+                "Dataset.from_generator)"
+            )
 
         domains = args.domains
         if domains is None:
@@ -363,6 +475,7 @@ class SelectionTrainer(Trainer):
         existing = [cb for cb in callbacks if isinstance(cb, ReweightingCallback)]
         if args.reweighter is not None and not existing:
             callbacks.append(ReweightingCallback(args.reweighter, self.domains, args.reweighter_options))
+        callbacks.insert(0, _EngineCallback(self))
         super().__init__(
             model=model,
             args=args,
@@ -376,17 +489,7 @@ class SelectionTrainer(Trainer):
         self.args: SelectionTrainingArguments
         # pools and validation anchors are collated with the domain column kept (padded rows)
         self.data_collator = DomainCollator(self._pool_collator(self.data_collator), args.domain_column, self.domains)
-
-        selector = get_selector(args.selector, **args.selector_options)
-        self._use_weights = bookkeeping.resolve_use_weights(selector, args.use_selection_weights)
-        self.online = OnlineSelector(
-            selector,
-            args.feature_config(),
-            len(self.domains),
-            seed=args.seed,
-            diagnostics=args.selection_diagnostics,
-            source_sizes=self._source_sizes(train_dataset) if getattr(selector, "needs_source_sizes", False) else None,
-        )
+        self.mixsel_config = args.mixsel_config(self.accelerator.num_processes)
         reweighting = self.reweighting_callback
         rw = reweighting.reweighter if reweighting is not None else None
         if rw is not None and rw.needs_reference and reference_model is None:
@@ -395,43 +498,80 @@ class SelectionTrainer(Trainer):
                 "reference_model=<a frozen LM trained on the natural mixture>"
             )
         self.reference_model = reference_model
-        wants_val = {
-            who: why
-            for who, why in (
-                (f"selector {args.selector!r}", bool(self.online.needed() & _VAL_FEATURES)),
-                (f"reweighter {getattr(rw, 'name', None)!r}", rw is not None and rw.needs_grad),
-            )
-            if why
-        }
-        if selection_val_dataset is None and wants_val:
-            selection_val_dataset = self.eval_dataset  # for the TRL trainer: the prepared (tokenised) eval set
-            if isinstance(selection_val_dataset, dict):
-                raise ValueError("eval_dataset is a dict; pass selection_val_dataset=<one dataset> for the anchors")
-            if selection_val_dataset is None:
-                raise ValueError(
-                    f"{' and '.join(wants_val)} need validation examples: pass eval_dataset or selection_val_dataset"
-                )
-        self.selection_val_dataset = self._prepare_selection_val(selection_val_dataset)
+        selector = get_selector(args.selector, **args.selector_options)
+        self.selection_val_dataset = self._selection_val(selection_val_dataset, selector, rw)
         self._val_prepared: Any = None
-        self._val_domains: torch.Tensor | None = None
-        self._pending: _Pending | None = None
-        self._capture: Any = None
+        self._train_prepared: Any = None
+        self._plan: Any = None
         self._sel_metrics: dict[str, list[float]] = defaultdict(list)
-        self._micro = (-1, 0)  # (global step, micro-steps done in it)
+        self.engine = self._build_engine(selector, rw)
+        self._use_weights = self.engine.use_weights
+        cfg = self.mixsel_config
         log.info(
             launch_message(
                 type(self).__name__,
                 world_size=self.accelerator.num_processes,
                 backend=torch.distributed.get_backend() if torch.distributed.is_initialized() else "none",
-                mode="local",
+                mode=cfg.train.distributed_selection,
                 selector=args.selector,
-                batch=self._train_batch_size,
-                pool=self.pool_size,
+                batch=cfg.train.batch_size,
+                pool=cfg.train.pool_size,
                 rank=self.accelerator.process_index,
-                per_rank=True,
             )
         )
         check_world(self.accelerator.num_processes)
+
+    def _selection_val(self, dataset: Any, selector: Any, rw: Any) -> Any:
+        """The validation set of the anchors and of DoGraph's target (eval_dataset unless given)."""
+        from mixsel.step import resolve_features
+
+        fc = resolve_features(self.args.feature_config(), selector)
+        needs_anchors = bool(set(selector.requires) & _VAL_FEATURES)
+        wants_val = {
+            who: why
+            for who, why in (
+                (f"selector {self.args.selector!r}", needs_anchors and fc.val_anchors > 0),
+                (f"reweighter {getattr(rw, 'name', None)!r}", rw is not None and rw.needs_grad),
+            )
+            if why
+        }
+        if dataset is None and wants_val:
+            dataset = self.eval_dataset  # for the TRL trainer: the prepared (tokenised) eval set
+            if isinstance(dataset, dict):
+                raise ValueError("eval_dataset is a dict; pass selection_val_dataset=<one dataset> for the anchors")
+            if dataset is None:
+                raise ValueError(
+                    f"{' and '.join(wants_val)} need validation examples: pass eval_dataset or selection_val_dataset"
+                )
+        return self._prepare_selection_val(dataset)
+
+    def _build_engine(self, selector: Any, rw: Any) -> Any:
+        """The step engine over this trainer's datasets (:func:`mixsel.engine.build_engine`)."""
+        from mixsel.distributed import World
+
+        column = self.args.domain_column
+        train_domains = torch.tensor(
+            [domain_id_of(v, self.domains, column) for v in _column_values(self.train_dataset, column)]
+            if self.train_dataset is not None
+            else [0],
+            dtype=torch.long,
+        )
+        acc = self.accelerator
+        world = World(acc.process_index, acc.num_processes, acc.local_process_index)
+        engine = build_engine(
+            self.mixsel_config,
+            selector,
+            self.domains,
+            train_domains=train_domains,
+            train_batch=self._train_rows,
+            val_domains=self._validation_domains(),
+            val_batch=self._val_rows,
+            world=world,
+            reference=self.reference_model,
+            reweighter=rw if rw is not None else get_reweighter("uniform", domains=self.domains),
+        )
+        engine.reweighting.capture_in_backward = self._capture_gradients
+        return engine
 
     # ---- hooks the TRL trainer overrides ----------------------------------------------------------
 
@@ -448,40 +588,33 @@ class SelectionTrainer(Trainer):
         """The selection validation set in the training data's format (as given here)."""
         return dataset
 
-    def _selected_inputs(self, inputs: dict[str, Any], idx: torch.Tensor, n: int) -> dict[str, Any]:
-        """The model inputs of the selected rows ``idx`` of a pool of ``n`` rows (sliced here)."""
-        selected = {}
-        for key, value in inputs.items():
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
-                selected[key] = value[idx.to(value.device)]
-            else:
-                selected[key] = value
-        return selected
+    def _micro_inputs(self, micro: Any) -> dict[str, Any]:
+        """The Trainer inputs of one micro-batch: the model inputs and the micro-batch itself."""
+        return {**micro.batch.model_inputs(), MICRO_KEY: micro}
 
-    def _weighted_loss(
-        self, model: torch.nn.Module, inputs: dict[str, Any], pending: _Pending, return_outputs: bool
-    ) -> Any:
-        """``sum_i w_i l_i / sum_i w_i`` over the selected rows; records the per-example losses."""
-        from mixsel.features.loss import target_mask, token_losses
-
-        labels = inputs.pop("labels")
+    def _weighted_loss(self, model: torch.nn.Module, inputs: dict[str, Any], micro: Any, return_outputs: bool) -> Any:
+        """The micro-batch's part of the step's weighted mean (:meth:`mixsel.engine.Engine.loss`)."""
+        inputs.pop("labels", None)
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        tokens = token_losses(logits.float(), labels)  # per token, for DoReMi's per-token excess
-        per_example = tokens.sum(1) / target_mask(labels).sum(1).clamp_min(1)
-        if pending.capture is not None:
-            pending.capture.watch(per_example)
-        w = pending.weights.to(per_example.device)
-        loss = (per_example * w).sum() / w.sum().clamp_min(1e-12)
-        pending.losses = tokens.detach()
+        loss = self.engine.loss(self._plan, micro, logits)
         return (loss, outputs) if return_outputs else loss
 
     # ---- data -----------------------------------------------------------------------------------
 
     @property
     def pool_size(self) -> int:
-        """Examples per pool on this device: ``pool_factor * per-device batch``."""
-        return self.args.pool_factor * self._train_batch_size
+        """Candidates per pool (every rank holds the same pool): ``pool_factor`` x the step's batch."""
+        return self.mixsel_config.train.pool_size
+
+    @property
+    def online(self) -> Any:
+        """The :class:`mixsel.step.OnlineSelector` of the engine."""
+        return self.engine.selector
+
+    @online.setter
+    def online(self, value: Any) -> None:
+        self.engine.selector = value
 
     @property
     def reweighting_callback(self) -> ReweightingCallback | None:
@@ -498,138 +631,87 @@ class SelectionTrainer(Trainer):
             self._signature_columns.append(self.args.domain_column)
 
     def get_train_dataloader(self) -> Any:
-        """The training dataloader, whose batches are pools of :attr:`pool_size` examples."""
+        """One tick per micro-step: an epoch is ``ceil(N / step batch)`` optimiser steps, so it trains
+        about as many rows as the training set holds (the engine draws them)."""
         if self.train_dataset is None:
             raise ValueError("SelectionTrainer: training requires a train_dataset.")
-        return self._get_dataloader(
-            dataset=self.train_dataset,
-            description="Training",
-            batch_size=self.pool_size,
-            sampler_fn=self._get_train_sampler,
-            is_training=True,
-        )
+        k = self.mixsel_config.train.batch_size
+        ga = self.args.gradient_accumulation_steps
+        steps = max(math.ceil(len(self.train_dataset) / k), 1)
+        ticks = _Ticks(steps * ga * self.accelerator.num_processes)
+        return self.accelerator.prepare(torch.utils.data.DataLoader(ticks, batch_size=1, collate_fn=_tick_collate))
 
-    def _val_dataset(self) -> Any:
-        """The selection validation set with the columns the model does not take removed (once)."""
-        if self._val_prepared is None:
-            ds = self.selection_val_dataset
+    def _prepared(self, which: str) -> Any:
+        """The training or selection validation set with the columns the model does not take removed (once)."""
+        attr = "_train_prepared" if which == "train" else "_val_prepared"
+        if getattr(self, attr) is None:
+            ds = self.train_dataset if which == "train" else self.selection_val_dataset
             try:
                 import datasets
 
                 if isinstance(ds, datasets.Dataset):
-                    ds = self._remove_unused_columns(ds, description="selection validation")
+                    ds = self._remove_unused_columns(ds, description=f"selection {which}")
             except ImportError:  # pragma: no cover
                 pass
-            self._val_prepared = ds
-        return self._val_prepared
+            setattr(self, attr, ds)
+        return getattr(self, attr)
 
-    def _val_batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        ds = self._val_dataset()
-        batch = self.data_collator([ds[i] for i in rows])
-        batch.pop(self.args.domain_column, None)
+    def _rows(self, which: str, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        ds = self._prepared(which)
+        batch = self.data_collator([ds[int(i)] for i in rows.tolist()])
+        domains = batch.pop(self.args.domain_column, None)
+        if domains is not None:
+            batch["domain_ids"] = domains
         return batch
 
-    def _source_sizes(self, dataset: Any) -> torch.Tensor:
-        """Training examples per domain of ``dataset`` (CoLM's dataset-level small sources)."""
-        column = self.args.domain_column
-        ids = [domain_id_of(v, self.domains, column) for v in _column_values(dataset, column)]
-        return bookkeeping.source_sizes(ids, len(self.domains))
+    def _train_rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._rows("train", rows)
+
+    def _val_rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._rows("val", rows)
 
     def _validation_domains(self) -> torch.Tensor:
-        """LongTensor[m] domain id of every selection validation example (read once)."""
-        if self._val_domains is None:
-            column = self.args.domain_column
-            values = _column_values(self.selection_val_dataset, column)
-            self._val_domains = torch.tensor([domain_id_of(v, self.domains, column) for v in values])
-        return self._val_domains
+        """LongTensor[m] domain id of every selection validation example."""
+        if self.selection_val_dataset is None:
+            return torch.zeros(0, dtype=torch.long)
+        column = self.args.domain_column
+        values = _column_values(self.selection_val_dataset, column)
+        return torch.tensor([domain_id_of(v, self.domains, column) for v in values], dtype=torch.long)
 
     def _anchor_batch(self, step: int) -> dict[str, torch.Tensor] | None:
-        if not (self.online.needed() & _VAL_FEATURES) or self.args.val_anchors == 0:
-            return None
-        balanced = self.args.anchor_sampling == "balanced"
-        domains = self._validation_domains() if balanced else None
-        rows = bookkeeping.draw_anchors(
-            domains if balanced else len(self._val_dataset()),
-            self.args.val_anchors,
-            seed=self.args.seed,
-            step=step,
-            sampling=self.args.anchor_sampling,
-        )
-        batch = self._val_batch(rows.tolist())
-        return batch if domains is None else {**batch, "domain_ids": domains[rows]}
-
-    def _balanced_val_batch(self) -> dict[str, torch.Tensor]:
-        """``reweighting_val_per_domain`` validation rows of every domain (DoGraph's target gradient)."""
-        domains = self._validation_domains()
-        rows = bookkeeping.balanced_rows(domains, len(self.domains), self.args.reweighting_val_per_domain)
-        return self._val_batch(rows.tolist())
+        """The validation anchors of ``step`` (as the engine draws them)."""
+        return self.engine.anchors(step)
 
     # ---- the step -------------------------------------------------------------------------------
 
-    def _step_id(self) -> int:
-        """A per-micro-step counter derived from the global step (so it resumes exactly)."""
-        step, done = self._micro
-        if step != self.state.global_step:
-            step, done = self.state.global_step, 0
-        self._micro = (step, done + 1)
-        return step * self.args.gradient_accumulation_steps + done
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """One selection per optimiser step: the engine plans the step, its micro-batches are returned."""
+        ticks = 0
+        for _ in range(num_batches):
+            try:
+                next(epoch_iterator)
+            except StopIteration:
+                break
+            ticks += 1
+        if ticks == 0:
+            return [], None
+        lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else self.args.learning_rate
+        model = self.accelerator.unwrap_model(self.model)
+        self._plan = plan = self.engine.plan(model, step=self.state.global_step, lr=lr)
+        if len(plan.micro_batches) != ticks:
+            raise RuntimeError(
+                f"the step's selection gives this rank {len(plan.chosen)} rows in {len(plan.micro_batches)} "
+                f"micro-batches, but the Trainer accumulates {ticks}"
+            )
+        return [self._micro_inputs(m) for m in plan.micro_batches], None
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
-        """Select from the pool in ``inputs``, then run the stock training step on the selection."""
-        column = self.args.domain_column
-        if column not in inputs:
-            raise ValueError(
-                f"the training pool has no {column!r} column (got {sorted(inputs)}); add it to the dataset "
-                "or set SelectionTrainingArguments.domain_column"
-            )
-        inputs = dict(inputs)
-        domain_ids = torch.as_tensor(inputs.pop(column)).long().cpu()
-        n = int(domain_ids.numel())
-        k = min(self._train_batch_size, n)
-        step = self._step_id()
-        reweighting = self.reweighting_callback
-        domain_weights = reweighting.weights if reweighting is not None else None
-
-        t0 = time.perf_counter()
-        pool = {key: inputs[key] for key in bookkeeping.MODEL_KEYS if key in inputs}
-        pool["domain_ids"] = domain_ids
-        lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else self.args.learning_rate
-        result = self.online(
-            self.accelerator.unwrap_model(model),
-            pool,
-            k,
-            step=step,
-            lr=lr,
-            val_batch=self._anchor_batch(step),
-            domain_weights=domain_weights,
-        )
-        selection = result.selection
-        t_select = time.perf_counter() - t0
-
-        idx = selection.indices
-        chosen = domain_ids[idx]
-        loss_weights = bookkeeping.mixture_weights(reweighting.reweighter)[1] if reweighting is not None else None
-        w = bookkeeping.example_weights(selection, chosen, use_weights=self._use_weights, loss_weights=loss_weights)
-        selected = self._selected_inputs(inputs, idx, n)
-        rw = reweighting.reweighter if reweighting is not None else None
-        capture = None
-        if rw is not None and rw.needs_grad and self._capture_gradients:
-            # DoGraph's domain gradients of the trained rows, from this very backward
-            capture = bookkeeping.gradient_capture(self.accelerator.unwrap_model(model), **self._grad_kwargs())
-        self._pending = _Pending(weights=w, capture=capture)
-        try:
-            with capture if capture is not None else contextlib.nullcontext():
-                loss = super().training_step(model, selected, num_items_in_batch=None)
-            per_example = self._pending.losses
-        finally:
-            self._pending = None
-        if per_example is None:
-            raise RuntimeError("compute_loss did not record per-example losses; do not override it without super()")
-        self._capture = capture
-        self._after_step(pool, idx, chosen, per_example.detach(), result.metrics, t_select, n)
-        return loss
+        """The stock training step on one micro-batch of the selection (DoGraph's capture around it)."""
+        plan = self._plan
+        with plan.backward_context() if plan is not None else contextlib.nullcontext():
+            return super().training_step(model, inputs, num_items_in_batch=None)
 
     def compute_loss(
         self,
@@ -638,102 +720,73 @@ class SelectionTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        """Weighted mean of per-example losses on a selected batch; the stock loss otherwise (eval)."""
+        """Weighted mean of per-example losses on a selected micro-batch; the stock loss otherwise (eval)."""
         inputs = dict(inputs)
         inputs.pop(self.args.domain_column, None)
-        pending = self._pending
-        if pending is None:
+        micro = inputs.pop(MICRO_KEY, None)
+        if micro is None:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        return self._weighted_loss(model, inputs, pending, return_outputs)
+        return self._weighted_loss(model, inputs, micro, return_outputs)
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         inputs = dict(inputs)
         inputs.pop(self.args.domain_column, None)
         return super().prediction_step(model, inputs, *args, **kwargs)
 
-    # ---- statistics and metrics -----------------------------------------------------------------
-
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.accelerator.num_processes <= 1:
-            return t
-        return self.accelerator.reduce(t.to(self.args.device), reduction="sum").cpu()
-
-    def _domain_stats(
-        self, pool: dict[str, torch.Tensor], idx: torch.Tensor, chosen: torch.Tensor, per_example: torch.Tensor
-    ) -> DomainStats:
-        """This micro-step's per-domain statistics, summed over ranks (what the reweighter needs, no more)."""
-        from mixsel.features.loss import target_mask
-
-        num = len(self.domains)
-        rw = self.reweighting_callback.reweighter if self.reweighting_callback is not None else None
-        trained = {k: pool[k][idx.to(pool[k].device)] for k in bookkeeping.MODEL_KEYS}
-        ref = None
-        if rw is not None and rw.needs_reference and self.reference_model is not None:
-            ref_model = self.reference_model
-            if next(ref_model.parameters()).device != self.args.device:
-                ref_model.to(self.args.device)
-            ref_model.eval().requires_grad_(False)
-            ref = bookkeeping.reference_losses(ref_model, trained)
-        mask = target_mask(trained["labels"]).cpu()
-        if per_example.dim() == 1:  # per-example losses (the TRL route): compare per-example means
-            ref = None if ref is None else ref.sum(1) / mask.sum(1).clamp_min(1)
-            mask = None
-        stats = bookkeeping.domain_stats(
-            chosen, per_example, num, step=self.state.global_step, ref_losses=ref, mask=mask
-        )
-        if rw is not None and rw.needs_grad:  # DoGraph: domain gradients of the trained rows (captured)
-            last_micro = self._micro[1] == self.args.gradient_accumulation_steps
-            update = last_micro and bookkeeping.is_update_step(self.state.global_step, rw.update_every)
-            model = self.accelerator.unwrap_model(self.model)
-            if self._capture is not None:
-                stats.grad = bookkeeping.captured_domain_gradients(
-                    self._capture, trained, chosen, num, model=model, **self._grad_kwargs()
-                )
-            else:  # a loss this trainer does not compute (TRL's): a separate pass over the trained rows
-                stats.grad, _ = bookkeeping.domain_gradients(
-                    model, trained, chosen, num, val_batch=None, **self._grad_kwargs()
-                )
-            if update:
-                stats.val_grad = bookkeeping.validation_gradient(
-                    model, self._balanced_val_batch(), **self._grad_kwargs()
-                )
-        return bookkeeping.reduce_stats(stats, self._all_reduce)
-
-    def _grad_kwargs(self) -> dict[str, Any]:
-        fc = self.args.feature_config()
-        return {
-            "source": fc.source,
-            "modules": fc.modules,
-            "projection_dim": self.args.reweighting_projection_dim,
-            "seed": self.args.seed,
-        }
-
-    def _after_step(
-        self,
-        pool: dict[str, torch.Tensor],
-        idx: torch.Tensor,
-        chosen: torch.Tensor,
-        per_example: torch.Tensor,
-        step_metrics: dict[str, float],
-        t_select: float,
-        pool_n: int,
-    ) -> None:
-        stats = self._domain_stats(pool, idx, chosen, per_example)
+    def _finish_step(self) -> None:
+        """After the optimiser step: the engine's statistics update the reweighter; metrics are kept."""
+        plan, self._plan = self._plan, None
+        if plan is None:
+            return
+        report = self.engine.finish(self.accelerator.unwrap_model(self.model), plan)
         reweighting = self.reweighting_callback
         if reweighting is not None:
-            reweighting.record(stats)
+            reweighting.mark_fed()
+        if self.args.log_selections and self.is_world_process_zero():
+            import json as _json
+            import os
+
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, "selections.jsonl"), "a") as fh:
+                fh.write(_json.dumps(self.engine.selections_record(plan)) + "\n")
         m = self._sel_metrics
-        for key, value in step_metrics.items():
+        for key, value in report.metrics.items():
             m[key].append(float(value))
-        m["time/select"].append(t_select)
-        m["select/pool_size"].append(float(pool_n))
-        frac = stats.counts / stats.counts.sum().clamp_min(1)
-        for d, name in enumerate(self.domains):
-            m[f"select/frac/{name}"].append(float(frac[d]))
-            if stats.counts[d] > 0:
-                m[f"select/loss/{name}"].append(float(stats.mean_loss()[d]))
+        m["select/pool_size"].append(float(len(plan.pool)))
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        import os
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        state = self.engine.state_dict()
+        if self.engine.selector.mode == "local":  # every rank's selector has its own state
+            from mixsel.distributed import all_gather_object
+
+            state["selector_ranks"] = all_gather_object(state["selector"])
+        if self.is_world_process_zero():
+            torch.save(state, os.path.join(folder, ENGINE_STATE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        import os
+
+        reweighting = self.reweighting_callback  # a restored checkpoint replaces the callback
+        if reweighting is not None:
+            self.engine.reweighting.reweighter = reweighting.reweighter
+
+        path = os.path.join(checkpoint, ENGINE_STATE) if checkpoint else None
+        if path is None or not os.path.exists(path):
+            return
+        state = torch.load(path, weights_only=False)
+        ranks = state.get("selector_ranks")
+        self.engine.load_state_dict(state, None if ranks is None else ranks[self.accelerator.process_index])
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the selection metrics (averaged since the last log) and domain weights to training logs."""
@@ -741,7 +794,8 @@ class SelectionTrainer(Trainer):
             for key, values in self._sel_metrics.items():
                 logs[key] = sum(values) / len(values)
             self._sel_metrics.clear()
-            reweighting = self.reweighting_callback
-            if reweighting is not None:
-                logs.update(reweighting.log_dict())
         super().log(logs, start_time)
+
+
+#: The engine's state (sampler, selector, reweighter) in each Trainer checkpoint folder.
+ENGINE_STATE = "mixsel_engine.pt"

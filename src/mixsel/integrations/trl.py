@@ -50,7 +50,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(f'mixsel.integrations.trl needs TRL ({err}); pip install "mixsel[trl]"') from None
 
-from mixsel.integrations.hf import SelectionTrainer, SelectionTrainingArguments, _Pending
+from mixsel.integrations.hf import MICRO_KEY, SelectionTrainer, SelectionTrainingArguments
 
 __all__ = ["SelectionSFTConfig", "SelectionSFTTrainer", "token_weights"]
 
@@ -70,7 +70,11 @@ class SelectionSFTConfig(SFTConfig, SelectionTrainingArguments):
 
 
 def token_weights(
-    weights: torch.Tensor, rows: torch.Tensor, label_mask: torch.Tensor
+    weights: torch.Tensor,
+    rows: torch.Tensor,
+    label_mask: torch.Tensor,
+    total: torch.Tensor | None = None,
+    world_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss multipliers that weight examples inside a token-mean loss.
 
@@ -78,18 +82,22 @@ def token_weights(
         weights: Tensor[k] example weights ``w_i`` (>= 0).
         rows: LongTensor, the shape of ``label_mask``: the example each token position belongs to.
         label_mask: BoolTensor, True where the token is a target.
+        total: ``sum_j w_j n_j`` over the whole optimiser step (every micro-batch and rank); None =
+            over this micro-batch only.
+        world_size: data-parallel ranks (their gradients are averaged).
 
     Returns:
-        ``(multiplier, counts)``: Tensor of the shape of ``label_mask`` with ``m_i = w_i N / sum_j w_j n_j``
-        at the tokens of example ``i`` (so ``sum m l / N = sum_i w_i sum_t l_it / sum_i w_i n_i``), and
-        Tensor[k] the target tokens ``n_i`` of each example.
+        ``(multiplier, counts)``: Tensor of the shape of ``label_mask`` with ``m_i = w_i N W / total`` at
+        the tokens of example ``i`` (``N`` this micro-batch's target tokens, ``W`` the world size), so
+        ``sum m l / N = W sum_i w_i sum_t l_it / total``; the micro-batches of a step then add up to
+        the step's token-weighted mean. Tensor[k]: the target tokens ``n_i`` of each example.
     """
     k = weights.numel()
     w = weights.to(torch.float32).to(label_mask.device)
     targets = rows[label_mask]
     counts = torch.bincount(targets, minlength=k).to(torch.float32)
-    total = (w * counts).sum()
-    scale = counts.sum() / total if bool(total > 0) else torch.ones((), device=w.device)
+    total = (w * counts).sum() if total is None else total.to(w.device, torch.float32)
+    scale = counts.sum() * world_size / total if bool(total > 0) else torch.ones((), device=w.device)
     return (w * scale)[rows], counts
 
 
@@ -98,13 +106,15 @@ class _WeightedTokens:
 
     TRL's ``compute_loss`` calls ``model(**inputs, fused_lm_head=True)`` and takes the loss as
     ``-sum(log_probs) / num_tokens``; multiplying each token's log-probability by its example's
-    multiplier (:func:`token_weights`) makes that the weighted loss, while the entropy and
-    top-1 outputs behind TRL's metrics stay untouched.
+    multiplier (:func:`token_weights`, normalised over the whole step) makes that the micro-batch's
+    part of the step's weighted token mean, while the entropy and top-1 outputs behind TRL's metrics
+    stay untouched.
     """
 
-    def __init__(self, model: torch.nn.Module, pending: _Pending) -> None:
+    def __init__(self, model: torch.nn.Module, trainer: SelectionSFTTrainer, micro: Any) -> None:
         self.model = model
-        self.pending = pending
+        self.trainer = trainer
+        self.micro = micro
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
@@ -117,12 +127,16 @@ class _WeightedTokens:
             )
         outputs = self.model(*args, **kwargs)
         log_probs, mask = outputs.log_probs, outputs.label_mask
-        k = self.pending.weights.numel()
+        weights = self.micro.weights
+        k = weights.numel()
         rows = _token_rows(kwargs, log_probs.shape, k, log_probs.device)
-        multiplier, counts = token_weights(self.pending.weights, rows, mask)
+        trainer = self.trainer
+        multiplier, counts = token_weights(
+            weights, rows, mask, total=trainer._token_total, world_size=trainer.accelerator.num_processes
+        )
         nll = -log_probs.detach().float().reshape(-1)
         sums = torch.zeros(k, device=log_probs.device).index_add_(0, rows.reshape(-1), nll)
-        self.pending.losses = sums / counts.clamp_min(1)
+        trainer.engine.record(trainer._plan, self.micro, sums / counts.clamp_min(1))
         outputs.log_probs = log_probs * multiplier.to(log_probs.dtype)
         return outputs
 
@@ -194,6 +208,7 @@ class SelectionSFTTrainer(SelectionTrainer, SFTTrainer):
             raise ValueError(f"loss_type={args.loss_type!r}: the selection weights act on TRL's NLL; use 'nll'")
         self._padding_free = bool(args.padding_free)
         self._selected_collator: Any = None
+        self._token_total: torch.Tensor | None = None
         super().__init__(
             model=model,
             args=args,
@@ -236,17 +251,28 @@ class SelectionSFTTrainer(SelectionTrainer, SFTTrainer):
             )
         return dataset
 
-    def _selected_inputs(self, inputs: dict[str, Any], idx: torch.Tensor, n: int) -> dict[str, Any]:
+    def _micro_inputs(self, micro: Any) -> dict[str, Any]:
         if self._selected_collator is None:
-            return super()._selected_inputs(inputs, idx, n)
+            return super()._micro_inputs(micro)
+        rows = micro.batch
         examples = []
-        for i in idx.tolist():
-            keep = inputs["attention_mask"][i].bool()
-            examples.append({key: inputs[key][i][keep].tolist() for key in ("input_ids", "labels")})
-        return self._selected_collator(examples)
+        for i in range(len(rows)):
+            keep = rows.attention_mask[i].bool()
+            examples.append({key: getattr(rows, key)[i][keep].tolist() for key in ("input_ids", "labels")})
+        return {**self._selected_collator(examples), MICRO_KEY: micro}
 
-    def _weighted_loss(
-        self, model: torch.nn.Module, inputs: dict[str, Any], pending: _Pending, return_outputs: bool
-    ) -> Any:
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        samples, items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        plan = self._plan
+        if plan is not None:  # the step's token-weighted normaliser sum_j w_j n_j over every rank
+            from mixsel.distributed import all_reduce_sum
+            from mixsel.features.loss import target_mask
+
+            counts = target_mask(plan.trained.labels).sum(1).to(torch.float32)
+            self._token_total = all_reduce_sum((plan.weights * counts).sum().clone())
+        return samples, items
+
+    def _weighted_loss(self, model: torch.nn.Module, inputs: dict[str, Any], micro: Any, return_outputs: bool) -> Any:
         # TRL's own compute_loss (its loss and metrics), with each example's tokens weighted
-        return SFTTrainer.compute_loss(self, _WeightedTokens(model, pending), inputs, return_outputs=return_outputs)
+        wrapped = _WeightedTokens(model, self, micro)
+        return SFTTrainer.compute_loss(self, wrapped, inputs, return_outputs=return_outputs)
