@@ -172,6 +172,33 @@ class SelectionTrainingArguments(TrainingArguments):
             self.domains = [str(d) for d in self.domains]
             if len(set(self.domains)) != len(self.domains):
                 raise ValueError(f"domains={self.domains} has duplicates; domain names must be unique")
+        self.check_methods()
+
+    def check_methods(self) -> Any:
+        """Build the configured selector and check the reweighter's name now, at argument time.
+
+        Returns:
+            The selector (``selection.method`` with its options).
+
+        Raises:
+            ValueError: one line naming the bad argument and the valid choices.
+        """
+        from mixsel.registry import available_reweighters, available_selectors
+
+        cfg = self.mixsel_config(self.world_size)
+        method, options = cfg.selection.method, cfg.selection.options
+        if method not in available_selectors():
+            raise ValueError(f"selector={method!r} is not registered; valid names: {', '.join(available_selectors())}")
+        try:
+            selector = get_selector(method, **options)
+        except TypeError as err:  # an unknown or missing keyword option
+            raise ValueError(f"selector_options for {method!r}: {err}; docs/methods.md lists the options") from None
+        if cfg.reweighting.method not in available_reweighters():
+            raise ValueError(
+                f"reweighter={cfg.reweighting.method!r} is not registered; valid names: "
+                f"{', '.join(available_reweighters())} (or None)"
+            )
+        return selector
 
     def mixsel_config(self, world_size: int = 1) -> ExperimentConfig:
         """The :class:`mixsel.config.ExperimentConfig` these arguments describe (what the engine runs).
@@ -471,10 +498,18 @@ class SelectionTrainer(Trainer):
         if data_collator is None:
             data_collator = self._default_collator(processing_class)
 
+        cfg = args.mixsel_config(args.world_size)
         callbacks = list(callbacks or [])
         existing = [cb for cb in callbacks if isinstance(cb, ReweightingCallback)]
-        if args.reweighter is not None and not existing:
-            callbacks.append(ReweightingCallback(args.reweighter, self.domains, args.reweighter_options))
+        if (args.reweighter is not None or cfg.reweighting.method != "uniform") and not existing:
+            rc = cfg.reweighting
+            options = {**rc.options, "update_every": 1 if rc.amortize and rc.update_every > 1 else rc.update_every}
+            try:
+                callbacks.append(ReweightingCallback(rc.method, self.domains, options))
+            except TypeError as err:  # an unknown or missing keyword option
+                raise ValueError(
+                    f"reweighter_options for {rc.method!r}: {err}; docs/reweighting.md lists the options"
+                ) from None
         callbacks.insert(0, _EngineCallback(self))
         super().__init__(
             model=model,
@@ -489,7 +524,7 @@ class SelectionTrainer(Trainer):
         self.args: SelectionTrainingArguments
         # pools and validation anchors are collated with the domain column kept (padded rows)
         self.data_collator = DomainCollator(self._pool_collator(self.data_collator), args.domain_column, self.domains)
-        self.mixsel_config = args.mixsel_config(self.accelerator.num_processes)
+        self.mixsel_config = cfg
         reweighting = self.reweighting_callback
         rw = reweighting.reweighter if reweighting is not None else None
         if rw is not None and rw.needs_reference and reference_model is None:
@@ -498,7 +533,7 @@ class SelectionTrainer(Trainer):
                 "reference_model=<a frozen LM trained on the natural mixture>"
             )
         self.reference_model = reference_model
-        selector = get_selector(args.selector, **args.selector_options)
+        selector = args.check_methods()
         self.selection_val_dataset = self._selection_val(selection_val_dataset, selector, rw)
         self._val_prepared: Any = None
         self._train_prepared: Any = None
@@ -513,7 +548,7 @@ class SelectionTrainer(Trainer):
                 world_size=self.accelerator.num_processes,
                 backend=torch.distributed.get_backend() if torch.distributed.is_initialized() else "none",
                 mode=cfg.train.distributed_selection,
-                selector=args.selector,
+                selector=cfg.selection.method,
                 batch=cfg.train.batch_size,
                 pool=cfg.train.pool_size,
                 rank=self.accelerator.process_index,
@@ -525,12 +560,12 @@ class SelectionTrainer(Trainer):
         """The validation set of the anchors and of DoGraph's target (eval_dataset unless given)."""
         from mixsel.step import resolve_features
 
-        fc = resolve_features(self.args.feature_config(), selector)
+        fc = resolve_features(self.mixsel_config.selection.features, selector)
         needs_anchors = bool(set(selector.requires) & _VAL_FEATURES)
         wants_val = {
             who: why
             for who, why in (
-                (f"selector {self.args.selector!r}", needs_anchors and fc.val_anchors > 0),
+                (f"selector {selector.name!r}", needs_anchors and fc.val_anchors > 0),
                 (f"reweighter {getattr(rw, 'name', None)!r}", rw is not None and rw.needs_grad),
             )
             if why

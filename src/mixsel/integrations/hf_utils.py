@@ -26,6 +26,7 @@ __all__ = [
     "domain_id_of",
     "from_jsonable",
     "infer_domains",
+    "mixture_datasets",
     "to_jsonable",
 ]
 
@@ -181,3 +182,40 @@ def from_jsonable(obj: Any) -> Any:
     if isinstance(obj, list):
         return [from_jsonable(v) for v in obj]
     return obj
+
+
+def mixture_datasets(mixture: Any, splits: Sequence[str] = ("train", "validation")) -> dict[str, Any]:
+    """The tokenised splits of a :class:`mixsel.data.Mixture` as ``datasets.Dataset`` objects.
+
+    The rows, tokens and truncation are exactly ``mixsel train``'s (:func:`mixsel.data.load_mixture`),
+    so a Trainer run on them draws and trains the same rows: columns ``input_ids``, ``labels``
+    (-100 on masked prompt tokens) and ``domain`` (the domain's name).
+
+    Example::
+
+        tokenizer = build_tokenizer(cfg.model)
+        mixture = load_mixture(cfg.data, tokenizer, seed=cfg.seed)
+        data = mixture_datasets(mixture)
+        trainer = SelectionTrainer(model=model, args=args, train_dataset=data["train"],
+                                   eval_dataset=data["validation"])
+
+    Args:
+        mixture: the loaded mixture.
+        splits: which splits to convert (``train``, ``validation``, ``test``).
+
+    Returns:
+        ``{split: datasets.Dataset}``.
+    """
+    import datasets
+
+    out = {}
+    for name in splits:
+        split = getattr(mixture, name)
+        out[name] = datasets.Dataset.from_dict(
+            {
+                "input_ids": [t.tolist() for t in split.input_ids],
+                "labels": [t.tolist() for t in split.labels],
+                "domain": [mixture.domains[d] for d in split.domain_ids.tolist()],
+            }
+        )
+    return out
