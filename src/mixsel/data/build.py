@@ -50,13 +50,13 @@ def split_mixture_records(records: Sequence[dict], cfg: DataConfig, seed: int = 
 
 
 def load_mixture_records(cfg: DataConfig, seed: int = 0) -> dict[str, list[dict]]:
-    """Normalised records of each split (train / validation / test) for ``cfg``."""
+    """Normalised records of each split (train / validation / test) for ``cfg``, each with its ``source`` id."""
     from mixsel.data.loading import load_records
 
     if cfg.source == "embedded":
         from mixsel.data.embedded import load_embedded_records
 
-        records = load_embedded_records()
+        records = load_embedded_records(with_sources=True)
     else:
         records = load_records(
             cfg.source,
@@ -70,6 +70,7 @@ def load_mixture_records(cfg: DataConfig, seed: int = 0) -> dict[str, list[dict]
             split_column=cfg.split_column,
             hf_config=cfg.hf_config,
             hf_split=cfg.hf_split,
+            with_sources=True,
         )
     return split_mixture_records(records, cfg, seed)
 
@@ -153,6 +154,9 @@ def _load_cached(path: Path) -> Any:
         return None
     if not isinstance(mixture, Mixture):
         log.warning("ignoring the tokenised-mixture cache %s (not a mixture); tokenising again", path)
+        return None
+    if not all(hasattr(getattr(mixture, name), "sources") for name in ("train", "validation", "test")):
+        log.warning("ignoring the tokenised-mixture cache %s (written without source ids); tokenising again", path)
         return None
     log.info("loaded the tokenised mixture from %s", path)
     return mixture

@@ -41,6 +41,7 @@ import warnings
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
@@ -131,12 +132,38 @@ def _open_text(path: str) -> Any:
     return gzip.open(path, "rt", encoding="utf-8") if path.lower().endswith(".gz") else open(path, encoding="utf-8")
 
 
-def _read_json_file(path: str, fmt: str) -> list[dict[str, Any]]:
-    """Rows of a JSON file, read with the standard ``json`` module so values keep their exact types
-    (pandas would turn an integer column with a null into floats: ``8`` -> ``"8.0"``).
+def _numbered(label: str, n: int) -> list[str]:
+    """Source ids ``"<label>:<i>"`` of ``n`` rows, ``i`` counted from 0."""
+    return [f"{label}:{i}" for i in range(n)]
 
-    ``.jsonl`` is one object per line; ``.json`` is a JSON array of objects, an object of columns,
-    or else one object per line (``datasets.Dataset.to_json`` writes lines).
+
+def _label_base(source: str) -> str | None:
+    """The folder that file labels are relative to: ``None`` for one file (its name is the label),
+    the folder itself, or a glob's leading folders without wildcards."""
+    if os.path.isfile(source):
+        return None
+    if os.path.isdir(source):
+        return source
+    head = source
+    while glob.has_magic(head):
+        head = os.path.dirname(head)
+    return head or os.curdir
+
+
+def _file_label(path: str, base: str | None) -> str:
+    """How a source id names a data file: its path relative to ``base``, or its name."""
+    if base is None:
+        return os.path.basename(path)
+    return os.path.relpath(path, base).replace(os.sep, "/")
+
+
+def _read_json_file(path: str, fmt: str, label: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of a JSON file, read with the standard ``json`` module so values keep their exact types
+    (pandas would turn an integer column with a null into floats: ``8`` -> ``"8.0"``), and their ids.
+
+    ``.jsonl`` is one object per line (id ``"<label>:<1-based line number>"``); ``.json`` is a JSON
+    array of objects or an object of columns (id ``"<label>:<0-based row index>"``), or else one
+    object per line (``datasets.Dataset.to_json`` writes lines).
     """
     with _open_text(path) as f:
         content = f.read()
@@ -146,11 +173,12 @@ def _read_json_file(path: str, fmt: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             data = None
         if isinstance(data, list):
-            return [dict(row) for row in data]
+            return [dict(row) for row in data], _numbered(label, len(data))
         if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
             keys = list(data)
-            return [dict(zip(keys, values)) for values in zip(*(data[k] for k in keys))]
-    rows = []
+            table = [dict(zip(keys, values)) for values in zip(*(data[k] for k in keys))]
+            return table, _numbered(label, len(table))
+    rows, ids = [], []
     for line_no, line in enumerate(content.splitlines(), start=1):
         if not line.strip():
             continue
@@ -163,26 +191,34 @@ def _read_json_file(path: str, fmt: str) -> list[dict[str, Any]]:
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{line_no} is a JSON {type(row).__name__}, not an object with named columns")
         rows.append(row)
-    return rows
+        ids.append(f"{label}:{line_no}")
+    return rows, ids
 
 
-def _read_file(path: str, fmt: str) -> list[dict[str, Any]]:
+def _read_file(path: str, fmt: str, label: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of one data file and their source ids (``label`` names the file in them)."""
     if fmt in ("jsonl", "json"):
-        return _read_json_file(path, fmt)
+        return _read_json_file(path, fmt, label)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        rows = pq.read_table(path).to_pylist()
+        return rows, _numbered(label, len(rows))
     if fmt == "csv":
         import pandas as pd
 
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, compression="infer")
-        return frame.to_dict(orient="records")
+        rows = frame.to_dict(orient="records")
+        return rows, _numbered(label, len(rows))
     raise ValueError(f"unknown data.format={fmt!r}; use one of {', '.join(_FORMATS)}")
 
 
-def _read_local_files(files: Sequence[str], fmt: str | None) -> list[dict[str, Any]]:
+def _read_local_files(
+    files: Sequence[str], fmt: str | None, base: str | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of the data files, in order, and their source ids (files named relative to ``base``)."""
     rows: list[dict[str, Any]] = []
+    ids: list[str] = []
     for path in files:
         file_fmt = fmt or _file_format(path)
         if file_fmt is None:
@@ -191,10 +227,12 @@ def _read_local_files(files: Sequence[str], fmt: str | None) -> list[dict[str, A
                 f"{', '.join(f for f in _FORMATS if f != 'hf')}"
             )
         try:
-            rows.extend(_read_file(path, file_fmt))
+            file_rows, file_ids = _read_file(path, file_fmt, _file_label(path, base))
         except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error) as err:
             raise ValueError(_undecodable(path, err)) from None
-    return rows
+        rows.extend(file_rows)
+        ids.extend(file_ids)
+    return rows, ids
 
 
 def _undecodable(path: str, err: Exception) -> str:
@@ -238,19 +276,34 @@ def _rows_from_hf(obj: Any, split_column: str | None) -> tuple[list[dict[str, An
     return rows, split_column or "__split__"
 
 
-def _read_hf(
-    source: str, *, hf_name: str | None, hf_config: str | None, hf_split: str | None, split_column: str | None
-) -> tuple[list[dict[str, Any]], str | None]:
-    """Rows through the ``datasets`` library: a saved folder, local data files, or a hub name."""
+def _hf_row_ids(obj: Any, prefix: str) -> list[str]:
+    """Source ids of the rows :func:`_rows_from_hf` returns, in its order.
+
+    A ``Dataset``'s rows are ``"<prefix>:<index>"``; a ``DatasetDict``'s ``"<prefix>:<split>:<index>"``.
+    """
     import datasets
 
+    if not isinstance(obj, datasets.DatasetDict):
+        return _numbered(prefix, len(obj))
+    return [f"{prefix}:{name}:{i}" for name in obj for i in range(len(obj[name]))]
+
+
+def _read_hf(
+    source: str, *, hf_name: str | None, hf_config: str | None, hf_split: str | None, split_column: str | None
+) -> tuple[list[dict[str, Any]], str | None, list[str]]:
+    """Rows through the ``datasets`` library (a saved folder, local data files, or a hub name), the
+    split column, and the rows' source ids (see :func:`load_records`)."""
+    import datasets
+
+    local_name = os.path.basename(os.path.normpath(source))
     if hf_name is None and _is_saved_dataset(source):
         obj = datasets.load_from_disk(source)
         if hf_split is not None and isinstance(obj, datasets.DatasetDict):
             if hf_split not in obj:
                 raise ValueError(f"data.hf_split={hf_split!r} is not in the saved dataset; it has {list(obj)}")
             obj = obj[hf_split]
-        return _rows_from_hf(obj, split_column)
+            local_name = f"{local_name}:{hf_split}"
+        return (*_rows_from_hf(obj, split_column), _hf_row_ids(obj, local_name))
     if hf_name is None and (os.path.exists(source) or glob.has_magic(source)):
         files = _expand_files(source)
         formats = {_file_format(f) for f in files}
@@ -261,11 +314,12 @@ def _read_hf(
             )
         builder = _HF_BUILDERS[str(formats.pop())]
         obj = datasets.load_dataset(builder, data_files=files, split=hf_split or "train")
-        return _rows_from_hf(obj, split_column)
+        return (*_rows_from_hf(obj, split_column), _hf_row_ids(obj, f"{local_name}:{hf_split or 'train'}"))
     name = hf_name or source
     log.info("loading Hugging Face dataset %r (config=%r, split=%r)", name, hf_config, hf_split)
     obj = datasets.load_dataset(name, hf_config, split=hf_split)
-    return _rows_from_hf(obj, split_column)
+    prefix = name + (f"/{hf_config}" if hf_config else "") + (f":{hf_split}" if hf_split else "")
+    return (*_rows_from_hf(obj, split_column), _hf_row_ids(obj, prefix))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,6 +437,7 @@ def normalize_records(
     answer_column: str | None = None,
     split_column: str | None = None,
     default_domain: str = "default",
+    sources: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Map raw rows (any column names) onto the normalised record schema of this module.
 
@@ -406,15 +461,83 @@ def normalize_records(
     * ``split_column`` (or, when not given, a column literally named ``split``) fills ``split``;
       values may be train/validation/test or the aliases training/valid/val/dev/testing.
     * Rows without a non-empty text or response are dropped with a warning that counts them.
+    * ``sources``, when given, holds one id per row (where the row came from, see
+      :func:`load_records`); each record then carries its row's id as ``source``.
 
     Raises:
         ValueError: a named column is missing, only one of prompt/response columns is given, a
             conversation is not a list of turns, a domain value is empty, a split value is
-            unknown, or a domain is left with no rows.
+            unknown, a domain is left with no rows, or ``sources`` and ``rows`` differ in length.
     """
     if not rows:
         raise ValueError("the data source holds no rows; check data.source (and data.hf_split)")
-    columns = _columns(rows)
+    if sources is not None and len(sources) != len(rows):
+        raise ValueError(f"sources holds {len(sources)} ids for {len(rows)} rows; give one id per row")
+    cols = _resolve_columns(
+        _columns(rows),
+        domain_column=domain_column,
+        text_column=text_column,
+        prompt_column=prompt_column,
+        response_column=response_column,
+        messages_column=messages_column,
+        answer_column=answer_column,
+        split_column=split_column,
+    )
+    out, empty_domain, dropped = _normalize_rows(rows, cols, default_domain, sources)
+    if empty_domain:
+        raise ValueError(
+            f"{empty_domain} of {len(rows)} rows have an empty value in the domain column {domain_column!r}; "
+            "fill in their domain or remove those rows"
+        )
+    if dropped:
+        _warn_dropped(dropped, cols, text_column)
+        _check_no_empty_domain(out, dropped)
+    return out
+
+
+@dataclass(frozen=True)
+class _ColumnMap:
+    """The columns :func:`normalize_records` reads, resolved against the data's columns."""
+
+    # the domain column (None: every row in the default domain)
+    domain: str | None
+    # the plain-text column, and whether the data has it
+    text: str
+    has_text: bool
+    # the instruction prompt column, and the response columns in order of preference
+    prompt: str | None
+    responses: list[str]
+    # the conversation, answer and split columns (None: not read)
+    messages: str | None
+    answer: str | None
+    split: str | None
+
+
+def _resolve_columns(
+    columns: Sequence[str],
+    *,
+    domain_column: str | None,
+    text_column: str,
+    prompt_column: str | None,
+    response_column: str | None,
+    messages_column: str | None,
+    answer_column: str | None,
+    split_column: str | None,
+) -> _ColumnMap:
+    """Check the configured columns against the data's and fill in the conventional names.
+
+    Args:
+        columns: every column of the data.
+        domain_column, text_column, prompt_column, response_column, messages_column, answer_column,
+            split_column: the column mapping of :func:`normalize_records`.
+
+    Returns:
+        The columns to read.
+
+    Raises:
+        ValueError: a named column is missing, only one of prompt/response columns is given, or
+            the data has no text, instruction or conversation column.
+    """
     if domain_column is not None and domain_column not in columns:
         raise ValueError(
             f"the data has no domain column {domain_column!r} (columns found: {columns}); "
@@ -443,73 +566,128 @@ def normalize_records(
             "data.text_column=<name> for plain text, data.prompt_column=<name> and "
             "data.response_column=<name> for instruction data, or data.messages_column=<name> for conversations"
         )
-    if answer_column is not None:
-        _require(answer_column, columns, "data.answer_column", "answer")
-    elif "answer" in columns:
-        answer_column = "answer"
-    if split_column is not None:
-        _require(split_column, columns, "data.split_column", "split")
-    elif "split" in columns:
-        split_column = "split"
+    return _ColumnMap(
+        domain=domain_column,
+        text=text_column,
+        has_text=has_text,
+        prompt=prompt_column,
+        responses=response_columns,
+        messages=messages_column,
+        answer=_optional_column(answer_column, "answer", columns, "data.answer_column"),
+        split=_optional_column(split_column, "split", columns, "data.split_column"),
+    )
 
+
+def _optional_column(column: str | None, conventional: str, columns: Sequence[str], option: str) -> str | None:
+    """A configured optional column (which must exist), else the column named ``conventional`` if any.
+
+    Raises:
+        ValueError: ``column`` is given but missing from ``columns``.
+    """
+    if column is not None:
+        _require(column, columns, option, conventional)
+        return column
+    return conventional if conventional in columns else None
+
+
+def _normalize_rows(
+    rows: Sequence[dict[str, Any]], cols: _ColumnMap, default_domain: str, sources: Sequence[str] | None
+) -> tuple[list[dict[str, Any]], int, Counter[str]]:
+    """The records of the rows, in order.
+
+    Args:
+        rows: the raw rows.
+        cols: the columns to read.
+        default_domain: the domain of every row when ``cols.domain`` is ``None``.
+        sources: one source id per row, or ``None``.
+
+    Returns:
+        ``(records, rows with an empty domain, rows dropped per domain for an empty text/response)``.
+
+    Raises:
+        ValueError: a conversation is not a list of turns, or a split value is unknown.
+    """
     out: list[dict[str, Any]] = []
     empty_domain = 0
     dropped: Counter[str] = Counter()
     for row_no, row in enumerate(rows):
-        domain = default_domain if domain_column is None else _as_text(row.get(domain_column)).strip()
+        domain = default_domain if cols.domain is None else _as_text(row.get(cols.domain)).strip()
         if not domain:
             empty_domain += 1
             continue
-        rec: dict[str, Any] = {"domain": domain}
-        instruction = _instruction(row, row_no, prompt_column, response_columns, messages_column)
-        text = _as_text(row.get(text_column)) if has_text else ""
-        if instruction is not None:
-            rec.update(instruction)
-        elif text.strip():
-            rec["text"] = text
-        else:
+        rec = _record(row, row_no, cols, domain)
+        if rec is None:
             dropped[domain] += 1
             continue
-        answer = _as_text(row.get(answer_column)).strip() if answer_column is not None else ""
-        if answer:  # missing, null and "" (an empty CSV cell) all mean "no answer"
-            rec["answer"] = answer
-        raw = _as_text(row.get(split_column)).strip() if split_column is not None else ""
-        if raw:
-            split = _SPLIT_ALIASES.get(raw.lower())
-            if split is None:
-                raise ValueError(
-                    f"unknown split {raw!r} in split column {split_column!r}; values must be one of "
-                    f"{sorted(_SPLIT_ALIASES)} (or unset data.split_column to split automatically)"
-                )
-            rec["split"] = split
+        if sources is not None:
+            rec["source"] = sources[row_no]
         out.append(rec)
-    if empty_domain:
-        raise ValueError(
-            f"{empty_domain} of {len(rows)} rows have an empty value in the domain column {domain_column!r}; "
-            "fill in their domain or remove those rows"
-        )
-    if dropped:
-        what = " or ".join(
-            f"{kind} ({col!r})"
-            for kind, col in (
-                ("text", text_column if has_text else None),
-                ("response", "/".join(response_columns) or None),
-                ("assistant turn", messages_column),
+    return out, empty_domain, dropped
+
+
+def _record(row: dict[str, Any], row_no: int, cols: _ColumnMap, domain: str) -> dict[str, Any] | None:
+    """The record of one row of ``domain``; ``None`` when it has no non-empty text or response.
+
+    Raises:
+        ValueError: a conversation is not a list of turns, or the split value is unknown.
+    """
+    rec: dict[str, Any] = {"domain": domain}
+    instruction = _instruction(row, row_no, cols.prompt, cols.responses, cols.messages)
+    text = _as_text(row.get(cols.text)) if cols.has_text else ""
+    if instruction is not None:
+        rec.update(instruction)
+    elif text.strip():
+        rec["text"] = text
+    else:
+        return None
+    answer = _as_text(row.get(cols.answer)).strip() if cols.answer is not None else ""
+    if answer:  # missing, null and "" (an empty CSV cell) all mean "no answer"
+        rec["answer"] = answer
+    raw = _as_text(row.get(cols.split)).strip() if cols.split is not None else ""
+    if raw:
+        split = _SPLIT_ALIASES.get(raw.lower())
+        if split is None:
+            raise ValueError(
+                f"unknown split {raw!r} in split column {cols.split!r}; values must be one of "
+                f"{sorted(_SPLIT_ALIASES)} (or unset data.split_column to split automatically)"
             )
-            if col
+        rec["split"] = split
+    return rec
+
+
+def _warn_dropped(dropped: Counter[str], cols: _ColumnMap, text_column: str) -> None:
+    """Warn that rows without a text, response or assistant turn were dropped, per domain.
+
+    Called by :func:`normalize_records` only: the warning is attributed to its caller.
+    """
+    what = " or ".join(
+        f"{kind} ({col!r})"
+        for kind, col in (
+            ("text", text_column if cols.has_text else None),
+            ("response", "/".join(cols.responses) or None),
+            ("assistant turn", cols.messages),
         )
-        warnings.warn(
-            f"dropped {sum(dropped.values())} rows with an empty {what} (per domain: {dict(sorted(dropped.items()))})",
-            stacklevel=2,
-        )
-    found = Counter(r["domain"] for r in out)
+        if col
+    )
+    warnings.warn(
+        f"dropped {sum(dropped.values())} rows with an empty {what} (per domain: {dict(sorted(dropped.items()))})",
+        stacklevel=3,
+    )
+
+
+def _check_no_empty_domain(records: Sequence[dict[str, Any]], dropped: Counter[str]) -> None:
+    """Raise when a domain lost every row to :func:`_warn_dropped`'s drops.
+
+    Raises:
+        ValueError: naming the first such domain.
+    """
+    found = Counter(r["domain"] for r in records)
     for domain in dropped:
         if found[domain] == 0:
             raise ValueError(
                 f"domain {domain!r} is empty: all of its {dropped[domain]} rows have an empty text/response; "
                 "fix the data or leave the domain out with data.domains=[...]"
             )
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -532,6 +710,7 @@ def load_records(
     hf_name: str | None = None,
     hf_config: str | None = None,
     hf_split: str | None = None,
+    with_sources: bool = False,
 ) -> list[dict[str, Any]]:
     """Read a multi-domain dataset and return normalised records (see the module docstring).
 
@@ -549,9 +728,27 @@ def load_records(
         hf_name: a hub dataset name; when given, it is loaded instead of ``source``.
         hf_config: the hub dataset's configuration name.
         hf_split: the ``datasets`` split to load (``None`` loads all splits and keeps their names).
+        with_sources: give each record a ``source``, the id of the row it was read from (below).
 
     Returns:
         The records, in file order (files in sorted path order).
+
+    Source ids (``with_sources=True``) name a row so that a person can find and reload it. A file
+    is named by its path relative to the source folder (for a glob: to its leading folders without
+    wildcards), or by its name when the source is one file:
+
+    * JSONL (and a ``.json`` file of lines): ``"<file>:<line>"``, the 1-based line number in the
+      (decompressed) file;
+    * Parquet, CSV (data rows, the header not counted) and a JSON array or object of columns:
+      ``"<file>:<row>"``, the 0-based row index;
+    * a ``save_to_disk`` folder: ``"<folder name>:<row>"``, and ``"<folder name>:<split>:<row>"``
+      for a ``DatasetDict``;
+    * ``format="hf"`` with local files: ``"<file, folder or glob name>:<split>:<row>"``, the row of
+      ``datasets.load_dataset(<builder>, data_files=..., split=...)``;
+    * a hub dataset: ``"<name>[/<config>]:<split>:<row>"`` (``<split>`` as given in ``hf_split``,
+      slice included, or each split's name when all are loaded).
+
+    Rows dropped (an empty text or response) leave the other rows' ids unchanged.
 
     Raises:
         ValueError: with the problem and the fix, for unreadable sources and bad column mappings.
@@ -559,11 +756,11 @@ def load_records(
     if format is not None and format not in _FORMATS:
         raise ValueError(f"unknown data.format={format!r}; use one of {', '.join(_FORMATS)} (or null to infer)")
     if format == "hf" or hf_name is not None or (format is None and _is_saved_dataset(source)):
-        rows, split_column = _read_hf(
+        rows, split_column, ids = _read_hf(
             source, hf_name=hf_name, hf_config=hf_config, hf_split=hf_split, split_column=split_column
         )
     else:
-        rows = _read_local_files(_expand_files(source), format)
+        rows, ids = _read_local_files(_expand_files(source), format, _label_base(source))
     records = normalize_records(
         rows,
         domain_column=domain_column,
@@ -573,6 +770,7 @@ def load_records(
         messages_column=messages_column,
         answer_column=answer_column,
         split_column=split_column,
+        sources=ids if with_sources else None,
     )
     if split is not None:
         wanted = _SPLIT_ALIASES.get(split.lower())

@@ -62,11 +62,17 @@ def split_to_dataset(split: Any) -> Any:
 
 
 def _records(rows: Any, cfg: DataConfig) -> list[dict[str, Any]]:
-    from mixsel.data.loading import _rows_from_hf, normalize_records
+    """Normalised records of in-memory rows, with source ids ``"rows:<index>"`` (a ``DatasetDict``'s
+    ``"rows:<split>:<index>"``)."""
+    from mixsel.data.loading import _hf_row_ids, _numbered, _rows_from_hf, normalize_records
 
     split_column = cfg.split_column
     if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)):
-        rows, split_column = _rows_from_hf(rows, split_column)  # a datasets.Dataset or DatasetDict
+        dataset = rows
+        rows, split_column = _rows_from_hf(dataset, split_column)  # a datasets.Dataset or DatasetDict
+        sources = _hf_row_ids(dataset, "rows")
+    else:
+        sources = _numbered("rows", len(rows))
     return normalize_records(
         [dict(r) for r in rows],
         domain_column=cfg.domain_column,
@@ -76,6 +82,7 @@ def _records(rows: Any, cfg: DataConfig) -> list[dict[str, Any]]:
         messages_column=cfg.messages_column,
         answer_column=cfg.answer_column,
         split_column=split_column,
+        sources=sources,
     )
 
 

@@ -36,7 +36,8 @@ label -100. An example longer than ``max_length`` is handled by ``truncation``:
 An instruction example whose response (or its end token) was cut keeps training on what is left,
 but its answer is set to ``None`` so it is never scored by exact match. Examples left with zero
 target tokens are dropped, with a warning that counts them. :attr:`TokenizedSplit.counts` records,
-per domain, how many examples were cut, lost part of their response, or were dropped.
+per domain, how many examples were cut, lost part of their response, or were dropped, and
+:attr:`TokenizedSplit.sources` where each kept example came from (:meth:`TokenizedSplit.source_of`).
 """
 
 from __future__ import annotations
@@ -122,6 +123,10 @@ class TokenizedSplit:
             the response was cut to fit ``max_length``, so such a prompt is never scored.
         counts: per domain name, what tokenisation did (:class:`DomainCounts`); empty for splits
             built by hand.
+        sources: the source id of each example, where it came from in the data (a record's
+            ``source``, see ``docs/data.md``: ``"<file>:<line>"`` for JSONL, ``"<file>:<row>"`` for
+            Parquet / CSV / JSON arrays, ``"<dataset>[/<config>]:<split>:<index>"`` for a hub
+            dataset); ``""`` where unknown. Left empty, it becomes ``[""] * N``.
     """
 
     domains: list[str]
@@ -131,6 +136,7 @@ class TokenizedSplit:
     prompts: list[str | None] = field(default_factory=list)
     answers: list[str | None] = field(default_factory=list)
     counts: dict[str, DomainCounts] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.input_ids)
@@ -139,11 +145,14 @@ class TokenizedSplit:
             self.prompts = [None] * n
         if not self.answers:
             self.answers = [None] * n
+        if not self.sources:
+            self.sources = [""] * n
         sizes = {
             "domain_ids": int(self.domain_ids.numel()),
             "labels": len(self.labels),
             "prompts": len(self.prompts),
             "answers": len(self.answers),
+            "sources": len(self.sources),
         }
         bad = {k: v for k, v in sizes.items() if v != n}
         if bad:
@@ -163,6 +172,26 @@ class TokenizedSplit:
         if not 0 <= int(domain_id) < len(self.domains):
             raise ValueError(f"domain_id={domain_id} is out of range for {len(self.domains)} domains {self.domains}")
         return torch.nonzero(self.domain_ids == int(domain_id), as_tuple=False).reshape(-1)
+
+    def source_of(self, indices: Sequence[int] | torch.Tensor) -> list[str]:
+        """The source ids of the examples at ``indices`` (repeats allowed, order kept).
+
+        Args:
+            indices: example indices into this split, as :meth:`collate` takes them.
+
+        Returns:
+            One id per index (see :attr:`sources`); ``""`` for an example whose source is unknown
+            (a split built by hand, or records without a ``source``).
+
+        Raises:
+            ValueError: an index outside ``[0, len(self))``.
+        """
+        index = torch.as_tensor(indices, dtype=torch.long).reshape(-1).tolist()
+        n = len(self)
+        bad = [i for i in index if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"source_of indices must lie in [0, {n}); got {bad[:5]}")
+        return [self.sources[i] for i in index]
 
     def num_targets(self) -> torch.Tensor:
         """LongTensor[N]: target tokens per example (positions ``t >= 1`` with label != -100)."""
@@ -436,7 +465,8 @@ def tokenize_records(
 
     Args:
         records: dicts with ``domain`` and either ``text``, or ``prompt`` + ``response``, or
-            ``messages`` (the turns before the response) + ``response``; optionally ``answer``.
+            ``messages`` (the turns before the response) + ``response``; optionally ``answer``, and
+            ``source`` (where the row came from, kept in :attr:`TokenizedSplit.sources`).
         tokenizer: a ``transformers`` tokenizer (fast ones are much quicker: the batch API is used).
         domains: the domain names in id order; every record's domain must be among them.
         max_length: the longest sequence kept, special tokens included (>= 2).
@@ -451,11 +481,53 @@ def tokenize_records(
 
     Returns:
         A :class:`TokenizedSplit` in record order, without the dropped examples, with
-        :attr:`TokenizedSplit.counts` filled in for every domain.
+        :attr:`TokenizedSplit.counts` filled in for every domain and :attr:`TokenizedSplit.sources`
+        holding each kept record's ``source`` (``""`` without one).
 
     Raises:
         ValueError: a record of an unknown domain or without text / prompt+response, an unknown
             ``truncation``, a missing special token, or ``max_length < 2``.
+    """
+    domain_id = _check_settings(max_length, truncation, domains)
+    domains = list(domains)
+    bos = [_special_id(tokenizer, "bos")] if add_bos else []
+    eos = [_special_id(tokenizer, "eos")] if add_eos else []
+    if progress is None:
+        progress = len(records) > _PROGRESS_MIN
+    plain_rows, instr_rows = _partition(records, domain_id, domains)
+    encoded = _encode_records(
+        records,
+        plain_rows,
+        instr_rows,
+        tokenizer,
+        bos,
+        [] if uses_chat_template(tokenizer, chat_template) else eos,  # a chat template ends the turn itself
+        eos,
+        max_length=max_length,
+        truncation=truncation,
+        separator=separator,
+        chat_template=chat_template,
+        progress=progress,
+    )
+    split, no_target = _assemble(records, encoded, domains, domain_id)
+    if no_target:
+        _warn_no_target(no_target, len(records), max_length)
+    return split
+
+
+def _check_settings(max_length: int, truncation: str, domains: Sequence[str]) -> dict[str, int]:
+    """Check the settings of :func:`tokenize_records`.
+
+    Args:
+        max_length: the longest sequence kept (at least 2).
+        truncation: one of :data:`TRUNCATION_MODES`.
+        domains: the domain names in id order, each once.
+
+    Returns:
+        The domain id of each domain name.
+
+    Raises:
+        ValueError: ``max_length < 2``, an unknown ``truncation``, or a repeated domain name.
     """
     if int(max_length) < 2:
         raise ValueError(f"data.max_length must be at least 2 (one context and one target token), got {max_length}")
@@ -465,11 +537,25 @@ def tokenize_records(
     domain_id = {d: i for i, d in enumerate(domains)}
     if len(domain_id) != len(domains):
         raise ValueError(f"domains {domains} repeat a name; list each domain once")
-    bos = [_special_id(tokenizer, "bos")] if add_bos else []
-    eos = [_special_id(tokenizer, "eos")] if add_eos else []
-    if progress is None:
-        progress = len(records) > _PROGRESS_MIN
+    return domain_id
 
+
+def _partition(
+    records: Sequence[dict[str, Any]], domain_id: dict[str, int], domains: list[str]
+) -> tuple[list[int], list[int]]:
+    """The indices of the plain-text records and of the instruction records.
+
+    Args:
+        records: normalised records.
+        domain_id: the domain id of each known domain name.
+        domains: the domain names in id order (for the error message).
+
+    Returns:
+        ``(plain_rows, instr_rows)``, each ascending.
+
+    Raises:
+        ValueError: a record of an unknown domain, or one with neither text nor prompt + response.
+    """
     plain_rows, instr_rows = [], []
     for i, rec in enumerate(records):
         if rec.get("domain") not in domain_id:
@@ -486,14 +572,50 @@ def tokenize_records(
                 f"record {i} (domain {rec['domain']!r}) has neither 'text' nor 'prompt' + 'response' (or "
                 f"'messages' + 'response'); its keys are {sorted(rec)}"
             )
+    return plain_rows, instr_rows
 
+
+def _encode_records(
+    records: Sequence[dict[str, Any]],
+    plain_rows: list[int],
+    instr_rows: list[int],
+    tokenizer: Any,
+    bos: list[int],
+    response_eos: list[int],
+    text_eos: list[int],
+    *,
+    max_length: int,
+    truncation: str,
+    separator: str,
+    chat_template: bool,
+    progress: bool,
+) -> list[_Encoded]:
+    """Every record tokenised and truncated, in record order.
+
+    Args:
+        records: normalised records.
+        plain_rows: the indices of the plain-text records.
+        instr_rows: the indices of the instruction records.
+        tokenizer: the tokenizer.
+        bos: the token put before each example (``[]`` for none).
+        response_eos: the token put after each response (``[]`` for none, or with a chat template).
+        text_eos: the token put after each plain text (``[]`` for none).
+        max_length: the longest sequence kept.
+        truncation: what happens to instruction rows that are too long.
+        separator: joins prompt and response without a chat template.
+        chat_template: use the tokenizer's chat template when it has one.
+        progress: show progress bars.
+
+    Returns:
+        One :class:`_Encoded` per record.
+    """
     encoded: list[_Encoded] = [_Encoded(None)] * len(records)
-    texts = _encode_texts([str(records[i]["text"]) for i in plain_rows], tokenizer, bos, eos, max_length, progress)
+    texts = _encode_texts([str(records[i]["text"]) for i in plain_rows], tokenizer, bos, text_eos, max_length, progress)
     instructions = _encode_instructions(
         [records[i] for i in instr_rows],
         tokenizer,
         bos,
-        [] if uses_chat_template(tokenizer, chat_template) else eos,  # a chat template ends the turn itself
+        response_eos,
         max_length=max_length,
         truncation=truncation,
         separator=separator,
@@ -502,9 +624,32 @@ def tokenize_records(
     )
     for i, enc in [*zip(plain_rows, texts), *zip(instr_rows, instructions)]:
         encoded[i] = enc
+    return encoded
 
+
+def _source_id(record: dict[str, Any]) -> str:
+    """The record's ``source`` as a string; ``""`` when it has none."""
+    source = record.get("source")
+    return "" if source is None else str(source)
+
+
+def _assemble(
+    records: Sequence[dict[str, Any]], encoded: list[_Encoded], domains: list[str], domain_id: dict[str, int]
+) -> tuple[TokenizedSplit, int]:
+    """The tensors, prompts, answers, sources and counts of the kept records.
+
+    Args:
+        records: normalised records.
+        encoded: their tokenisation, in the same order.
+        domains: the domain names in id order.
+        domain_id: the domain id of each domain name.
+
+    Returns:
+        ``(split, no_target)``: the :class:`TokenizedSplit` of the records kept, and how many were
+        dropped for having no target token (those dropped for length not included).
+    """
     counts = {d: DomainCounts() for d in domains}
-    input_ids, labels, dom, prompt_text, answers = [], [], [], [], []
+    input_ids, labels, dom, prompt_text, answers, sources = [], [], [], [], [], []
     no_target = 0
     for rec, enc in zip(records, encoded):
         c = counts[rec["domain"]]
@@ -521,6 +666,7 @@ def tokenize_records(
         labels.append(lab)
         dom.append(domain_id[rec["domain"]])
         prompt_text.append(enc.prompt)
+        sources.append(_source_id(rec))
         c.rows += 1
         if enc.prompt is None:  # plain text: an answer column is kept, but never scored (no prompt)
             answers.append(None if rec.get("answer") is None else str(rec["answer"]))
@@ -530,14 +676,7 @@ def tokenize_records(
         if answers[-1] is not None:
             c.scored += 1
             c.response_tokens_max = max(c.response_tokens_max, enc.response_tokens)
-    if no_target:
-        message = (
-            f"dropped {no_target} of {len(records)} examples with no target token after tokenisation and "
-            f"truncation to max_length={max_length} (empty text, or a one-token sequence)"
-        )
-        warnings.warn(message, stacklevel=2)
-        log.warning(message)
-    return TokenizedSplit(
+    split = TokenizedSplit(
         domains=domains,
         domain_ids=torch.tensor(dom, dtype=torch.long),
         input_ids=input_ids,
@@ -545,4 +684,19 @@ def tokenize_records(
         prompts=prompt_text,
         answers=answers,
         counts=counts,
+        sources=sources,
     )
+    return split, no_target
+
+
+def _warn_no_target(no_target: int, total: int, max_length: int) -> None:
+    """Warn (and log) that ``no_target`` of ``total`` examples were dropped without a target token.
+
+    Called by :func:`tokenize_records` only: the warning is attributed to its caller.
+    """
+    message = (
+        f"dropped {no_target} of {total} examples with no target token after tokenisation and "
+        f"truncation to max_length={max_length} (empty text, or a one-token sequence)"
+    )
+    warnings.warn(message, stacklevel=3)
+    log.warning(message)

@@ -76,30 +76,37 @@ def record_text(record: dict[str, Any]) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _read_all() -> tuple[dict[str, Any], ...]:
+def _read_all() -> tuple[tuple[int, dict[str, Any]], ...]:
+    """``(1-based line number, record)`` of every non-blank line of the corpus file."""
     path = EMBEDDED_DIR / _CORPUS
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; rebuild it with `python scripts/build_corpus.py`")
     with gzip.open(path, "rt", encoding="utf-8") as f:
-        return tuple(json.loads(line) for line in f if line.strip())
+        return tuple((line_no, json.loads(line)) for line_no, line in enumerate(f, start=1) if line.strip())
 
 
-def load_embedded_records(split: str | None = None) -> list[dict[str, Any]]:
+def load_embedded_records(split: str | None = None, *, with_sources: bool = False) -> list[dict[str, Any]]:
     """Records of the embedded corpus, in file order (domain, then split, then a seeded shuffle).
 
     Args:
         split: ``"train"``, ``"validation"``, ``"test"``, or ``None`` for all three.
+        with_sources: give each record a ``source``, ``"corpus.jsonl.gz:<line>"`` (its 1-based line
+            number in the decompressed corpus file), as :func:`mixsel.data.loading.load_records` does.
 
     Returns:
         A new list of new dicts (safe to mutate), each with ``domain`` and ``split`` keys and either
-        ``text`` or ``prompt``/``response``/``answer``.
+        ``text`` or ``prompt``/``response``/``answer`` (and ``source`` with ``with_sources``).
 
     Raises:
         ValueError: if ``split`` is not one of :data:`SPLITS` or ``None``.
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)} or None, got {split!r}")
-    return [dict(r) for r in _read_all() if split is None or r["split"] == split]
+    out = []
+    for line_no, rec in _read_all():
+        if split is None or rec["split"] == split:
+            out.append({**rec, "source": f"{_CORPUS}:{line_no}"} if with_sources else dict(rec))
+    return out
 
 
 def embedded_tokenizer_path() -> Path:
