@@ -25,8 +25,9 @@ inputs plus one ``torch.autograd.grad`` of the summed per-example losses w.r.t. 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -499,6 +500,178 @@ def resolve_modules(
     return out
 
 
+class _Capture:
+    """Forward hooks recording each chosen module's input and output, and optionally the LM head's input.
+
+    Attributes:
+        records: per module name, the ``(input, output)`` pairs of the current row chunk.
+        captured: ``{"h": head input}`` once the head's pre-hook has fired in the current chunk.
+    """
+
+    def __init__(self, targets: list[tuple[str, torch.nn.Linear]]) -> None:
+        self.records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name, _ in targets}
+        self.captured: dict[str, torch.Tensor] = {}
+
+    def clear(self) -> None:
+        """Forget what the previous row chunk recorded."""
+        for name in self.records:
+            self.records[name].clear()
+        self.captured.clear()
+
+    def outputs(self, targets: list[tuple[str, torch.nn.Linear]]) -> list[torch.Tensor]:
+        """Each chosen module's output of the current chunk, in ``targets`` order.
+
+        Raises:
+            ValueError: a module ran other than exactly once in the forward.
+        """
+        outs = []
+        for name, _ in targets:
+            if len(self.records[name]) != 1:
+                raise ValueError(
+                    f"module {name!r} ran {len(self.records[name])} times in one forward; exactly once is supported"
+                )
+            outs.append(self.records[name][0][1])
+        return outs
+
+
+@contextlib.contextmanager
+def _capturing(
+    model: torch.nn.Module, targets: list[tuple[str, torch.nn.Linear]], head: torch.nn.Module | None
+) -> Iterator[_Capture]:
+    """Hooks on ``targets`` (and a stopping pre-hook on ``head`` unless None); only their weights require grad.
+
+    Every hook is removed and every parameter's ``requires_grad`` restored on exit.
+
+    Args:
+        model: the model whose parameters are toggled.
+        targets: the chosen ``(name, module)`` pairs.
+        head: the LM head at which the forward stops (its input captured), or None to run the model to the end.
+
+    Yields:
+        The :class:`_Capture` the hooks fill.
+    """
+    from mixsel.features.lm_head import _Stop
+
+    capture = _Capture(targets)
+    chosen = {id(p) for _, mod in targets for p in mod.parameters(recurse=False)}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    handles = []
+    for name, mod in targets:
+
+        def hook(_m: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor, name: str = name) -> None:
+            capture.records[name].append((args[0].detach(), out))
+
+        handles.append(mod.register_forward_hook(hook))
+
+    def head_hook(_m: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if "h" not in capture.captured:  # the body's output: stop the forward here (the head runs in target_logp)
+            capture.captured["h"] = args[0]
+            raise _Stop
+
+    if head is not None:
+        handles.append(head.register_forward_pre_hook(head_hook))
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) in chosen)
+        yield capture
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def _chunk_losses(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    rows: slice,
+    labels: torch.Tensor,
+    head: torch.nn.Module,
+    capture: _Capture,
+    device: torch.device,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-example losses (with autograd graph) and scalar stats of one row chunk.
+
+    Args:
+        model: the model (hooked by :func:`_capturing`).
+        batch: the whole batch; ``rows`` of its tensors are fed to the model.
+        rows: the row chunk.
+        labels: ``batch["labels"][rows]`` on ``device``.
+        head: the LM head, applied at the target positions when the forward stopped at it.
+        capture: the hooks' records (``captured["h"]`` is read when the forward stopped).
+        device: the model's device.
+
+    Returns:
+        (Tensor[rows] losses, stats of :func:`~mixsel.features.loss.stats_from_logits` form).
+    """
+    from mixsel.features.lm_head import _Stop, stats_from_logp, target_logp
+
+    logits = None
+    try:
+        logits = model(**model_inputs({k: v[rows] for k, v in batch.items() if torch.is_tensor(v)}, model))
+        logits = logits.logits
+    except _Stop:
+        pass
+    if logits is None:
+        logp, tok_rows, counts = target_logp(head, capture.captured["h"], labels)
+        total = torch.zeros(labels.shape[0], dtype=logp.dtype, device=device).index_add(0, tok_rows, -logp)
+        losses = total / counts.clamp(min=1).to(logp.dtype)
+        return losses, stats_from_logp(logp, tok_rows, counts)
+    return per_example_loss(logits, labels), stats_from_logits(logits, labels)
+
+
+class _FactorBuffers:
+    """The ``[n, T, *]`` output-gradient and input buffers of every chosen module, filled chunk by chunk."""
+
+    def __init__(self, size: int, n: int, width: int, device: torch.device) -> None:
+        self.n, self.width, self.device = n, width, device
+        self.out_bufs: list[torch.Tensor | None] = [None] * size
+        self.in_bufs: list[torch.Tensor | None] = [None] * size
+
+    def store(
+        self,
+        rows: slice,
+        mask: torch.Tensor,
+        inputs: list[torch.Tensor],
+        outs: list[torch.Tensor],
+        grads: Sequence[torch.Tensor | None],
+    ) -> None:
+        """Write one row chunk: masked output gradients, and inputs (modules reading the same tensor share one).
+
+        Args:
+            rows: the row chunk.
+            mask: BoolTensor[rows, T] of the chunk on the buffers' device.
+            inputs: each module's captured input of the chunk.
+            outs: each module's output of the chunk (its shape stands in for a None gradient).
+            grads: each module's output gradient, None where unused (then zero).
+        """
+        n, width, device = self.n, self.width, self.device
+        shared: dict[int, int] = {}  # modules that read the same input tensor share one buffer
+        for k, (x, go) in enumerate(zip(inputs, grads)):
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            if go is None:
+                go = torch.zeros_like(outs[k])
+            if self.out_bufs[k] is None:
+                self.out_bufs[k] = torch.zeros(n, width, go.shape[-1], dtype=dtype, device=device)
+            torch.mul(go.detach(), mask.unsqueeze(-1), out=self.out_bufs[k][rows])  # type: ignore[index]
+            first = shared.setdefault(hash((x.data_ptr(), tuple(x.shape), x.stride())), k)
+            if self.in_bufs[k] is None:
+                self.in_bufs[k] = (
+                    self.in_bufs[first]
+                    if first != k and self.in_bufs[first] is not None
+                    else torch.empty(n, width, x.shape[-1], dtype=dtype, device=device)
+                )
+            if first == k or self.in_bufs[k] is not self.in_bufs[first]:
+                self.in_bufs[k][rows] = x.to(dtype)  # type: ignore[index]
+
+    def factors(self, targets: list[tuple[str, torch.nn.Linear]], mask: torch.Tensor) -> list[GradFactors]:
+        """One :class:`GradFactors` per module of ``targets`` over the whole batch."""
+        return [
+            GradFactors(out_grads=o, inputs=i, mask=mask, bias=mod.bias is not None)  # type: ignore[arg-type]
+            for (_, mod), o, i in zip(targets, self.out_bufs, self.in_bufs)
+        ]
+
+
 def capture_linear_factors(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -524,105 +697,36 @@ def capture_linear_factors(
         (factors per module, stats) where stats holds ``loss``, ``confidence``, ``perplexity`` and
         ``completion_length`` of the same forward.
     """
-    from mixsel.features.lm_head import _direct_head_reason, _Stop, stats_from_logp, target_logp
+    from mixsel.features.lm_head import _direct_head_reason
 
     targets = resolve_modules(model, modules)
     head = output_embeddings(model)
     stop_at_head = _direct_head_reason(model, head) is None and all(mod is not head for _, mod in targets)
-    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name, _ in targets}
-    chosen = {id(p) for _, mod in targets for p in mod.parameters(recurse=False)}
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    handles = []
-    for name, mod in targets:
-
-        def hook(_m: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor, name: str = name) -> None:
-            records[name].append((args[0].detach(), out))
-
-        handles.append(mod.register_forward_hook(hook))
-    captured: dict[str, torch.Tensor] = {}
-
-    def head_hook(_m: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        if "h" not in captured:  # the body's output: stop the forward here (the head runs in target_logp)
-            captured["h"] = args[0]
-            raise _Stop
-
-    if stop_at_head:
-        handles.append(head.register_forward_pre_hook(head_hook))
     n, width = batch["input_ids"].shape[:2]
     device = next(model.parameters()).device
     attn = batch.get("attention_mask")
     mask_all = torch.ones(n, width, dtype=torch.bool) if attn is None else attn.bool()
     labels_all = batch["labels"]
     chunk = _graph_rows(model, targets, width, graph_bytes)
-    out_bufs: list[torch.Tensor | None] = [None] * len(targets)
-    in_bufs: list[torch.Tensor | None] = [None] * len(targets)
+    bufs = _FactorBuffers(len(targets), n, width, device)
     stats_parts: list[dict[str, torch.Tensor]] = []
-    try:
-        for p, _ in saved:
-            p.requires_grad_(id(p) in chosen)
+    with _capturing(model, targets, head if stop_at_head else None) as capture:
         for r0 in range(0, n, chunk):
             rows = slice(r0, min(r0 + chunk, n))
-            for name in records:
-                records[name].clear()
-            captured.clear()
+            capture.clear()
             labels = labels_all[rows].to(device)
             with torch.enable_grad():
-                logits = None
-                try:
-                    logits = model(**model_inputs({k: v[rows] for k, v in batch.items() if torch.is_tensor(v)}, model))
-                    logits = logits.logits
-                except _Stop:
-                    pass
-                if logits is None:
-                    logp, tok_rows, counts = target_logp(head, captured["h"], labels)
-                    total = torch.zeros(labels.shape[0], dtype=logp.dtype, device=device).index_add(0, tok_rows, -logp)
-                    losses = total / counts.clamp(min=1).to(logp.dtype)
-                    stats_parts.append(stats_from_logp(logp, tok_rows, counts))
-                else:
-                    losses = per_example_loss(logits, labels)
-                    stats_parts.append(stats_from_logits(logits, labels))
-                outs = []
-                for name, _ in targets:
-                    if len(records[name]) != 1:
-                        raise ValueError(
-                            f"module {name!r} ran {len(records[name])} times in one forward; exactly once is supported"
-                        )
-                    outs.append(records[name][0][1])
+                losses, stats = _chunk_losses(model, batch, rows, labels, head, capture, device)
+                stats_parts.append(stats)
+                outs = capture.outputs(targets)
                 if losses.requires_grad:
                     grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
                 else:  # no target token in the chunk: every gradient is zero
                     grads = (None,) * len(outs)
-            shared: dict[int, int] = {}  # modules that read the same input tensor share one buffer
-            mask = mask_all[rows].to(device)
-            for k, ((name, _mod), go) in enumerate(zip(targets, grads)):
-                x = records[name][0][0]
-                dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-                if go is None:
-                    go = torch.zeros_like(outs[k])
-                if out_bufs[k] is None:
-                    out_bufs[k] = torch.zeros(n, width, go.shape[-1], dtype=dtype, device=device)
-                torch.mul(go.detach(), mask.unsqueeze(-1), out=out_bufs[k][rows])  # type: ignore[index]
-                first = shared.setdefault(hash((x.data_ptr(), tuple(x.shape), x.stride())), k)
-                if in_bufs[k] is None:
-                    in_bufs[k] = (
-                        in_bufs[first]
-                        if first != k and in_bufs[first] is not None
-                        else torch.empty(n, width, x.shape[-1], dtype=dtype, device=device)
-                    )
-                if first == k or in_bufs[k] is not in_bufs[first]:
-                    in_bufs[k][rows] = x.to(dtype)  # type: ignore[index]
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in saved:
-            p.requires_grad_(flag)
+            inputs = [capture.records[name][0][0] for name, _ in targets]
+            bufs.store(rows, mask_all[rows].to(device), inputs, outs, grads)
     stats = {key: torch.cat([part[key] for part in stats_parts]) for key in stats_parts[0]} if stats_parts else {}
-    mask = mask_all.to(device)
-    factors = [
-        GradFactors(out_grads=o, inputs=i, mask=mask, bias=mod.bias is not None)  # type: ignore[arg-type]
-        for (_, mod), o, i in zip(targets, out_bufs, in_bufs)
-    ]
-    return factors, stats
+    return bufs.factors(targets, mask_all.to(device)), stats
 
 
 def _graph_rows(model: torch.nn.Module, targets: list[tuple[str, torch.nn.Linear]], width: int, budget: int) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,6 +189,241 @@ def _inputs(batch: dict[str, torch.Tensor], rows: slice, device: torch.device) -
     return out
 
 
+def _warn_fallback(reason: str | None) -> None:
+    """Log once per distinct ``reason`` that :func:`head_pass` uses the model's own logits (None: nothing)."""
+    if reason is not None and reason not in _WARNED:
+        _WARNED.add(reason)
+        log.warning("head_pass: %s; using the model's own logits (chunked over rows)", reason)
+
+
+@contextlib.contextmanager
+def _head_input(head: torch.nn.Module, *, stop: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """A pre-hook on ``head`` storing its input as ``captured["h"]``; removed on exit.
+
+    Args:
+        head: the LM head.
+        stop: raise :class:`_Stop` from the hook, ending the forward before the head runs.
+
+    Yields:
+        The ``captured`` dict the hook fills (clear it before each forward).
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        captured["h"] = args[0]
+        if stop:
+            raise _Stop
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _check_batch(batch: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError when ``batch`` lacks ``input_ids`` or ``labels``."""
+    for key in ("input_ids", "labels"):
+        if key not in batch:
+            raise ValueError(f"batch is missing {key!r}; pass dict(input_ids, attention_mask, labels)")
+
+
+@dataclass
+class _PassBuffers:
+    """What :func:`head_pass` accumulates over its row chunks (inference tensors).
+
+    Attributes:
+        tok_logp: Tensor[n, T'] target-token log-probabilities, packed per example.
+        sq: Tensor[n] ``||G_i||^2`` with ``sq_norms``, else None.
+        packed: with ``tokens``, ``h`` / ``targets`` / ``lse`` (and ``err_out``, ``err``) packed per example;
+            empty without.
+        p_out: the projector's output-side matrix [V, d_out], or None.
+        hidden: the pooled head inputs of the rows so far, or None.
+    """
+
+    tok_logp: torch.Tensor
+    sq: torch.Tensor | None
+    packed: dict[str, torch.Tensor]
+    p_out: torch.Tensor | None
+    hidden: torch.Tensor | None = None
+
+
+def _pass_buffers(
+    head: torch.nn.Module,
+    counts: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    tokens: bool,
+    sq_norms: bool,
+    projector: KroneckerProjector | None,
+    keep_err_bytes: int,
+) -> _PassBuffers:
+    """Zero buffers of :func:`head_pass`, each example's targets packed into ``T' = max(counts)`` slots.
+
+    Args:
+        head: the LM head (its weight gives ``V`` and ``H``).
+        counts: LongTensor[n] targets per example, on the device the buffers live on.
+        dtype: the compute dtype.
+        tokens: allocate the packed :class:`HeadTokens` tensors.
+        sq_norms: allocate ``sq``.
+        projector: with ``tokens``, also allocate ``err_out`` for its output side.
+        keep_err_bytes: with ``tokens``, allocate ``err`` [n, T', V] when it takes at most this many bytes.
+    """
+    n, device = int(counts.shape[0]), counts.device
+    width = int(counts.max()) if n else 0
+    tok_logp = torch.zeros(n, width, dtype=dtype, device=device)
+    packed: dict[str, torch.Tensor] = {}
+    vocab = int(head.weight.shape[0])
+    p_out = None if projector is None else projector.p_out.matrix(dtype, device)
+    sq = torch.zeros(n, dtype=dtype, device=device) if sq_norms else None
+    if tokens:
+        h_dim = int(head.weight.shape[1])
+        packed = {
+            "h": torch.zeros(n, width, h_dim, dtype=dtype, device=device),
+            "targets": torch.zeros(n, width, dtype=torch.long, device=device),
+            "lse": torch.zeros(n, width, dtype=dtype, device=device),
+        }
+        if p_out is not None:
+            packed["err_out"] = torch.zeros(n, width, p_out.shape[1], dtype=dtype, device=device)
+        if n * width * vocab * torch.finfo(dtype).bits // 8 <= keep_err_bytes:
+            packed["err"] = torch.zeros(n, width, vocab, dtype=dtype, device=device)
+    return _PassBuffers(tok_logp=tok_logp, sq=sq, packed=packed, p_out=p_out)
+
+
+def _add_sq_norms(
+    sq: torch.Tensor, err: torch.Tensor, hh: torch.Tensor, seg: torch.Tensor, counts: torch.Tensor
+) -> None:
+    """Write ``||G_i||^2 = sum_{t,s} (e_t . e_s)(h_t . h_s) / c_i^2`` into ``sq`` for the whole examples of a chunk.
+
+    Args:
+        sq: Tensor[n] to write into.
+        err: Tensor[N, V] softmax minus one-hot of the chunk's target tokens.
+        hh: Tensor[N, H] their head inputs, in the compute dtype.
+        seg: LongTensor[N] their example (consecutive runs).
+        counts: LongTensor[n] targets per example.
+    """
+    for i in torch.unique_consecutive(seg).tolist():
+        sel = seg == i
+        e_i, h_i = err[sel], hh[sel]
+        sq[i] = ((e_i @ e_i.T) * (h_i @ h_i.T)).sum() / counts[i].to(sq.dtype) ** 2
+
+
+def _head_rows(
+    head: torch.nn.Module,
+    bufs: _PassBuffers,
+    h_full: torch.Tensor,
+    logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    r0: int,
+    counts: torch.Tensor,
+    *,
+    token_bytes: int,
+) -> None:
+    """Reduce one row chunk's target positions into ``bufs``, a few thousand tokens (whole examples) at a time.
+
+    Args:
+        head: the LM head (applied by hand when ``logits`` is None).
+        bufs: the pass's buffers (the packed tensors and ``sq`` are filled where allocated).
+        h_full: Tensor[rows, T, H] the head input of the chunk.
+        logits: Tensor[rows, T, V] the model's own logits, or None.
+        labels: LongTensor[rows, T - 1] the shifted labels of the chunk.
+        mask: BoolTensor[rows, T - 1] its target positions.
+        r0: the chunk's first row.
+        counts: LongTensor[n] targets per example (whole batch).
+        token_bytes: budget of one block of logits.
+    """
+    packed, p_out, sq, dtype = bufs.packed, bufs.p_out, bufs.sq, bufs.tok_logp.dtype
+    tokens = "h" in packed
+    vocab = int(head.weight.shape[0])
+    # position of each target inside its example's packed row
+    slot = (mask.cumsum(1) - 1)[mask]
+    ex = mask.nonzero()[:, 0] + r0
+    y = labels[mask]
+    h_t = h_full[:, :-1][mask]
+    z_all = None if logits is None else logits[:, :-1][mask]
+    step = max(1, int(token_bytes // (4 * vocab)))
+    for t0, t1 in _token_chunks(mask.sum(1), step):  # whole examples per chunk
+        z = F.linear(h_t[t0:t1], head.weight, head.bias).to(dtype) if z_all is None else z_all[t0:t1].to(dtype)
+        lse = torch.logsumexp(z, dim=-1)
+        yy = y[t0:t1, None]
+        bufs.tok_logp[ex[t0:t1], slot[t0:t1]] = z.gather(-1, yy).squeeze(-1) - lse
+        if tokens:
+            packed["lse"][ex[t0:t1], slot[t0:t1]] = lse
+        if p_out is not None or sq is not None or "err" in packed:  # softmax - onehot of these tokens
+            err = torch.exp(z.sub_(lse.unsqueeze(-1)))
+            err.scatter_add_(-1, yy, -torch.ones_like(yy, dtype=dtype))
+            if p_out is not None:  # the Kronecker projection's output side
+                packed["err_out"][ex[t0:t1], slot[t0:t1]] = err @ p_out
+            if "err" in packed:  # kept for the exact Grams: no second pass over the vocabulary
+                packed["err"][ex[t0:t1], slot[t0:t1]] = err
+            if sq is not None:  # example by example
+                _add_sq_norms(sq, err, h_t[t0:t1].to(dtype), ex[t0:t1], counts)
+        del z
+    if tokens:
+        packed["h"][ex, slot] = h_t.to(dtype)
+        packed["targets"][ex, slot] = y
+
+
+def _pass_signals(
+    bufs: _PassBuffers,
+    counts: torch.Tensor,
+    mask_all: torch.Tensor,
+    *,
+    hidden: bool,
+    token_losses: bool,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """The scalar signals (and asked-for extras) of :func:`head_pass` from its filled buffers.
+
+    Args:
+        bufs: the filled buffers.
+        counts: LongTensor[n] targets per example.
+        mask_all: BoolTensor[n, T - 1] target positions.
+        hidden: include ``hidden``.
+        token_losses: include ``token_losses``.
+
+    Returns:
+        (result dict of inference tensors, Tensor[n, T'] ``scale`` = ``1 / c_i`` at targets, 0 on padding).
+    """
+    tok_logp = bufs.tok_logp
+    dtype, device, width = tok_logp.dtype, tok_logp.device, tok_logp.shape[1]
+    valid = torch.arange(width, device=device)[None, :] < counts[:, None]
+    denom = counts.clamp(min=1).to(dtype)
+    loss = -(tok_logp * valid).sum(1) / denom
+    result: dict[str, Any] = {
+        "loss": loss,
+        "confidence": (tok_logp.exp() * valid).sum(1) / denom,
+        "perplexity": loss.exp(),
+        "completion_length": counts.to(dtype),
+    }
+    if hidden:
+        result["hidden"] = bufs.hidden if bufs.hidden is not None else torch.zeros(0, dtype=dtype)
+    if bufs.sq is not None:
+        result["grad_sq_norm"] = bufs.sq
+    if token_losses:
+        per_token = torch.zeros(mask_all.shape, dtype=dtype, device=device)
+        per_token[mask_all] = -tok_logp[valid]
+        result["token_losses"] = per_token
+    return result, valid.to(dtype) / denom[:, None]
+
+
+def _head_tokens(
+    head: torch.nn.Module, packed: dict[str, torch.Tensor], scale: torch.Tensor, projector: KroneckerProjector | None
+) -> HeadTokens:
+    """The :class:`HeadTokens` of a pass, its tensors cloned out of inference mode (``err`` excepted)."""
+    return HeadTokens(
+        h=packed["h"].clone(),
+        targets=packed["targets"].clone(),
+        lse=packed["lse"].clone(),
+        scale=scale.clone(),
+        weight=head.weight.detach(),
+        bias=None if head.bias is None else head.bias.detach(),
+        err_out=packed["err_out"].clone() if "err_out" in packed else None,
+        projector=projector,
+        err=packed.get("err"),  # not cloned (the largest tensor); only read, by the Gram functions
+    )
+
+
 def head_pass(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -224,50 +460,22 @@ def head_pass(
         dict with ``loss``, ``confidence``, ``perplexity``, ``completion_length`` (each [n]) and
         ``hidden`` / ``head_tokens`` when asked; plain (not inference-mode) tensors.
     """
-    for key in ("input_ids", "labels"):
-        if key not in batch:
-            raise ValueError(f"batch is missing {key!r}; pass dict(input_ids, attention_mask, labels)")
+    _check_batch(batch)
     head = output_embeddings(model)
     device = next(model.parameters()).device
     reason = _direct_head_reason(model, head)
-    if reason is not None and reason not in _WARNED:
-        _WARNED.add(reason)
-        log.warning("head_pass: %s; using the model's own logits (chunked over rows)", reason)
+    _warn_fallback(reason)
     n, _seq = batch["input_ids"].shape
     labels_all = batch["labels"].to(device)
     mask_all = labels_all[:, 1:] != IGNORE_INDEX
     counts = mask_all.sum(1)
-    width = int(counts.max()) if n else 0
     chunk = min(max(n, 1), _rows_per_chunk(model, batch, row_bytes))
     with torch.inference_mode():
-        p0 = next(model.parameters())
-        dtype = _compute_dtype(p0.dtype)
-        tok_logp = torch.zeros(n, width, dtype=dtype, device=device)
-        out_hidden = None
-        packed: dict[str, torch.Tensor] = {}
-        vocab = int(head.weight.shape[0])
-        p_out = None if projector is None else projector.p_out.matrix(dtype, device)
-        sq = torch.zeros(n, dtype=dtype, device=device)
-        if tokens:
-            h_dim = int(head.weight.shape[1])
-            packed = {
-                "h": torch.zeros(n, width, h_dim, dtype=dtype, device=device),
-                "targets": torch.zeros(n, width, dtype=torch.long, device=device),
-                "lse": torch.zeros(n, width, dtype=dtype, device=device),
-            }
-            if p_out is not None:
-                packed["err_out"] = torch.zeros(n, width, p_out.shape[1], dtype=dtype, device=device)
-            if n * width * vocab * torch.finfo(dtype).bits // 8 <= keep_err_bytes:
-                packed["err"] = torch.zeros(n, width, vocab, dtype=dtype, device=device)
-        captured: dict[str, torch.Tensor] = {}
-
-        def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-            captured["h"] = args[0]
-            if reason is None:
-                raise _Stop
-
-        handle = head.register_forward_pre_hook(pre_hook)
-        try:
+        dtype = _compute_dtype(next(model.parameters()).dtype)
+        bufs = _pass_buffers(
+            head, counts, dtype, tokens=tokens, sq_norms=sq_norms, projector=projector, keep_err_bytes=keep_err_bytes
+        )
+        with _head_input(head, stop=reason is None) as captured:
             for r0 in range(0, n, chunk):
                 rows = slice(r0, min(r0 + chunk, n))
                 captured.clear()
@@ -278,80 +486,17 @@ def head_pass(
                 if hidden:
                     attn = batch.get("attention_mask")
                     pooled = mean_pool(h_full.to(dtype), None if attn is None else attn[rows].to(device))
-                    out_hidden = pooled if out_hidden is None else torch.cat([out_hidden, pooled])
-                mask = mask_all[rows]
-                # position of each target inside its example's packed row
-                slot = (mask.cumsum(1) - 1)[mask]
-                ex = mask.nonzero()[:, 0] + r0
-                y = labels_all[rows, 1:][mask]
-                h_t = h_full[:, :-1][mask]
-                z_all = None if logits is None else logits[:, :-1][mask]
-                step = max(1, int(token_bytes // (4 * vocab)))
-                for t0, t1 in _token_chunks(mask.sum(1), step):  # whole examples per chunk
-                    if z_all is None:
-                        z = F.linear(h_t[t0:t1], head.weight, head.bias).to(dtype)
-                    else:
-                        z = z_all[t0:t1].to(dtype)
-                    lse = torch.logsumexp(z, dim=-1)
-                    yy = y[t0:t1, None]
-                    tok_logp[ex[t0:t1], slot[t0:t1]] = z.gather(-1, yy).squeeze(-1) - lse
-                    if tokens:
-                        packed["lse"][ex[t0:t1], slot[t0:t1]] = lse
-                    if p_out is not None or sq_norms or "err" in packed:  # softmax - onehot of these tokens
-                        err = torch.exp(z.sub_(lse.unsqueeze(-1)))
-                        err.scatter_add_(-1, yy, -torch.ones_like(yy, dtype=dtype))
-                        if p_out is not None:  # the Kronecker projection's output side
-                            packed["err_out"][ex[t0:t1], slot[t0:t1]] = err @ p_out
-                        if "err" in packed:  # kept for the exact Grams: no second pass over the vocabulary
-                            packed["err"][ex[t0:t1], slot[t0:t1]] = err
-                        if sq_norms:  # ||G_i||^2 = sum_{t,s} (e_t . e_s)(h_t . h_s) / c_i^2, example by example
-                            hh = h_t[t0:t1].to(dtype)
-                            seg = ex[t0:t1]
-                            for i in torch.unique_consecutive(seg).tolist():
-                                sel = seg == i
-                                e_i, h_i = err[sel], hh[sel]
-                                sq[i] = ((e_i @ e_i.T) * (h_i @ h_i.T)).sum() / counts[i].to(dtype) ** 2
-                    del z
-                if tokens:
-                    packed["h"][ex, slot] = h_t.to(dtype)
-                    packed["targets"][ex, slot] = y
+                    bufs.hidden = pooled if bufs.hidden is None else torch.cat([bufs.hidden, pooled])
+                labels = labels_all[rows, 1:]
+                _head_rows(head, bufs, h_full, logits, labels, mask_all[rows], r0, counts, token_bytes=token_bytes)
                 del logits, h_full
-        finally:
-            handle.remove()
-        valid = torch.arange(width, device=device)[None, :] < counts[:, None]
-        denom = counts.clamp(min=1).to(dtype)
-        loss = -(tok_logp * valid).sum(1) / denom
-        result: dict[str, Any] = {
-            "loss": loss,
-            "confidence": (tok_logp.exp() * valid).sum(1) / denom,
-            "perplexity": loss.exp(),
-            "completion_length": counts.to(dtype),
-        }
-        if hidden:
-            result["hidden"] = out_hidden if out_hidden is not None else torch.zeros(0, dtype=dtype)
-        if sq_norms:
-            result["grad_sq_norm"] = sq
-        if token_losses:
-            per_token = torch.zeros(mask_all.shape, dtype=dtype, device=device)
-            per_token[mask_all] = -tok_logp[valid]
-            result["token_losses"] = per_token
-        scale = valid.to(dtype) / denom[:, None]
-        if "err" in packed:
-            packed["err"].mul_(scale.unsqueeze(-1))
+        result, scale = _pass_signals(bufs, counts, mask_all, hidden=hidden, token_losses=token_losses)
+        if "err" in bufs.packed:
+            bufs.packed["err"].mul_(scale.unsqueeze(-1))
     # cloned outside inference mode: plain tensors that later code may modify in place
     out: dict[str, Any] = {k: v.clone() for k, v in result.items()}
     if tokens:
-        out["head_tokens"] = HeadTokens(
-            h=packed["h"].clone(),
-            targets=packed["targets"].clone(),
-            lse=packed["lse"].clone(),
-            scale=scale.clone(),
-            weight=head.weight.detach(),
-            bias=None if head.bias is None else head.bias.detach(),
-            err_out=packed["err_out"].clone() if "err_out" in packed else None,
-            projector=projector,
-            err=packed.get("err"),  # not cloned (the largest tensor); only read, by the Gram functions
-        )
+        out["head_tokens"] = _head_tokens(head, bufs.packed, scale, projector)
     return out
 
 
