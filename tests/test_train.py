@@ -109,11 +109,20 @@ def test_user_jsonl_data_with_lora(tmp_path):
             "model.lora.enabled=true",
             "train.max_steps=2",
             "eval.exact_match=0",
+            "train.log_selections=true",
         ),
         progress=False,
     )
     assert result["domains"] == ["alpha", "beta"]
     assert (tmp_path / "run" / "final" / "adapter_config.json").exists()
+    # selections.jsonl says where every pick came from: its file and line, and its domain
+    picks = [json.loads(line) for line in (tmp_path / "run" / "selections.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in picks] == [1, 2]
+    for pick in picks:
+        assert len(pick["sources"]) == len(pick["examples"]) == len(pick["domains"]) == 4
+        for source, domain in zip(pick["sources"], pick["domains"]):
+            name, line = source.split(":")
+            assert name == "data.jsonl" and rows[int(line) - 1]["src"] == domain
 
 
 @pytest.mark.parametrize(

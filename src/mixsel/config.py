@@ -267,7 +267,7 @@ class TrainConfig:
     max_weight_growth: float | None = 100.0
     # stop (with a checkpoint) after this many steps, keeping the schedule of max_steps
     stop_after: int | None = None
-    # write every step's selected example ids to selections.jsonl
+    # write every step's picks to selections.jsonl: split rows, domains, sources (file:line), selection weights
     log_selections: bool = False
     # auto (CUDA when available) | cpu | cuda | cuda:N
     device: str = "auto"

@@ -147,6 +147,8 @@ class StepPlan:
         capture: DoGraph's gradient capture around the step's backward, or None.
         token_losses: per-token losses of each micro-batch, recorded by :meth:`Engine.loss`.
         seconds: time spent planning (pool, features, selection).
+        trained_grad: Tensor[D, d] the trained rows' summed domain gradients from a separate pass before
+            the optimiser step (:meth:`OnlineReweighter.before_update`), when no capture took them.
     """
 
     step: int
@@ -161,6 +163,8 @@ class StepPlan:
     capture: Any = None
     token_losses: list[torch.Tensor | None] = field(default_factory=list)
     seconds: float = 0.0
+    trained_grad: torch.Tensor | None = None
+    seconds_before_update: float = 0.0
 
     @property
     def trained(self) -> Batch:
@@ -347,11 +351,8 @@ class OnlineReweighter:
             )
             if vb is not None:
                 stats.val_grad = bookkeeping.validation_gradient(model, vb, **self.grad_kw)
-        elif self.grad_rows == "trained":  # a separate pass over the trained rows
-            trained = plan.trained
-            stats.grad, _ = bookkeeping.domain_gradients(
-                model, trained.model_inputs(), trained.domain_ids, num_domains, val_batch=None, **self.grad_kw
-            )
+        elif self.grad_rows == "trained":  # a separate pass over the trained rows (before the update if it ran)
+            stats.grad = plan.trained_grad if plan.trained_grad is not None else self._trained_pass(model, plan)
             if vb is not None:
                 stats.val_grad = bookkeeping.validation_gradient(model, vb, **self.grad_kw)
         else:  # a separate pass over this rank's share of the pool
@@ -360,6 +361,21 @@ class OnlineReweighter:
             stats.grad, stats.val_grad = bookkeeping.domain_gradients(
                 model, share.model_inputs(), share.domain_ids, num_domains, val_batch=vb, **self.grad_kw
             )
+
+    def _trained_pass(self, model: torch.nn.Module, plan: StepPlan) -> torch.Tensor:
+        trained = plan.trained
+        num_domains = len(self.reweighter.domains)
+        grads, _ = bookkeeping.domain_gradients(
+            model, trained.model_inputs(), trained.domain_ids, num_domains, val_batch=None, **self.grad_kw
+        )
+        return grads
+
+    def before_update(self, model: torch.nn.Module, plan: StepPlan) -> None:
+        """Between the backward passes and the optimiser step: the trained rows' domain gradients when the
+        loop's loss is not :meth:`Engine.loss` (no capture), so they are taken at the model the step
+        differentiated, as the capture takes them."""
+        if self.needs_grad and self.is_stats_step(plan.step) and self.grad_rows == "trained" and plan.capture is None:
+            plan.trained_grad = self._trained_pass(model, plan)
 
     def update(self, stats: DomainStats, step: int) -> bool:
         """Feed the reweighter on its statistics steps; returns whether it consumed ``stats``."""
@@ -395,6 +411,8 @@ class Engine:
         anchor_sampling: ``"uniform"`` or ``"balanced"``.
         seed: the run's seed (anchors).
         world: this process's rank and the world size.
+        train_sources: where training rows came from (``TokenizedSplit.source_of``: ``file:line``...),
+            for ``selections.jsonl``; None = unknown.
     """
 
     def __init__(
@@ -414,6 +432,7 @@ class Engine:
         anchor_sampling: str = "uniform",
         seed: int = 0,
         world: World | None = None,
+        train_sources: Callable[[torch.Tensor], list[str]] | None = None,
     ) -> None:
         self.selector = selector
         self.reweighting = reweighting
@@ -429,6 +448,7 @@ class Engine:
         self.anchor_sampling = anchor_sampling
         self.seed = seed
         self.world = world or World()
+        self.train_sources = train_sources
 
     def anchors(self, step: int) -> dict[str, torch.Tensor] | None:
         """The step's validation anchors (collated), or None when the validation split is empty."""
@@ -509,6 +529,12 @@ class Engine:
         """Record a micro-batch's losses computed by a loop's own loss (Tensor[b] per example, or per token)."""
         plan.token_losses[micro.index] = losses.detach().cpu()
 
+    def before_update(self, model: torch.nn.Module, plan: StepPlan) -> None:
+        """Call after the step's backward passes, before the optimiser step (loops whose loss is their own)."""
+        t0 = time.perf_counter()
+        self.reweighting.before_update(model, plan)
+        plan.seconds_before_update = time.perf_counter() - t0
+
     def finish(self, model: torch.nn.Module, plan: StepPlan) -> StepReport:
         """After the optimiser step: domain statistics (summed over ranks) -> the reweighter; metrics."""
         t0 = time.perf_counter()
@@ -526,7 +552,7 @@ class Engine:
         metrics: dict[str, float] = dict(plan.result.metrics)
         metrics["train/loss"] = float(stats.loss_sum.sum() / stats.counts.sum().clamp_min(1))
         metrics["time/select"] = plan.seconds
-        metrics["time/reweight"] = time.perf_counter() - t0 + captured
+        metrics["time/reweight"] = time.perf_counter() - t0 + captured + plan.seconds_before_update
         metrics["time/capture"] = captured
         metrics.update(
             {k: v for k, v in self.reweighting.reweighter.log_dict().items() if not k.startswith("weights/")}
@@ -538,16 +564,22 @@ class Engine:
         return StepReport(stats, metrics, updated)
 
     def selections_record(self, plan: StepPlan) -> dict[str, Any]:
-        """One ``selections.jsonl`` line: the step, every rank's picks (split rows, domains, weights)."""
+        """One ``selections.jsonl`` line: the step and every rank's picks: ``examples`` (rows of the training
+        split), ``pool_index`` (positions in the pool), ``weights`` (selection weights), ``domains`` and,
+        when known, ``sources`` (where each row came from, e.g. ``train.jsonl:17``)."""
         sel = plan.result.selection
         picked = plan.pool.rows(sel.indices)
-        return {
+        examples = plan.pool_ids[sel.indices]
+        record = {
             "step": plan.step + 1,
-            "examples": plan.pool_ids[sel.indices].tolist(),
+            "examples": examples.tolist(),
             "pool_index": sel.indices.tolist(),
             "weights": sel.weights.tolist(),
             "domains": [self.domains[d] for d in picked.domain_ids.tolist()],
         }
+        if self.train_sources is not None:
+            record["sources"] = self.train_sources(examples)
+        return record
 
     def state_dict(self) -> dict[str, Any]:
         """The sampler's, selector's and reweighter's states (exact resume)."""
@@ -626,6 +658,7 @@ def build_engine(
     world: World | None = None,
     reference: torch.nn.Module | None = None,
     reweighter: Any = None,
+    train_sources: Callable[[torch.Tensor], list[str]] | None = None,
 ) -> Engine:
     """The :class:`Engine` of an experiment config: what ``mixsel train`` and the trainers both run.
 
@@ -640,6 +673,7 @@ def build_engine(
         world: rank and world size.
         reference: DoReMi's frozen reference model.
         reweighter: a built reweighter to use instead of ``build_reweighter(cfg.reweighting, domains)``.
+        train_sources: where training rows came from, for ``selections.jsonl`` (see :class:`Engine`).
     """
     from mixsel.data.sampler import CandidateSampler
 
@@ -685,4 +719,5 @@ def build_engine(
         anchor_sampling=fc.anchor_sampling,
         seed=cfg.seed,
         world=world,
+        train_sources=train_sources,
     )

@@ -539,6 +539,7 @@ def _start(cfg: ExperimentConfig, progress: bool) -> _Run:
         val_batch=lambda ids: val_split.collate(ids, pad_id),
         world=world,
         reference=_reference_model(cfg, tokenizer, device),
+        train_sources=train_split.source_of,
     )
     launch = launch_message(
         "mixsel train",

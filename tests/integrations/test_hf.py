@@ -387,3 +387,63 @@ def test_anchors_source_sizes_and_weights_switch_follow_mixsel_train(tmp_path):
         train_dataset=make_dataset(),
     )
     assert craig._use_weights is True
+
+
+def test_sampling_mode_weights_decide_what_is_trained(tmp_path):
+    """A reweighter in sampling mode (static 0.8/0.1/0.1) draws the pools, so the trained rows follow it."""
+    args = make_args(
+        tmp_path,
+        max_steps=6,
+        selector="random",
+        domains=DOMAINS,
+        reweighter="static",
+        reweighter_options={"weights": [0.8, 0.1, 0.1]},
+    )
+    trainer = SelectionTrainer(model=make_tiny_llama(), args=args, train_dataset=make_dataset((8, 8, 8)))
+    spy = Spy(trainer)
+    trainer.train()
+    trained = torch.cat(spy.trained)[:, 0] - MARK
+    share = float((trained == 0).float().mean())
+    assert len(trained) == 24 and share >= 0.6  # uniform pools would give 1/3
+    pools = torch.cat([pool["domain_ids"] for pool, _ in spy.pools])
+    assert float((pools == 0).float().mean()) >= 0.6
+
+
+def test_an_epoch_trains_as_many_rows_as_the_dataset(tmp_path):
+    """num_train_epochs counts trained rows: 24 rows, 2 x 4 rows per optimiser step -> 3 steps per epoch."""
+    args = make_args(
+        tmp_path, max_steps=-1, num_train_epochs=2, gradient_accumulation_steps=2, domains=DOMAINS, pool_factor=2
+    )
+    trainer = SelectionTrainer(model=make_tiny_llama(), args=args, train_dataset=make_dataset())
+    spy = Spy(trainer)
+    trainer.train()
+    assert trainer.state.global_step == 6
+    assert sum(t.shape[0] for t in spy.trained) == 48
+    assert [p["input_ids"].shape[0] for p, _ in spy.pools] == [16] * 6
+
+
+def test_small_batches_warn_about_budget_rounding_in_the_trainers_syntax(tmp_path, caplog):
+    from mixsel.selection import budgets
+
+    budgets._WARNED_SMALL_K.clear()
+    args = make_args(tmp_path, max_steps=1, per_device_train_batch_size=2, selector="stratified", domains=DOMAINS)
+    trainer = SelectionTrainer(model=make_tiny_llama(), args=args, train_dataset=make_dataset())
+    with caplog.at_level("WARNING", logger="mixsel"):
+        trainer.train()
+    lines = [r.getMessage() for r in caplog.records if "budgets: k=2" in r.getMessage()]
+    assert lines and "selector_options={'rounding': 'carry'}" in lines[0]
+    assert "selection.options" not in lines[0]
+
+
+def test_selector_and_options_are_checked_when_the_arguments_are_made(tmp_path):
+    with pytest.raises(ValueError, match="selector='bogus' is not registered; valid names: .*partitionsel"):
+        make_args(tmp_path, selector="bogus")
+    with pytest.raises(ValueError, match="selector_options for 'stratified'"):
+        make_args(tmp_path, selector="stratified", selector_options={"nonsense": 1})
+    with pytest.raises(ValueError, match="reweighter='bogus' is not registered"):
+        make_args(tmp_path, reweighter="bogus")
+    # every mixsel train setting is reachable, in mixsel train's syntax, checked by the same code
+    args = make_args(tmp_path, selector="partitionsel", mixsel=["selection.features.blocks=1"])
+    assert args.mixsel_config().selection.features.blocks == 1
+    with pytest.raises(KeyError, match="blokcs"):
+        make_args(tmp_path, mixsel=["selection.features.blokcs=1"])

@@ -54,3 +54,10 @@ def test_cpu2_config_runs_two_ranks(tmp_path):
         # the Trainer's composition is all-reduced over 2 ranks x 4 selected rows: multiples of 1/8
         assert report["hf_frac"] and all(abs(f * 8 - round(f * 8)) < 1e-9 for f in report["hf_frac"])
     assert reports[0]["hf_frac"] == reports[1]["hf_frac"]
+    # 2 ranks x 2 rows reproduce the 1-process golden run of 4 rows (picks, losses, weights)
+    sys.path.insert(0, str(ROOT / "tests" / "parity"))
+    from test_parity_trainers import RECORDED, _check
+
+    assert sorted(reports[0]["parity"]) == ["partitionsel/uniform", "random/dograph", "random/static"]
+    for name, got in reports[0]["parity"].items():
+        _check(got, RECORDED[name])

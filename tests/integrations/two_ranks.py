@@ -2,7 +2,8 @@
 
 Each rank trains three tiny runs (SelectionTrainer, SelectionSFTTrainer when TRL is installed, and
 ``mixsel train``) for 2 steps and writes ``<out>/rank<r>.json``: the world size each loop saw, the
-launch lines mixsel logged on this rank and the domain composition logged by the Trainer.
+launch lines mixsel logged on this rank and the domain composition logged by the Trainer; then
+SelectionTrainer runs golden cases of ``tests/parity`` on the 2 ranks (rank 0 reports its records).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ class Lines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
+
+
+#: golden cases (tests/parity/golden.py) the 2-rank SelectionTrainer reproduces (no reference model needed)
+PARITY_CASES = ["partitionsel/uniform", "random/dograph", "random/static"]
 
 
 def main(out: Path) -> None:
@@ -91,6 +96,12 @@ def main(out: Path) -> None:
     report["train_steps"] = result["steps"]
     report["world_size"] = torch.distributed.get_world_size()
     report["launch_lines"] = [line for line in lines.lines if "world size" in line]
+
+    # the golden cases of tests/parity on 2 ranks: the same global batch, half of it per rank
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity"))
+    from trainers import hf_case
+
+    report["parity"] = {name: hf_case(name, out / "parity", None, world_size=2) for name in PARITY_CASES}
     (out / f"rank{report['rank']}.json").write_text(json.dumps(report, indent=2))
 
 

@@ -52,7 +52,7 @@ CASES: dict[str, list[str]] = {f"{s}/uniform": [f"selection.method={s}"] for s i
 CASES.update(
     {
         f"{s}/{r}": [f"selection.method={s}", f"reweighting.method={r}", *extra]
-        for s in ("random", "partitionsel")
+        for s in SELECTORS
         for r, extra in (
             ("doremi", ["reweighting.reference_model={reference}"]),
             ("dograph", ["reweighting.projection_dim=32"]),
@@ -137,5 +137,9 @@ def record(names: list[str] | None = None) -> dict[str, list[dict]]:
 
 
 if __name__ == "__main__":
-    GOLDEN.write_text(json.dumps(record(), indent=1) + "\n")
-    print(f"wrote {GOLDEN}")
+    # python tests/parity/golden.py [--missing]: record every case, or only those not in the file yet
+    known = json.loads(GOLDEN.read_text()) if "--missing" in sys.argv and GOLDEN.exists() else {}
+    todo = [name for name in CASES if name not in known]
+    recorded = {**known, **record(todo)}
+    GOLDEN.write_text(json.dumps({name: recorded[name] for name in CASES}, indent=1) + "\n")
+    print(f"wrote {GOLDEN} ({len(todo)} cases recorded)")

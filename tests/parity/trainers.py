@@ -15,8 +15,13 @@ from _fast import FAST
 from golden import CASES, COMMON
 
 
-def hf_case(name: str, folder: Path, reference: Path, **extra_args) -> list[dict]:
-    """Run case ``name`` with :class:`SelectionTrainer`; the per-step records of :func:`golden.run_case`."""
+def hf_case(name: str, folder: Path, reference: Path | None, *, trl: bool = False, world_size: int = 1) -> list[dict]:
+    """Run case ``name`` with :class:`SelectionTrainer` (``trl=True``: :class:`SelectionSFTTrainer` with
+    ``loss_normalization="example"``, mixsel train's loss); the per-step records of :func:`golden.run_case`.
+
+    Under a launcher with ``world_size`` ranks, each rank trains ``batch_size / world_size`` rows per step
+    (the same global batch), in micro-batches of at most ``micro_batch_size``; only rank 0 returns records.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -40,10 +45,19 @@ def hf_case(name: str, folder: Path, reference: Path, **extra_args) -> list[dict
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     t = cfg.train
-    args = SelectionTrainingArguments(
+    share = t.batch_size // world_size
+    per_device = min(t.micro_batch_size, share)
+    if trl:
+        from mixsel.integrations.trl import SelectionSFTConfig, SelectionSFTTrainer
+
+        arguments, trainer_cls = SelectionSFTConfig, SelectionSFTTrainer
+        extra_args = {"loss_normalization": "example", "gradient_checkpointing": False, "bf16": False}
+    else:
+        arguments, trainer_cls, extra_args = SelectionTrainingArguments, SelectionTrainer, {}
+    args = arguments(
         output_dir=str(out),
-        per_device_train_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.batch_size // t.micro_batch_size,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=share // per_device,
         pool_factor=t.pool_size // t.batch_size,
         max_steps=t.max_steps,
         max_grad_norm=t.grad_clip,
@@ -58,20 +72,24 @@ def hf_case(name: str, folder: Path, reference: Path, **extra_args) -> list[dict
         log_selections=True,
         mixsel=[o for o in overrides if o.startswith(("selection.", "reweighting."))],
         **extra_args,
+        **({"ddp_find_unused_parameters": False} if world_size > 1 else {}),
     )
     data = mixture_datasets(mixture)
     ref = None
     if cfg.reweighting.reference_model:
         ref = AutoModelForCausalLM.from_pretrained(cfg.reweighting.reference_model).eval().requires_grad_(False)
-    trainer = SelectionTrainer(
+    trainer = trainer_cls(
         model=model,
         args=args,
+        processing_class=tokenizer,
         train_dataset=data["train"],
         eval_dataset=data["validation"],
         reference_model=ref,
         optimizers=(optimizer, scheduler),
     )
     trainer.train()
+    if not trainer.is_world_process_zero():
+        return []
     picks = [json.loads(line) for line in (out / "selections.jsonl").read_text().splitlines()]
     logs = [h for h in trainer.state.log_history if "loss" in h and "train/loss" in h]
     steps = []

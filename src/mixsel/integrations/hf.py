@@ -1,24 +1,22 @@
 """Online minibatch selection and domain reweighting inside the Hugging Face ``Trainer``.
 
-Pool, then slice, through public hooks only (the habit of trl's GRPO trainer; the Trainer's own
-training loop is never copied):
+The step is :class:`mixsel.engine.Engine`'s, the one ``mixsel train`` runs (``tests/parity`` checks the
+same picks, losses and weights); the Trainer keeps its loop, optimiser, accumulation, mixed precision,
+checkpoints and logging, reached through its hooks only (the Trainer's loop is never copied):
 
-1. :meth:`SelectionTrainer.get_train_dataloader` yields *pools* of
-   ``pool_factor x per_device_train_batch_size`` examples, with the domain column kept;
-2. :meth:`SelectionTrainer.training_step` pops the domain column, lets an
-   :class:`mixsel.step.OnlineSelector` compute the features its selector needs (once per pool) and
-   pick ``per_device_train_batch_size`` rows, slices the pool to those rows and hands them to the
-   stock ``Trainer.training_step`` (autocast, gradient accumulation, ``accelerator.backward``);
-3. :meth:`SelectionTrainer.compute_loss` returns the weighted mean of the per-example losses
-   (mean cross-entropy over each example's target tokens): ``sum_i w_i l_i / sum_i w_i``, where
-   ``w_i`` is the selection weight (with ``use_selection_weights``) times ``D * alpha_{d_i}`` when
-   the reweighter acts on the loss (as ``mixsel.train``);
-4. per-domain :class:`mixsel.DomainStats` of the selected rows go to a :class:`ReweightingCallback`,
-   which owns the reweighter, updates it once per optimiser step, and is saved and restored with
-   every Trainer checkpoint (``ExportableState``, stored in ``trainer_state.json``);
-5. selection metrics (``time/select``, ``select/conflicts``, ``select/frac/<domain>``,
-   ``weights/<domain>``...) are averaged between logging steps and added to the Trainer's own logs,
-   so every ``report_to`` integration (TensorBoard, W&B...) receives them.
+1. :meth:`SelectionTrainer.get_batch_samples` (the hook that gathers one optimiser step's
+   micro-batches) plans the step: the engine draws one pool of ``pool_factor x k`` rows by the
+   reweighter's sampling weights (``k = per_device_train_batch_size x gradient_accumulation_steps x
+   world size``), computes the features the selector declares, selects ``k`` rows (``global``: the
+   same on every rank; ``local``: each rank from its shard) and cuts this rank's share into the
+   step's micro-batches;
+2. :meth:`SelectionTrainer.compute_loss` returns each micro-batch's part of one weighted mean over
+   the whole selection (:meth:`mixsel.engine.Engine.loss`; ``loss_is_scaled_for_ga``);
+3. after the optimiser step (a callback's ``on_step_end``) the engine computes the per-domain
+   statistics the reweighter declares and updates it; selection metrics are averaged between
+   logging steps into the Trainer's logs (every ``report_to`` integration receives them);
+4. each checkpoint holds the engine's state (``mixsel_engine.pt``: sampler, selector, reweighter);
+   the :class:`ReweightingCallback` keeps the reweighter's state in ``trainer_state.json`` too.
 
 Example::
 
@@ -27,16 +25,14 @@ Example::
     trainer = SelectionTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
     trainer.train()
 
+The arguments are one configuration with ``mixsel train``'s: :meth:`SelectionTrainingArguments.mixsel_config`
+builds its :class:`mixsel.config.ExperimentConfig` (named fields plus ``mixsel=[a.b=c, ...]`` overrides).
+
 The TRL trainer (:mod:`mixsel.integrations.trl`) is this class on top of ``trl.SFTTrainer``: it
 overrides the small hooks below (``_default_collator``, ``_pool_collator``,
-``_prepare_selection_val``, ``_selected_inputs``, ``_weighted_loss``) and nothing of the step itself.
+``_prepare_selection_val``, ``_micro_inputs``, ``_weighted_loss``) and nothing of the step itself.
 A :class:`ReweightingCallback` attached to any other Trainer raises instead of silently never updating.
-
-Distributed runs (``torchrun`` / ``accelerate launch``) select *locally*: each rank selects from its
-own pool shard and the loss is a per-rank mean (DDP then averages gradients); per-domain statistics
-are all-reduced, so every rank's reweighter holds the same weights. Features are computed on the
-unwrapped model (``accelerator.unwrap_model``); FSDP-sharded models need the hook-based features of
-``mixsel train``.
+Features are computed on the unwrapped model (``accelerator.unwrap_model``).
 """
 
 from __future__ import annotations
@@ -45,6 +41,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -388,6 +385,15 @@ def _column_values(dataset: Any, column: str) -> list[Any]:
     return values
 
 
+def _say(line: str) -> None:
+    """A start line: to the ``mixsel`` loggers when the user configured logging, else on stderr (seen without
+    any set-up, as ``mixsel train`` prints it)."""
+    if logging.getLogger(__name__).hasHandlers():
+        log.info(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
 class _Ticks(torch.utils.data.Dataset):
     """The Trainer's training "dataset": one item per micro-step of an epoch (the engine draws the rows).
 
@@ -414,6 +420,11 @@ class _EngineCallback(TrainerCallback):
 
     def __init__(self, trainer: SelectionTrainer) -> None:
         self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = self.trainer
+        if trainer._plan is not None:
+            trainer.engine.before_update(trainer.accelerator.unwrap_model(trainer.model), trainer._plan)
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._finish_step()
@@ -542,7 +553,7 @@ class SelectionTrainer(Trainer):
         self.engine = self._build_engine(selector, rw)
         self._use_weights = self.engine.use_weights
         cfg = self.mixsel_config
-        log.info(
+        _say(
             launch_message(
                 type(self).__name__,
                 world_size=self.accelerator.num_processes,
@@ -731,8 +742,14 @@ class SelectionTrainer(Trainer):
         if ticks == 0:
             return [], None
         lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else self.args.learning_rate
+        from mixsel.selection.budgets import ROUNDING_HINT
+
         model = self.accelerator.unwrap_model(self.model)
-        self._plan = plan = self.engine.plan(model, step=self.state.global_step, lr=lr)
+        hint = ROUNDING_HINT.set("selector_options={'rounding': 'carry'}")  # warnings in this route's syntax
+        try:
+            self._plan = plan = self.engine.plan(model, step=self.state.global_step, lr=lr)
+        finally:
+            ROUNDING_HINT.reset(hint)
         if len(plan.micro_batches) != ticks:
             raise RuntimeError(
                 f"the step's selection gives this rank {len(plan.chosen)} rows in {len(plan.micro_batches)} "

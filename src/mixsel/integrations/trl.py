@@ -11,10 +11,11 @@ code, in ``hf.py``), with TRL's own data preparation, loss and metrics kept:
 * **anchors**: selectors that target a validation gradient (``partitionsel``, ``greats``...) draw
   their anchors from the *prepared* eval set (or a ``selection_val_dataset``, prepared the same way);
 * **loss**: TRL's fused-LM-head per-token loss, with every token of selected example ``i``
-  weighted by ``m_i = w_i N / sum_j w_j n_j`` (``w_i`` as in ``SelectionTrainer``: selection weight
-  x domain multiplier ``D alpha_d``; ``n_j`` the example's target tokens, ``N = sum_j n_j``), so
-  the loss is ``sum_i w_i sum_t l_it / sum_i w_i n_i`` and equals TRL's token mean when every
-  ``w_i = 1``;
+  weighted (:func:`token_weights`; ``w_i`` as in ``SelectionTrainer``: selection weight x domain
+  multiplier ``D alpha_d``; ``n_j`` the example's target tokens), normalised over the whole step
+  (every micro-batch and rank): the loss is ``sum_i w_i sum_t l_it / sum_i w_i n_i`` and equals TRL's
+  token mean when every ``w_i = 1``; ``loss_normalization="example"`` gives ``mixsel train``'s
+  ``sum_i w_i l_i / sum_i w_i`` of per-example means instead;
 * **metrics**: TRL's ``mean_token_accuracy``, ``entropy`` and ``num_tokens`` (now counting the
   selected rows), next to mixsel's ``time/select``, ``select/frac/<domain>``, ``weights/<domain>``;
 * **padding-free** (``padding_free=True``): pools are collated padded (features need one row per
@@ -60,13 +61,27 @@ class SelectionSFTConfig(SFTConfig, SelectionTrainingArguments):
     """``trl.SFTConfig`` plus the selection fields of :class:`SelectionTrainingArguments`.
 
     TRL's defaults are kept (``learning_rate=2e-5``, ``logging_steps=10``, ``gradient_checkpointing=True``,
-    ``bf16`` on GPUs that support it); ``per_device_train_batch_size`` is the *selected* batch, and each
-    step draws ``pool_factor`` times as many candidates. ``packing`` is not supported (see module doc).
+    ``bf16``); ``per_device_train_batch_size`` is the *selected* micro-batch, and each optimiser step
+    selects ``k = per_device_train_batch_size x gradient_accumulation_steps x world size`` rows from
+    one pool of ``pool_factor x k``. ``loss_normalization`` picks TRL's token-weighted mean (default)
+    or ``mixsel train``'s per-example mean. ``packing`` is not supported (see module doc).
     """
 
+    loss_normalization: str = field(
+        default="token",
+        metadata={
+            "help": "token: TRL's token mean, each example's tokens weighted by its weight; example: mixsel "
+            "train's weighted mean of per-example mean losses"
+        },
+    )
     restore_callback_states_from_checkpoint: bool = field(
         default=True, metadata={"help": "restore callback states (the reweighter) on resume"}
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss_normalization not in ("token", "example"):
+            raise ValueError(f"loss_normalization={self.loss_normalization!r} must be 'token' or 'example'")
 
 
 def token_weights(
@@ -75,6 +90,7 @@ def token_weights(
     label_mask: torch.Tensor,
     total: torch.Tensor | None = None,
     world_size: int = 1,
+    normalization: str = "token",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss multipliers that weight examples inside a token-mean loss.
 
@@ -82,21 +98,32 @@ def token_weights(
         weights: Tensor[k] example weights ``w_i`` (>= 0).
         rows: LongTensor, the shape of ``label_mask``: the example each token position belongs to.
         label_mask: BoolTensor, True where the token is a target.
-        total: ``sum_j w_j n_j`` over the whole optimiser step (every micro-batch and rank); None =
-            over this micro-batch only.
+        total: the normaliser of the whole optimiser step (every micro-batch and rank):
+            ``sum_j w_j n_j`` (``"token"``) or ``sum_j w_j`` (``"example"``); None = this micro-batch's.
         world_size: data-parallel ranks (their gradients are averaged).
+        normalization: ``"token"``: the step loss is ``sum_i w_i sum_t l_it / sum_i w_i n_i`` (TRL's
+            token mean when every ``w_i = 1``); ``"example"``: ``sum_i w_i l_i / sum_i w_i`` with
+            ``l_i = sum_t l_it / n_i`` the example's mean (``mixsel train``'s loss).
 
     Returns:
-        ``(multiplier, counts)``: Tensor of the shape of ``label_mask`` with ``m_i = w_i N W / total`` at
-        the tokens of example ``i`` (``N`` this micro-batch's target tokens, ``W`` the world size), so
-        ``sum m l / N = W sum_i w_i sum_t l_it / total``; the micro-batches of a step then add up to
-        the step's token-weighted mean. Tensor[k]: the target tokens ``n_i`` of each example.
+        ``(multiplier, counts)``: Tensor of the shape of ``label_mask`` with ``m_i = w_i N W / total``
+        (``"token"``) or ``w_i N W / (n_i total)`` (``"example"``) at the tokens of example ``i`` (``N``
+        this micro-batch's target tokens, ``W`` the world size), so that ``sum m l / N`` is this
+        micro-batch's part of the step loss; the micro-batches of a step add up to it. Tensor[k]:
+        the target tokens ``n_i`` of each example.
     """
+    if normalization not in ("token", "example"):
+        raise ValueError(f"loss_normalization={normalization!r} is not 'token' or 'example'")
     k = weights.numel()
     w = weights.to(torch.float32).to(label_mask.device)
     targets = rows[label_mask]
     counts = torch.bincount(targets, minlength=k).to(torch.float32)
-    total = (w * counts).sum() if total is None else total.to(w.device, torch.float32)
+    if normalization == "example":
+        w = torch.where(counts > 0, w / counts.clamp_min(1), torch.zeros_like(w))
+        counts_w = torch.where(counts > 0, weights.to(w), torch.zeros_like(w))
+    else:
+        counts_w = w * counts
+    total = counts_w.sum() if total is None else total.to(w.device, torch.float32)
     scale = counts.sum() * world_size / total if bool(total > 0) else torch.ones((), device=w.device)
     return (w * scale)[rows], counts
 
@@ -132,7 +159,12 @@ class _WeightedTokens:
         rows = _token_rows(kwargs, log_probs.shape, k, log_probs.device)
         trainer = self.trainer
         multiplier, counts = token_weights(
-            weights, rows, mask, total=trainer._token_total, world_size=trainer.accelerator.num_processes
+            weights,
+            rows,
+            mask,
+            total=trainer._token_total,
+            world_size=trainer.accelerator.num_processes,
+            normalization=trainer.args.loss_normalization,
         )
         nll = -log_probs.detach().float().reshape(-1)
         sums = torch.zeros(k, device=log_probs.device).index_add_(0, rows.reshape(-1), nll)
@@ -264,11 +296,13 @@ class SelectionSFTTrainer(SelectionTrainer, SFTTrainer):
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         samples, items = super().get_batch_samples(epoch_iterator, num_batches, device)
         plan = self._plan
-        if plan is not None:  # the step's token-weighted normaliser sum_j w_j n_j over every rank
+        if plan is not None:  # the step's normaliser over every rank (token_weights)
             from mixsel.distributed import all_reduce_sum
             from mixsel.features.loss import target_mask
 
             counts = target_mask(plan.trained.labels).sum(1).to(torch.float32)
+            if self.args.loss_normalization == "example":
+                counts = (counts > 0).to(torch.float32)
             self._token_total = all_reduce_sum((plan.weights * counts).sum().clone())
         return samples, items
 

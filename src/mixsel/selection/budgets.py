@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "BUDGET_POLICIES",
     "CARRY_KEY",
     "ROUNDINGS",
+    "ROUNDING_HINT",
     "BudgetPolicy",
     "QuotaCarry",
     "budgets_from_weights",
@@ -321,6 +323,11 @@ def budgets_from_weights(
     return round_quotas(quota, k, counts, rounding, carry)
 
 
+#: How :func:`_warn_small_k` names the fix, in the syntax of the route the user is in (``mixsel train``'s
+#: by default; the Hugging Face trainers set their own around each selection).
+ROUNDING_HINT: ContextVar[str] = ContextVar("rounding_hint", default="selection.options={rounding: carry}")
+
+
 def _warn_small_k(k: int, num_domains: int, rounding: str) -> None:
     """Log once per (k, domains) when a per-step rounding, not the quotas, decides the batch.
 
@@ -337,10 +344,11 @@ def _warn_small_k(k: int, num_domains: int, rounding: str) -> None:
     log.warning(
         "budgets: k=%d picks over %d domains: %s rounding hands the leftover picks to the domains that sort "
         "first at every step, so the others are under-sampled or never trained; use "
-        "selection.options={rounding: carry} (remainders carried across steps) or a batch of at least %d",
+        "%s (remainders carried across steps) or a batch of at least %d",
         k,
         num_domains,
         rounding,
+        ROUNDING_HINT.get(),
         num_domains,
     )
 
