@@ -1,5 +1,6 @@
 """mixsel: online minibatch selection and domain reweighting for LM training on data mixtures."""
 
+from mixsel.errors import MixselError
 from mixsel.registry import (
     available_reweighters,
     available_selectors,
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DomainStats",
+    "MixselError",
     "Selection",
     "__version__",
     "available_reweighters",

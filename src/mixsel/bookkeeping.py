@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from mixsel.errors import ConfigError
 from mixsel.reweighting.base import Reweighter
 from mixsel.seeding import anchor_seed
 from mixsel.types import DomainStats, Selection
@@ -97,13 +98,13 @@ def draw_anchors(
         LongTensor[min(n, m)] row indices.
     """
     if sampling not in ANCHOR_SAMPLING:
-        raise ValueError(f"anchor sampling {sampling!r} is not one of {', '.join(ANCHOR_SAMPLING)}")
+        raise ConfigError(f"anchor sampling {sampling!r} is not one of {', '.join(ANCHOR_SAMPLING)}")
     num_val = val_domains if isinstance(val_domains, int) else int(torch.as_tensor(val_domains).numel())
     g = torch.Generator().manual_seed(anchor_seed(seed, step))
     if sampling == "uniform":
         return torch.randperm(num_val, generator=g)[:n]
     if isinstance(val_domains, int):
-        raise ValueError("balanced anchors need the domain id of every validation example, not just their number")
+        raise ConfigError("balanced anchors need the domain id of every validation example, not just their number")
     domains = torch.as_tensor(val_domains, dtype=torch.long).reshape(-1)
     present = torch.unique(domains)
     order = present[torch.randperm(present.numel(), generator=g)].tolist()

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mixsel.errors import DataError
+
 __all__ = [
     "CHECKPOINT_NAME",
     "PREVIOUS_NAME",
@@ -211,7 +213,7 @@ def load_checkpoint(output_dir: str | Path) -> dict[str, Any] | None:
             log.warning("%s: resuming from the previous checkpoint (step %s) instead", why, state["step"])
         return state
     if problems:
-        raise ValueError(
+        raise DataError(
             f"no intact checkpoint in {output_dir}: {'; '.join(problems)}; "
             "start the run afresh with --overwrite (or restore the folder from a backup)"
         )

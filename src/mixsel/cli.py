@@ -16,8 +16,10 @@ mixsel --version                              mixsel, torch and transformers ver
 Output: the result table on stdout; by default also the start lines (run folder, data, threads, the
 data summary) and a progress bar; ``-q`` prints the result only, ``-v`` adds INFO logs
 (``MIXSEL_LOG=LEVEL`` sets the level directly). Bad input gets one line on stderr,
-``mixsel: error: <what is wrong and how to fix it>``, and exit status 2; ``MIXSEL_DEBUG=1`` shows
-the traceback instead. An unexpected failure (a bug) gets one line and exit status 1.
+``mixsel: error: <what is wrong and how to fix it>``, and exit status 2 (a ``mixsel.errors.MixselError``,
+an ``OSError`` or a ``ValueError``); ``MIXSEL_DEBUG=1`` shows the traceback instead. Any other exception
+(a ``KeyError``, ``TypeError``... that is not a ``MixselError``) is a bug: one line with the file and line
+it came from, ``mixsel: internal error: ...``, and exit status 1.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import sys
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn
+
+from mixsel.errors import ConfigError, DataError, MixselError, OptionError
 
 __all__ = ["main"]
 
@@ -51,7 +55,7 @@ def _parse_options(items: list[str]) -> dict[str, Any]:
     options = {}
     for item in items:
         if "=" not in item or not item.split("=", 1)[0].strip():
-            raise ValueError(f"--option {item!r} must look like key=value (e.g. --option budget=uniform)")
+            raise ConfigError(f"--option {item!r} must look like key=value (e.g. --option budget=uniform)")
         key, raw = item.split("=", 1)
         options[key.strip()] = parse_yaml(raw, f"--option {item!r}")
     return options
@@ -75,7 +79,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mixsel.train import train
 
     if args.force_resume and not args.resume:
-        raise ValueError("--force-resume only applies with --resume; add --resume")
+        raise ConfigError("--force-resume only applies with --resume; add --resume")
     result = train(load_config(args.config, [*args.overrides, *_flag_overrides(args)]), progress=not args.quiet)
     if os.environ.get("RANK", "0") != "0":
         return 0
@@ -105,7 +109,7 @@ def _load_features(path: str) -> dict[str, Any]:
     """The ``torch.save``'d dict of ``mixsel select --features``, read with ``weights_only=True``.
 
     Raises:
-        FileNotFoundError / ValueError: one line for a missing, empty, unreadable, truncated or
+        FileNotFoundError / DataError: one line for a missing, empty, unreadable, truncated or
             code-carrying file, or one that is not a dict with ``domains``.
     """
     import torch
@@ -114,9 +118,9 @@ def _load_features(path: str) -> dict[str, Any]:
     if not file.exists():
         raise FileNotFoundError(f"--features {path!r}: no such file")
     if file.is_dir():
-        raise ValueError(f"--features {path!r} is a folder; pass the file written by torch.save")
+        raise DataError(f"--features {path!r} is a folder; pass the file written by torch.save")
     if file.stat().st_size == 0:
-        raise ValueError(f"--features {path!r} is empty; write it with torch.save({{'domains': ..., ...}}, path)")
+        raise DataError(f"--features {path!r} is empty; write it with torch.save({{'domains': ..., ...}}, path)")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file
             warnings.simplefilter("ignore")
@@ -124,21 +128,21 @@ def _load_features(path: str) -> dict[str, Any]:
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         if found is None:  # not a pickle of objects at all (text, another format)
-            raise ValueError(
+            raise DataError(
                 f"--features {path!r} is not a readable torch.save file; save it again with torch.save"
             ) from None
         what = f" (it references {found.group(1)})"
-        raise ValueError(
+        raise DataError(
             f"--features {path!r} holds pickled Python objects that torch.load(weights_only=True) refuses{what}; "
             "mixsel never runs code from a file: save only tensors, lists and numbers with torch.save"
         ) from None
     except (RuntimeError, EOFError, KeyError, ValueError) as err:
-        raise ValueError(
+        raise DataError(
             f"--features {path!r} is not a readable torch.save file ({type(err).__name__}: "
             f"{str(err).strip()[:80] or 'no data'}); it may be truncated or a text file: save it again with torch.save"
         ) from None
     if not isinstance(data, dict) or "domains" not in data:
-        raise ValueError(f"--features {path!r} must hold a dict with 'domains' (LongTensor[n]) and feature tensors")
+        raise DataError(f"--features {path!r} must hold a dict with 'domains' (LongTensor[n]) and feature tensors")
     return data
 
 
@@ -148,7 +152,7 @@ def _as_tensor(value: Any, name: str, path: str) -> Any:
     try:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"--features {path!r}: {name!r} is not a tensor or a list of numbers") from None
+        raise DataError(f"--features {path!r}: {name!r} is not a tensor or a list of numbers") from None
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
@@ -159,12 +163,12 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
     try:
         selector = get_selector(args.method, **_parse_options(args.option))
-    except TypeError as err:  # an unknown or missing keyword option
-        raise ValueError(f"--option for selector {args.method!r}: {err}") from None
+    except OptionError as err:  # an unknown or missing keyword option
+        raise ConfigError(f"--option for selector {args.method!r}: {err}") from None
     data = _load_features(args.features)
     domains = _as_tensor(data["domains"], "domains", args.features)
     if domains.is_floating_point() or domains.dtype == torch.bool or domains.dim() != 1:
-        raise ValueError(
+        raise DataError(
             f"--features {args.features!r}: 'domains' must be a 1-D integer tensor of domain ids, "
             f"got {domains.dtype} of shape {tuple(domains.shape)}"
         )
@@ -172,16 +176,16 @@ def _cmd_select(args: argparse.Namespace) -> int:
     feats = {k: _as_tensor(v, k, args.features) for k, v in data.items() if k not in meta}
     missing = sorted(set(selector.requires) - set(feats))
     if missing:
-        raise ValueError(
+        raise DataError(
             f"selector {args.method!r} needs features {missing}; --features {args.features!r} has {sorted(feats)}"
         )
     if domains.numel() == 0:
-        raise ValueError(f"--features {args.features!r} holds no candidates ('domains' is empty)")
+        raise DataError(f"--features {args.features!r} holds no candidates ('domains' is empty)")
     num_domains = data.get("num_domains", int(domains.max()) + 1)
     if isinstance(num_domains, torch.Tensor) and num_domains.numel() == 1:
         num_domains = int(num_domains)
     if not isinstance(num_domains, int) or isinstance(num_domains, bool):
-        raise ValueError(f"--features {args.features!r}: 'num_domains' must be an integer, got {num_domains!r}")
+        raise DataError(f"--features {args.features!r}: 'num_domains' must be an integer, got {num_domains!r}")
     pool = Pool(
         domains=domains.long(),
         num_domains=num_domains,
@@ -380,8 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# errors that mean "the input is wrong": one line naming it and the fix, exit status 2
-_EXPLAINED = (KeyError, ValueError, TypeError, OSError, FloatingPointError)
+# errors that mean "the input is wrong": one line naming it and the fix, exit status 2. A plain
+# ValueError is one too: libraries (transformers, datasets, tokenizers) reject a user's values with it.
+_EXPLAINED = (MixselError, OSError, ValueError)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -393,6 +398,42 @@ def _one_line(exc: BaseException) -> str:
     else:
         text = str(exc)
     return " ".join(text.split()) or type(exc).__name__
+
+
+def _mixsel_path(filename: str) -> str | None:
+    """``mixsel/<module>.py`` for a file of the mixsel package, else None."""
+    try:
+        return "mixsel/" + Path(filename).resolve().relative_to(Path(__file__).resolve().parent).as_posix()
+    except (OSError, ValueError):
+        return None
+
+
+def _short(filename: str) -> str:
+    """A library file from its package folder on (``torch/nn/functional.py``), any other file in full."""
+    parts = Path(filename).parts
+    if "site-packages" in parts:
+        return "/".join(parts[len(parts) - parts[::-1].index("site-packages") :])
+    return filename
+
+
+def _where(exc: BaseException) -> str:
+    """Where ``exc`` was raised, ``file:line in function``, for a bug report.
+
+    The last frame of the traceback; when that is outside mixsel (torch, transformers), the last
+    mixsel frame too: ``torch/nn/functional.py:3104 in cross_entropy, from mixsel/engine.py:88 in loss``.
+    """
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "an unknown place"
+    last = frames[-1]
+    where = f"{_mixsel_path(last.filename) or _short(last.filename)}:{last.lineno} in {last.name}"
+    if _mixsel_path(last.filename) is None:
+        ours = [f for f in frames if _mixsel_path(f.filename)]
+        if ours:
+            where += f", from {_mixsel_path(ours[-1].filename)}:{ours[-1].lineno} in {ours[-1].name}"
+    return where
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -427,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MIXSEL_DEBUG"):
             raise
         print(
-            f"mixsel: internal error: {type(exc).__name__}: {_one_line(exc)} (a bug: rerun with MIXSEL_DEBUG=1 for "
-            "the traceback and report it)",
+            f"mixsel: internal error: {type(exc).__name__}: {_one_line(exc)} at {_where(exc)} (a bug: rerun with "
+            "MIXSEL_DEBUG=1 for the traceback and report it)",
             file=sys.stderr,
         )
         return 1

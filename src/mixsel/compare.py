@@ -52,6 +52,7 @@ from mixsel.config import (
     resolve_override,
     run_fields,
 )
+from mixsel.errors import ConfigError, UnknownNameError
 
 __all__ = ["format_exact_match", "format_table", "run_compare", "summarize"]
 
@@ -167,10 +168,10 @@ def _substitute(override: str, out: Path, seed: int, runs: dict[str, Any], curre
         start = override.index("{run:")
         end = override.find("}", start)
         if end < 0:
-            raise ValueError(f"runs.{current}: override {override!r} has '{{run:' without a closing '}}'")
+            raise ConfigError(f"runs.{current}: override {override!r} has '{{run:' without a closing '}}'")
         name = override[start + 5 : end]
         if name not in earlier:
-            raise ValueError(
+            raise ConfigError(
                 f"runs.{current}: override {override!r} refers to run {name!r}, which must be listed before it"
             )
         override = override[:start] + str(out / name / f"seed{seed}") + override[end + 1 :]
@@ -184,9 +185,9 @@ def _string_list(value: Any, where: str, path: Path) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        raise ValueError(f"{path}: {where} must be a list of overrides, got the string {value!r}; write [{value}]")
+        raise ConfigError(f"{path}: {where} must be a list of overrides, got the string {value!r}; write [{value}]")
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ValueError(f"{path}: {where} must be a list of a.b=c strings, got {value!r}")
+        raise ConfigError(f"{path}: {where} must be a list of a.b=c strings, got {value!r}")
     return list(value)
 
 
@@ -202,39 +203,39 @@ def load_compare_spec(path: str | Path) -> dict[str, Any]:
     if spec is None:
         spec = {}
     if not isinstance(spec, dict):
-        raise ValueError(
+        raise ConfigError(
             f"compare file {path} must hold a mapping ({', '.join(_SPEC_KEYS)}), not a {type(spec).__name__}"
         )
     unknown = set(spec) - set(_SPEC_KEYS)
     if unknown:
-        raise KeyError(f"unknown compare keys {sorted(unknown)} in {path}; valid: {', '.join(_SPEC_KEYS)}")
+        raise UnknownNameError(f"unknown compare keys {sorted(unknown)} in {path}; valid: {', '.join(_SPEC_KEYS)}")
     folder = path.resolve().parent
     runs = spec.get("runs")
     if isinstance(runs, list):
-        raise ValueError(
+        raise ConfigError(
             f"{path}: 'runs' must map run names to lists of overrides, got a list; write "
             "runs: {random: [selection.method=random], ...}"
         )
     if not isinstance(runs, dict) or not runs:
-        raise ValueError(f"{path}: 'runs' must map run names to lists of overrides (runs: {{name: [a.b=c]}})")
+        raise ConfigError(f"{path}: 'runs' must map run names to lists of overrides (runs: {{name: [a.b=c]}})")
     checked: dict[str, list[str]] = {}
     for name, overrides in runs.items():
         if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
-            raise ValueError(f"{path}: run name {name!r} must be a plain folder name (no '/', not '.' or '..')")
+            raise ConfigError(f"{path}: run name {name!r} must be a plain folder name (no '/', not '.' or '..')")
         checked[name] = _string_list(overrides, f"runs.{name}", path)
     seeds = spec.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
-        raise ValueError(f"{path}: seeds must be a list of integers, got {seeds!r}; write seeds: [{seeds}]")
+        raise ConfigError(f"{path}: seeds must be a list of integers, got {seeds!r}; write seeds: [{seeds}]")
     if (
         not isinstance(seeds, list)
         or not seeds
         or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
         or len(set(seeds)) != len(seeds)
     ):
-        raise ValueError(f"{path}: seeds must be a non-empty list of distinct integers (e.g. [0, 1]), got {seeds!r}")
+        raise ConfigError(f"{path}: seeds must be a non-empty list of distinct integers (e.g. [0, 1]), got {seeds!r}")
     base = spec.get("base")
     if base is not None and (not isinstance(base, str) or not base.strip()):
-        raise ValueError(f"{path}: base must be the path of an experiment YAML, got {base!r}")
+        raise ConfigError(f"{path}: base must be the path of an experiment YAML, got {base!r}")
     base_path = (folder / Path(base).expanduser()) if base else None
     if base_path is not None and not base_path.is_file():
         raise FileNotFoundError(
@@ -242,7 +243,7 @@ def load_compare_spec(path: str | Path) -> dict[str, Any]:
         )
     output_dir = spec.get("output_dir")
     if output_dir is not None and (not isinstance(output_dir, str) or not output_dir.strip()):
-        raise ValueError(f"{path}: output_dir must be a folder path, got {output_dir!r}")
+        raise ConfigError(f"{path}: output_dir must be a folder path, got {output_dir!r}")
     return {
         "base": base_path,
         "overrides": [resolve_override(o, folder) for o in _string_list(spec.get("overrides"), "overrides", path)],

@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from mixsel.errors import ConfigError, OptionError, UnknownNameError
+
 __all__ = [
     "DataConfig",
     "EvalConfig",
@@ -383,32 +385,32 @@ def _check_value(path: str, tp: Any, value: Any) -> Any:
             except (TypeError, ValueError):
                 continue
         kinds = " or ".join(_KINDS.get(a, "null" if a is type(None) else getattr(a, "__name__", str(a))) for a in args)
-        raise TypeError(f"{path}: expected {kinds}, got {value!r}; set {path}=<{kinds}>")
+        raise OptionError(f"{path}: expected {kinds}, got {value!r}; set {path}=<{kinds}>")
     if tp is Any:
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{path}: expected a list, got {value!r}; write {path}=[a, b]")
+            raise OptionError(f"{path}: expected a list, got {value!r}; write {path}=[a, b]")
         return [_check_value(f"{path}[]", args[0] if args else Any, v) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{path}: expected a mapping, got {value!r}; write {path}={{key: value}}")
+            raise OptionError(f"{path}: expected a mapping, got {value!r}; write {path}={{key: value}}")
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise TypeError(f"{path}: expected true/false, got {value!r}")
+            raise OptionError(f"{path}: expected true/false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{path}: expected an integer, got {value!r}")
+            raise OptionError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{path}: expected a number, got {value!r} (e.g. {path}=3e-4)")
+            raise OptionError(f"{path}: expected a number, got {value!r} (e.g. {path}=3e-4)")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise TypeError(f"{path}: expected a string, got {value!r}")
+            raise OptionError(f"{path}: expected a string, got {value!r}")
         return value
     return value
 
@@ -421,7 +423,7 @@ def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = path.rstrip(".") or "top level"
-        raise KeyError(f"unknown config key(s) {unknown} at {where}; valid keys: {sorted(names)}")
+        raise UnknownNameError(f"unknown config key(s) {unknown} at {where}; valid keys: {sorted(names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -430,7 +432,7 @@ def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
         value = data[f.name]
         if _is_dataclass_type(tp):
             if not isinstance(value, dict):
-                raise TypeError(f"{path}{f.name}: expected a mapping of {tp.__name__} fields, got {value!r}")
+                raise OptionError(f"{path}{f.name}: expected a mapping of {tp.__name__} fields, got {value!r}")
             kwargs[f.name] = from_dict(tp, value, f"{path}{f.name}.")
         else:
             kwargs[f.name] = _check_value(f"{path}{f.name}", tp, value)
@@ -472,9 +474,9 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         if err.context_mark is not None and err.context_mark is not mark:
             context += f" at line {err.context_mark.line + 1}"
         problem = "; ".join(part for part in (err.problem, context.strip()) if part)
-        raise ValueError(f"{where}: invalid YAML ({problem}); fix the syntax there") from None
+        raise ConfigError(f"{where}: invalid YAML ({problem}); fix the syntax there") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{source}: invalid YAML ({err}); fix the syntax") from None
+        raise ConfigError(f"{source}: invalid YAML ({err}); fix the syntax") from None
 
 
 def read_yaml(path: str | Path, what: str = "config file", flag: str = "--config") -> Any:
@@ -489,12 +491,12 @@ def read_yaml(path: str | Path, what: str = "config file", flag: str = "--config
     if not path.exists():
         raise FileNotFoundError(f"{what} {str(path)!r} not found; pass {flag} with an existing YAML file")
     if path.is_dir():
-        raise ValueError(f"{what} {str(path)!r} is a folder; pass {flag} with a YAML file inside it")
+        raise ConfigError(f"{what} {str(path)!r} is a folder; pass {flag} with a YAML file inside it")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(
+        raise ConfigError(
             f"{what} {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); save it as UTF-8"
         ) from None
     return parse_yaml(text, str(path))
@@ -509,7 +511,7 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
             nxt = {}
             node[key] = nxt
         if not isinstance(nxt, dict):
-            raise KeyError(f"override {dotted!r}: {key!r} is not a section")
+            raise UnknownNameError(f"override {dotted!r}: {key!r} is not a section")
         node = nxt
     node[keys[-1]] = value
 
@@ -517,18 +519,18 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def _split_override(item: str) -> tuple[str, Any]:
     """``"a.b=c"`` -> ``("a.b", <c parsed as YAML>)``, with one clear line for each malformed form."""
     if not isinstance(item, str) or "=" not in item:
-        raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=20)")
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=20)")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ValueError(f"override {item!r} has an empty key; write section.key=value (e.g. train.max_steps=20)")
+        raise ConfigError(f"override {item!r} has an empty key; write section.key=value (e.g. train.max_steps=20)")
     if not raw.strip():
         return key, None
     try:
         return key, yaml.load(raw, Loader=_Loader)
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or "unreadable value"
-        raise ValueError(f"override {item!r}: the value is not valid YAML ({problem}); quote it or fix it") from None
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it or fix it") from None
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -639,7 +641,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ValueError(
+            raise ConfigError(
                 f"config file {path} must hold a mapping of sections (data:, train:, ...) at the top level, "
                 f"not a {type(loaded).__name__}"
             )
@@ -733,35 +735,35 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """
     for dotted, value in _floats(cfg):
         if not math.isfinite(value):
-            raise ValueError(f"{dotted}={value} is not a finite number; set a finite value (e.g. train.lr=3e-4)")
+            raise ConfigError(f"{dotted}={value} is not a finite number; set a finite value (e.g. train.lr=3e-4)")
     for dotted, low, meaning in _MINIMA:
         value = _get(cfg, dotted)
         if value is not None and value < low:
-            raise ValueError(f"{dotted}={value} is {meaning} and must be >= {low}: set {dotted}=<a value >= {low}>")
+            raise ConfigError(f"{dotted}={value} is {meaning} and must be >= {low}: set {dotted}=<a value >= {low}>")
     for dotted, allowed in _CHOICES:
         value = _get(cfg, dotted)
         if value not in allowed:
             shown = ", ".join("null" if a is None else str(a) for a in allowed)
-            raise ValueError(f"{dotted}={value!r} is not one of {shown}: set {dotted} to one of them")
+            raise ConfigError(f"{dotted}={value!r} is not one of {shown}: set {dotted} to one of them")
     if not cfg.train.lr > 0:
-        raise ValueError(f"train.lr={cfg.train.lr} must be > 0 (e.g. train.lr=3e-4)")
+        raise ConfigError(f"train.lr={cfg.train.lr} must be > 0 (e.g. train.lr=3e-4)")
     if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
-        raise ValueError(f"train.min_lr_ratio={cfg.train.min_lr_ratio} must lie in [0, 1]")
+        raise ConfigError(f"train.min_lr_ratio={cfg.train.min_lr_ratio} must lie in [0, 1]")
     if not cfg.model.lora.dropout < 1.0:
-        raise ValueError(f"model.lora.dropout={cfg.model.lora.dropout} must lie in [0, 1)")
+        raise ConfigError(f"model.lora.dropout={cfg.model.lora.dropout} must lie in [0, 1)")
     if not cfg.selection.features.zo_eps > 0:
-        raise ValueError(f"selection.features.zo_eps={cfg.selection.features.zo_eps} must be > 0 (CoLM uses 1e-3)")
+        raise ConfigError(f"selection.features.zo_eps={cfg.selection.features.zo_eps} must be > 0 (CoLM uses 1e-3)")
     if cfg.train.batch_size > cfg.train.pool_size:
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} exceeds train.pool_size={cfg.train.pool_size}: the batch is "
             "selected from the pool, so set train.pool_size >= train.batch_size"
         )
     if not _DEVICE.match(cfg.train.device):
-        raise ValueError(f"train.device={cfg.train.device!r} is not auto, cpu, mps, cuda or cuda:N")
+        raise ConfigError(f"train.device={cfg.train.device!r} is not auto, cpu, mps, cuda or cuda:N")
     if not cfg.train.output_dir.strip():
-        raise ValueError("train.output_dir is empty; name a run folder (e.g. train.output_dir=runs/my_run)")
+        raise ConfigError("train.output_dir is empty; name a run folder (e.g. train.output_dir=runs/my_run)")
     if cfg.train.resume and cfg.train.overwrite:
-        raise ValueError(
+        raise ConfigError(
             "train.resume and train.overwrite are both set: --resume continues the run in the folder, "
             "--overwrite replaces it; keep one"
         )
@@ -769,7 +771,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     for name, section in options:
         bad = [key for key in section if not isinstance(key, str)]
         if bad:
-            raise ValueError(f"{name} has non-string keys {bad}; write {name}={{name: value}}")
+            raise ConfigError(f"{name} has non-string keys {bad}; write {name}={{name: value}}")
     return cfg
 
 

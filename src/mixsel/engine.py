@@ -46,6 +46,7 @@ import torch
 from mixsel import bookkeeping
 from mixsel.config import ExperimentConfig, ReweightingConfig
 from mixsel.distributed import World, all_reduce_sum
+from mixsel.errors import ConfigError, DataError, DivergedError, OptionError
 from mixsel.registry import get_reweighter
 from mixsel.step import OnlineSelector, StepResult
 from mixsel.types import DomainStats
@@ -123,11 +124,15 @@ class MicroBatch:
         batch: the rows.
         weights: Float32 Tensor[len(batch)] the rows' loss weights ``w_i``.
         index: position of this micro-batch in the step.
+        padding: a stand-in row of weight 0 for a rank with fewer selected rows than the loop's
+            micro-batches (``gather`` selection under a Trainer): run, but it adds nothing to the
+            gradient and is never counted in the statistics.
     """
 
     batch: Batch
     weights: torch.Tensor
     index: int
+    padding: bool = False
 
 
 @dataclass
@@ -249,7 +254,7 @@ class OnlineReweighter:
         reference: torch.nn.Module | None = None,
     ) -> None:
         if grad_rows not in ("trained", "pool"):
-            raise ValueError(f"reweighting.grad_rows={grad_rows!r} is not one of 'trained', 'pool'")
+            raise ConfigError(f"reweighting.grad_rows={grad_rows!r} is not one of 'trained', 'pool'")
         self.reweighter = reweighter
         self.update_every = update_every
         self.amortize = amortize and update_every > 1
@@ -459,13 +464,34 @@ class Engine:
         )
         return self.val_batch(rows)
 
-    def plan(self, model: torch.nn.Module, *, step: int, lr: float) -> StepPlan:
+    def _micro_batches(self, pool: Batch, chosen: torch.Tensor, w: torch.Tensor, count: int | None) -> list[MicroBatch]:
+        """This rank's rows in micro-batches: of ``micro_batch_size`` rows, or exactly ``count`` of them
+        (a Trainer's accumulation), as even as possible, a rank with fewer rows than ``count`` getting
+        stand-in rows of weight 0 (:attr:`MicroBatch.padding`)."""
+        if count is None:
+            mb = self.micro_batch_size
+            return [
+                MicroBatch(pool.rows(chosen[s : s + mb]), w[s : s + mb], i)
+                for i, s in enumerate(range(0, len(chosen), mb))
+            ]
+        out = []
+        for i, (rows, weights) in enumerate(zip(torch.tensor_split(chosen, count), torch.tensor_split(w, count))):
+            if len(rows):
+                out.append(MicroBatch(pool.rows(rows), weights, i))
+            else:
+                stand_in = chosen[:1] if len(chosen) else torch.zeros(1, dtype=torch.long)
+                out.append(MicroBatch(pool.rows(stand_in), torch.zeros(1), i, padding=True))
+        return out
+
+    def plan(self, model: torch.nn.Module, *, step: int, lr: float, micro_batches: int | None = None) -> StepPlan:
         """Draw the step's pool, select ``batch_size`` of it, and weight this rank's share.
 
         Args:
             model: the model being trained (features are computed on it; pass the unwrapped module).
             step: the optimiser step (0-based; seeds the anchors and the selection).
             lr: the learning rate of the step (GREATS' look-ahead).
+            micro_batches: cut this rank's share into exactly this many micro-batches (a Trainer's
+                gradient accumulation); None = micro-batches of ``micro_batch_size`` rows.
         """
         t0 = time.perf_counter()
         domain_weights = self.reweighting.weights
@@ -487,10 +513,10 @@ class Engine:
             mine, pool.domain_ids[chosen], use_weights=self.use_weights, loss_weights=loss_weights
         )
         total = all_reduce_sum(w.sum().clone()).clamp_min(1e-12)
-        mb = self.micro_batch_size
-        micro = [
-            MicroBatch(pool.rows(chosen[s : s + mb]), w[s : s + mb], i) for i, s in enumerate(range(0, len(chosen), mb))
-        ]
+        micro = self._micro_batches(pool, chosen, w, micro_batches)
+        capture = self.reweighting.capture(model, step)
+        if any(m.padding for m in micro):  # the capture would count the stand-in rows: take a separate pass
+            capture = None
         plan = StepPlan(
             step=step,
             pool_ids=pool_ids,
@@ -501,7 +527,7 @@ class Engine:
             total_weight=total,
             micro_batches=micro,
             domain_weights=domain_weights.clone(),
-            capture=self.reweighting.capture(model, step),
+            capture=capture,
         )
         plan.token_losses = [None] * len(micro)
         plan.seconds = time.perf_counter() - t0
@@ -511,15 +537,17 @@ class Engine:
         """The micro-batch's part of the step loss (:func:`weighted_loss`); records its per-token losses.
 
         Raises:
-            FloatingPointError: a selected row's loss is not finite (the caller says how to resume).
+            DivergedError: a selected row's loss is not finite (the caller says how to resume).
         """
         labels = micro.batch.labels.to(logits.device)
         loss, per_ex, tok = weighted_loss(logits, labels, micro.weights, plan.total_weight, self.world.world_size)
         if not torch.isfinite(per_ex).all():
-            raise FloatingPointError(
+            raise DivergedError(
                 f"training diverged: non-finite loss at step {plan.step + 1} (domains "
                 f"{micro.batch.domain_ids.tolist()})"
             )
+        if micro.padding:  # a stand-in row: run, never counted
+            return loss
         if plan.capture is not None:
             plan.capture.watch(per_ex)
         plan.token_losses[micro.index] = tok.detach().cpu()
@@ -527,7 +555,8 @@ class Engine:
 
     def record(self, plan: StepPlan, micro: MicroBatch, losses: torch.Tensor) -> None:
         """Record a micro-batch's losses computed by a loop's own loss (Tensor[b] per example, or per token)."""
-        plan.token_losses[micro.index] = losses.detach().cpu()
+        if not micro.padding:
+            plan.token_losses[micro.index] = losses.detach().cpu()
 
     def before_update(self, model: torch.nn.Module, plan: StepPlan) -> None:
         """Call after the step's backward passes, before the optimiser step (loops whose loss is their own)."""
@@ -610,7 +639,7 @@ def _weights_from(options: dict[str, Any], domains: list[str]) -> dict[str, Any]
     if source is None:
         return options
     if "weights" in options:
-        raise ValueError("reweighting.options has both weights and weights_from: keep one")
+        raise ConfigError("reweighting.options has both weights and weights_from: keep one")
     path = Path(source)
     if path.is_dir():
         path = path / "result.json"
@@ -622,11 +651,11 @@ def _weights_from(options: dict[str, Any], domains: list[str]) -> dict[str, Any]
     result = json.loads(path.read_text())
     values = result.get("average_weights") or result.get("final_weights")
     if values is None or "domains" not in result:
-        raise ValueError(f"{path} has no domains / average_weights / final_weights: is it a mixsel result.json?")
+        raise DataError(f"{path} has no domains / average_weights / final_weights: is it a mixsel result.json?")
     loaded = dict(zip(result["domains"], values, strict=True))
     missing = [d for d in domains if d not in loaded]
     if missing:
-        raise ValueError(f"{path} has no weights for domains {missing} of this run (it has {sorted(loaded)})")
+        raise DataError(f"{path} has no weights for domains {missing} of this run (it has {sorted(loaded)})")
     return {**options, "weights": {d: float(loaded[d]) for d in domains}}
 
 
@@ -640,8 +669,8 @@ def build_reweighter(rc: ReweightingConfig, domains: list[str]) -> Any:
     options = _weights_from(dict(rc.options), domains)
     try:
         return get_reweighter(rc.method, domains=domains, update_every=1 if amortize else rc.update_every, **options)
-    except TypeError as err:  # an unknown or missing keyword option
-        raise ValueError(
+    except OptionError as err:  # an unknown or missing keyword option
+        raise ConfigError(
             f"reweighting.options for {rc.method!r}: {err}; docs/reweighting.md lists the options"
         ) from None
 

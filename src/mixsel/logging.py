@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from mixsel.errors import ConfigError
+
 __all__ = [
     "LOGGERS",
     "JsonlLogger",
@@ -161,7 +163,7 @@ def check_report_to(names: list[str]) -> None:
     """Raise a one-line ``ValueError`` for a name that is not a known logger."""
     unknown = [n for n in names if n not in LOGGERS]
     if unknown:
-        raise ValueError(f"train.report_to has unknown logger(s) {unknown}; valid: {list(LOGGERS)}")
+        raise ConfigError(f"train.report_to has unknown logger(s) {unknown}; valid: {list(LOGGERS)}")
 
 
 def build_loggers(

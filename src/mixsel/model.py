@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from mixsel.config import ModelConfig
+from mixsel.errors import ConfigError
 
 __all__ = [
     "build_model",
@@ -92,7 +93,7 @@ def check_model_source(value: str, field: str, need: str = "model") -> None:
             )
         return
     if path.exists():
-        raise ValueError(f"{field}={value!r} is a file; point it at a model folder (with config.json) or a hub id")
+        raise ConfigError(f"{field}={value!r} is a file; point it at a model folder (with config.json) or a hub id")
     if _hub_offline():
         raise FileNotFoundError(
             f"{field}={value!r} is not a local folder, and the hub is offline (HF_HUB_OFFLINE=1): check the path "
@@ -122,7 +123,7 @@ def resolve_config_file(spec: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"model.config_file={spec!r} does not exist; point it at a JSON of model config fields")
     if not path.is_file():
-        raise ValueError(f"model.config_file={spec!r} is a folder; point it at a JSON file of model config fields")
+        raise ConfigError(f"model.config_file={spec!r} is a folder; point it at a JSON file of model config fields")
     return path
 
 
@@ -131,9 +132,9 @@ def _read_config_file(spec: str) -> dict[str, Any]:
     try:
         fields = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"model.config_file={spec!r} is not a JSON file ({_first_line(err)}); fix it") from None
+        raise ConfigError(f"model.config_file={spec!r} is not a JSON file ({_first_line(err)}); fix it") from None
     if not isinstance(fields, dict):
-        raise ValueError(f"model.config_file={spec!r} must hold a JSON object of transformers config fields")
+        raise ConfigError(f"model.config_file={spec!r} must hold a JSON object of transformers config fields")
     return fields
 
 
@@ -151,7 +152,7 @@ def build_tokenizer(cfg: ModelConfig) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{field}={source!r}: no tokenizer could be loaded from it ({_first_line(err)})") from None
+        raise ConfigError(f"{field}={source!r}: no tokenizer could be loaded from it ({_first_line(err)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -168,7 +169,7 @@ def build_model(
 
     dtype = _DTYPES.get(cfg.dtype)
     if dtype is None:
-        raise ValueError(f"model.dtype={cfg.dtype!r} is not one of {sorted(_DTYPES)}")
+        raise ConfigError(f"model.dtype={cfg.dtype!r} is not one of {sorted(_DTYPES)}")
     kwargs: dict[str, Any] = {}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -178,7 +179,7 @@ def build_model(
             with quiet_hf_progress():  # transformers' own "Loading weights" bar
                 model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **kwargs)
         except (OSError, ValueError) as err:
-            raise ValueError(
+            raise ConfigError(
                 f"{field}={cfg.name_or_path!r}: no model could be loaded from it ({_first_line(err)})"
             ) from None
         log.info("loaded model from %s", cfg.name_or_path)
@@ -190,11 +191,20 @@ def build_model(
             fields.setdefault("pad_token_id", tokenizer.pad_token_id)
             fields.setdefault("eos_token_id", tokenizer.eos_token_id)
             fields.setdefault("bos_token_id", tokenizer.bos_token_id or tokenizer.eos_token_id)
-        config = AutoConfig.for_model(model_type, **fields)
+        try:
+            config = AutoConfig.for_model(model_type, **fields)
+        except Exception as err:  # ValueError, TypeError, or huggingface_hub's StrictDataclass*ValidationError
+            if not isinstance(err, (TypeError, ValueError)) and not type(err).__name__.startswith("StrictDataclass"):
+                raise
+            why = " ".join(str(err).split()) or type(err).__name__
+            raise ConfigError(
+                f"model.config_file={cfg.config_file!r}: transformers rejects its fields "
+                f"({why[:300] + '...' if len(why) > 300 else why}); fix them"
+            ) from None
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
         log.info("built a fresh %s from %s", type(model).__name__, cfg.config_file)
     else:
-        raise ValueError("set model.name_or_path (a checkpoint) or model.config_file (a fresh model)")
+        raise ConfigError("set model.name_or_path (a checkpoint) or model.config_file (a fresh model)")
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 

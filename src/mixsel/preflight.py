@@ -17,6 +17,7 @@ import torch
 
 from mixsel.checkpoint import load_checkpoint
 from mixsel.config import ExperimentConfig, validate
+from mixsel.errors import ConfigError, OptionError, UnknownNameError
 from mixsel.registry import available_reweighters, get_selector
 from mixsel.runfolder import check_resume, plan_run_folder
 
@@ -29,13 +30,13 @@ def _check_device(name: str) -> None:
         return
     if not torch.cuda.is_available():
         built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise ValueError(
+        raise ConfigError(
             f"train.device={name!r} but torch finds no CUDA device (torch {torch.__version__}, {built}); "
             "use train.device=cpu or train.device=auto"
         )
     index = int(name.split(":", 1)[1]) if ":" in name else 0
     if index >= torch.cuda.device_count():
-        raise ValueError(
+        raise ConfigError(
             f"train.device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
             f"use cuda:0..cuda:{torch.cuda.device_count() - 1} or auto"
         )
@@ -50,7 +51,7 @@ def _check_model_paths(cfg: ExperimentConfig) -> None:
     elif cfg.model.config_file:
         resolve_config_file(cfg.model.config_file)
     else:
-        raise ValueError("set model.name_or_path (a checkpoint) or model.config_file (a fresh model)")
+        raise ConfigError("set model.name_or_path (a checkpoint) or model.config_file (a fresh model)")
     if cfg.model.tokenizer and cfg.model.tokenizer != "embedded":
         check_model_source(cfg.model.tokenizer, "model.tokenizer", "tokenizer")
     elif cfg.model.name_or_path and not cfg.model.tokenizer:
@@ -74,24 +75,24 @@ def check_methods(cfg: ExperimentConfig) -> Any:
 
     try:
         selector = get_selector(cfg.selection.method, **cfg.selection.options)
-    except TypeError as err:  # an unknown or missing keyword option
-        raise ValueError(
+    except OptionError as err:  # an unknown or missing keyword option
+        raise ConfigError(
             f"selection.options for {cfg.selection.method!r}: {err}; docs/methods.md lists the options"
         ) from None
     names = available_reweighters()
     if cfg.reweighting.method not in names:
-        raise KeyError(
+        raise UnknownNameError(
             f"unknown reweighter {cfg.reweighting.method!r}; valid names: {', '.join(names)}. "
             "Set reweighting.method to one of them."
         )
     needs_val = sorted(set(selector.requires) & {"val_scores", "val_gram"})
     if needs_val and cfg.selection.features.val_anchors == 0:
-        raise ValueError(
+        raise ConfigError(
             f"selection.method={cfg.selection.method!r} scores candidates against validation anchors ({needs_val}) "
             "but selection.features.val_anchors=0: set selection.features.val_anchors >= 1"
         )
     if getattr(_REWEIGHTERS[cfg.reweighting.method], "needs_reference", False) and not cfg.reweighting.reference_model:
-        raise ValueError(
+        raise ConfigError(
             f"reweighting.method={cfg.reweighting.method!r} needs a reference model: train one on the natural "
             "mixture (mixsel train selection.method=random) and set reweighting.reference_model=<run>/final"
         )
@@ -118,6 +119,6 @@ def preflight(cfg: ExperimentConfig) -> tuple[Any, str, dict[str, Any] | None]:
     if mode == "resume":
         state = load_checkpoint(cfg.train.output_dir)
         if state is None:  # pragma: no cover - plan_run_folder found a checkpoint folder
-            raise ValueError(f"--resume: no checkpoint in {cfg.train.output_dir!r}")
+            raise ConfigError(f"--resume: no checkpoint in {cfg.train.output_dir!r}")
         check_resume(state, cfg)
     return selector, mode, state

@@ -24,6 +24,7 @@ from typing import Any
 
 from mixsel.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME
 from mixsel.config import ExperimentConfig, config_diff, describe_diff, run_fields
+from mixsel.errors import ConfigError
 
 __all__ = ["RUN_FILES", "check_output_dir", "check_resume", "clear_run", "plan_run_folder"]
 
@@ -71,17 +72,17 @@ def check_output_dir(path: str | Path, field: str = "train.output_dir") -> None:
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{field}={str(out)!r} is a file, not a folder; choose a folder path")
+        raise ConfigError(f"{field}={str(out)!r} is a file, not a folder; choose a folder path")
     ancestor = out.absolute()
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise ValueError(f"{field}={str(out)!r} lies under {str(ancestor)!r}, which is a file; choose a folder path")
+        raise ConfigError(f"{field}={str(out)!r} lies under {str(ancestor)!r}, which is a file; choose a folder path")
     name_max, path_max = _limits(ancestor)
     too_long = [part for part in out.parts if len(os.fsencode(part)) > name_max]
     size = len(os.fsencode(str(out.absolute())))
     if too_long or size >= path_max:
-        raise ValueError(
+        raise ConfigError(
             f"{field} is too long for the file system (a name may have {name_max} bytes, a path {path_max}; "
             f"this path has {size}): choose a shorter path"
         )
@@ -89,7 +90,7 @@ def check_output_dir(path: str | Path, field: str = "train.output_dir") -> None:
         with tempfile.TemporaryDirectory(dir=ancestor, prefix=".mixsel-probe-"):
             pass
     except OSError as err:
-        raise ValueError(
+        raise ConfigError(
             f"{field}={str(out)!r} is not writable ({err.strerror or err} in {str(ancestor)!r}); "
             "choose a folder you can write to"
         ) from None
@@ -132,7 +133,7 @@ def plan_run_folder(cfg: ExperimentConfig) -> str:
                 if (out / "result.json").exists()
                 else ""
             )
-            raise ValueError(
+            raise ConfigError(
                 f"--resume: {str(out)!r} holds no checkpoint to continue{finished}; run without --resume to "
                 "start afresh (add --overwrite to replace what is there)"
             )
@@ -143,12 +144,12 @@ def plan_run_folder(cfg: ExperimentConfig) -> str:
         name for name in entries if name not in RUN_FILES or (name == "config.yaml" and not _is_run_config(out / name))
     ]
     if foreign:
-        raise ValueError(
+        raise ConfigError(
             f"train.output_dir={str(out)!r} holds files that are not a mixsel run's ({_listing(foreign)}); "
             "choose an empty or new folder (e.g. train.output_dir=runs/<name>)"
         )
     if not cfg.train.overwrite:
-        raise ValueError(
+        raise ConfigError(
             f"train.output_dir={str(out)!r} already holds a run ({_listing(entries)}): continue it with --resume, "
             "replace it with --overwrite, or choose another folder"
         )
@@ -179,7 +180,7 @@ def check_resume(state: dict[str, Any], cfg: ExperimentConfig) -> None:
     """
     out, step = cfg.train.output_dir, int(state["step"])
     if step > cfg.train.max_steps:
-        raise ValueError(
+        raise ConfigError(
             f"--resume: the checkpoint in {out!r} is at step {step}, past train.max_steps={cfg.train.max_steps}; "
             f"set train.max_steps >= {step} (its schedule and results are those of the longer run)"
         )
@@ -189,7 +190,7 @@ def check_resume(state: dict[str, Any], cfg: ExperimentConfig) -> None:
         if cfg.train.force_resume:
             log.warning("resuming a checkpoint without a config fingerprint (train.force_resume)")
             return
-        raise ValueError(
+        raise ConfigError(
             f"--resume: the checkpoint in {out!r} has no config fingerprint (an older mixsel wrote it), so this "
             "config cannot be checked against it; pass --force-resume (train.force_resume=true) to continue anyway"
         )
@@ -199,7 +200,7 @@ def check_resume(state: dict[str, Any], cfg: ExperimentConfig) -> None:
     if cfg.train.force_resume:
         log.warning("resuming step %d with changed fields (train.force_resume): %s", step, describe_diff(diff))
         return
-    raise ValueError(
+    raise ConfigError(
         f"--resume: the checkpoint in {out!r} (step {step}) was trained with a different config: "
         f"{describe_diff(diff)}; set them back, {force}"
     )

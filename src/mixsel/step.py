@@ -41,6 +41,7 @@ import torch
 from mixsel import seeding
 from mixsel.config import FeatureConfig
 from mixsel.distributed import World, all_gather_cat
+from mixsel.errors import ConfigError
 from mixsel.metrics import conflicting_pairs, gradient_mismatch
 from mixsel.selection.base import Pool, Selector, reference_features
 from mixsel.types import FEATURE_NAMES, GRADIENT_FEATURES, PAIRWISE_FEATURES, SCALAR_FEATURES, Selection
@@ -130,15 +131,15 @@ class OnlineSelector:
     ) -> None:
         unknown = set(selector.requires) - FEATURE_NAMES
         if unknown:
-            raise ValueError(f"selector {selector.name!r} requires unknown features {sorted(unknown)}")
+            raise ConfigError(f"selector {selector.name!r} requires unknown features {sorted(unknown)}")
         if mode not in MODES:
-            raise ValueError(f"train.distributed_selection={mode!r} is not one of {MODES}")
+            raise ConfigError(f"train.distributed_selection={mode!r} is not one of {MODES}")
         self.selector = selector
         self.features = resolve_features(features, selector)
         self.num_domains = num_domains
         self.source_sizes = None if source_sizes is None else torch.as_tensor(source_sizes, dtype=torch.long)
         if getattr(selector, "needs_source_sizes", False) and self.source_sizes is None:
-            raise ValueError(
+            raise ConfigError(
                 f"selector {selector.name!r} decides its small sources from the dataset's per-domain sizes: pass "
                 "source_sizes=<training examples per domain> to OnlineSelector, or set its small_sources=[...] "
                 "or small_from='pool'"
@@ -163,7 +164,7 @@ class OnlineSelector:
             )
         if mode == "gather" and self.needed() & (_GRAM | {"grads"}) and features.projection_dim is None:
             why = "diagnostics" if not selector.requires & (_GRAM | {"grads"}) else f"selector {selector.name!r}"
-            raise ValueError(
+            raise ConfigError(
                 f"train.distributed_selection='gather' all-gathers per-example gradient features, and {why} "
                 f"needs {sorted(self.needed() & (_GRAM | {'grads'}))}: set selection.features.projection_dim "
                 "(e.g. 256) so each rank sends [n_local, projection_dim], or use distributed_selection='global'"
@@ -199,7 +200,7 @@ class OnlineSelector:
                 from mixsel.features import pool_gradient_features
 
                 if grad_need & {"val_scores", "val_gram"} and val_batch is None:
-                    raise ValueError("the selector needs validation gradients but no validation anchors were given")
+                    raise ConfigError("the selector needs validation gradients but no validation anchors were given")
                 # one pass gives the gradient features and the scalar signals of the same forward
                 both = scalar_need if self.features.source == "lm_head" else scalar_need - {"hidden"}
                 feats, info = pool_gradient_features(
@@ -294,7 +295,7 @@ class OnlineSelector:
                 full["gram"] = grads @ grads.T
             if grams & {"val_scores", "val_gram"}:
                 if val_batch is None:
-                    raise ValueError("the selector needs validation gradients but no validation anchors were given")
+                    raise ConfigError("the selector needs validation gradients but no validation anchors were given")
                 vgrads = self._model_features(model, val_batch, None, {"grads"})[0]["grads"]
                 if "val_scores" in grams:
                     full["val_scores"] = grads @ vgrads.T
@@ -357,14 +358,14 @@ class OnlineSelector:
         rank, world = self.world.rank, self.world.world_size
         n = batch["input_ids"].shape[0]
         if self.mode != "global" and n < world:
-            raise ValueError(
+            raise ConfigError(
                 f"train.pool_size={n} is smaller than the world size {world}: distributed_selection="
                 f"{self.mode!r} gives every rank a shard of the pool"
             )
         kw = {"step": step, "lr": lr, "val_batch": val_batch, "domain_weights": domain_weights}
         if self.mode == "local":
             if k < world:
-                raise ValueError(
+                raise ConfigError(
                     f"train.batch_size={k} is smaller than the world size {world}: in "
                     "distributed_selection='local' mode every rank selects at least one example"
                 )

@@ -73,6 +73,7 @@ from mixsel.config import (
 )
 from mixsel.distributed import all_gather_object, all_reduce_sum, barrier, init_world
 from mixsel.engine import Engine, StepPlan, build_engine
+from mixsel.errors import ConfigError, DivergedError
 from mixsel.preflight import preflight
 from mixsel.runfolder import clear_run
 
@@ -130,7 +131,7 @@ def _autocast(name: str | None, device: torch.device) -> Any:
     if name is None or name in ("none", "false"):
         return contextlib.nullcontext()
     if name not in ("bf16", "bfloat16"):
-        raise ValueError(
+        raise ConfigError(
             f"train.autocast={name!r} is not supported; use 'bf16' (fp16 would need a loss scaler) or null"
         )
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -142,7 +143,7 @@ def _selector_state(state: dict[str, Any], world: Any) -> dict[str, Any]:
     if ranks is None:
         return state["selector"]
     if len(ranks) != world.world_size:
-        raise ValueError(
+        raise ConfigError(
             f"the checkpoint holds {len(ranks)} per-rank selector states (distributed_selection='local') but "
             f"this run has {world.world_size} ranks: resume with --nproc_per_node={len(ranks)}"
         )
@@ -219,7 +220,7 @@ def _last_good(out: Path) -> str:
 def _check_finite_weights(model: torch.nn.Module, step: int, out: Path) -> None:
     bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
-        raise FloatingPointError(
+        raise DivergedError(
             f"training diverged: the weights hold NaN or inf after step {step} ({', '.join(bad[:2])}) "
             f"and were not saved; {_last_good(out)}: lower train.lr or raise train.grad_clip, then --resume"
         )
@@ -259,8 +260,8 @@ def _backward(
         vocab = logits.shape[-1]
         try:
             loss = engine.loss(plan, micro, logits)
-        except FloatingPointError as err:
-            raise FloatingPointError(
+        except DivergedError as err:
+            raise DivergedError(
                 f"{err}; {_last_good(out)}: lower train.lr or check the data, then resume from the last "
                 "checkpoint with --resume (train.resume=true)"
             ) from None
@@ -284,7 +285,7 @@ def _optimizer_step(
             all_reduce_sum(p.grad).div_(world.world_size)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or math.inf))
     if not math.isfinite(grad_norm):
-        raise FloatingPointError(
+        raise DivergedError(
             f"training diverged: the gradient norm is {grad_norm} at step {step + 1} (the weights were not "
             f"updated); {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}) or set train.grad_clip, "
             "then --resume"
@@ -294,7 +295,7 @@ def _optimizer_step(
     if cfg.train.max_weight_growth:
         growth = _weight_norm(params) / max(norm_before, 1.0)
         if not growth <= cfg.train.max_weight_growth:  # also NaN
-            raise FloatingPointError(
+            raise DivergedError(
                 f"training diverged: step {step + 1} multiplied the weight norm by {growth:.3g} (more than "
                 f"train.max_weight_growth={cfg.train.max_weight_growth:g}); {_last_good(out)}: lower train.lr "
                 f"(now {cfg.train.lr:g}), then --resume"
@@ -312,14 +313,14 @@ def _check_learning(
     """
     ceiling = cfg.train.max_loss_factor * math.log(vocab) if cfg.train.max_loss_factor and vocab > 1 else None
     if ceiling is not None and train_loss > ceiling:
-        raise FloatingPointError(
+        raise DivergedError(
             f"training diverged: the train loss {train_loss:.4g} at step {step + 1} exceeds train.max_loss_factor="
             f"{cfg.train.max_loss_factor:g} x ln(vocab size {vocab}) = {ceiling:.4g} (uniform guessing scores "
             f"{math.log(vocab):.3g}); {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}), then --resume"
         )
     dead_steps = dead_steps + 1 if grad_norm == 0.0 and train_loss > 0 else 0
     if dead_steps >= _DEAD_STEPS:
-        raise FloatingPointError(
+        raise DivergedError(
             f"training diverged: the gradient has been exactly 0 for {dead_steps} steps (up to step {step + 1}) "
             f"with a train loss of {train_loss:.4g}: the model stopped learning, typically after a too-large "
             f"step; {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}), then --resume"
@@ -330,7 +331,7 @@ def _check_learning(
 def _check_anchors(cfg: ExperimentConfig, selector: Any, val_rows: int) -> None:
     """Refuse a selector that matches validation anchors when the validation split is empty."""
     if val_rows == 0 and cfg.selection.features.val_anchors and selector.requires & {"val_scores", "val_gram"}:
-        raise ValueError(
+        raise ConfigError(
             f"selection.method={cfg.selection.method!r} needs validation anchors but the validation split is empty: "
             "set data.val_per_domain >= 1 (or give validation rows in data.split_column)"
         )

@@ -61,3 +61,6 @@ def test_cpu2_config_runs_two_ranks(tmp_path):
     assert sorted(reports[0]["parity"]) == ["partitionsel/uniform", "random/dograph", "random/static"]
     for name, got in reports[0]["parity"].items():
         _check(got, RECORDED[name])
+    assert sorted(reports[0]["parity_gather"]) == ["big_loss/uniform", "hidden_fl/dograph"]
+    for name, got in reports[0]["parity_gather"].items():
+        _check(got, RECORDED[name])

@@ -32,6 +32,7 @@ class Lines(logging.Handler):
 
 #: golden cases (tests/parity/golden.py) the 2-rank SelectionTrainer reproduces (no reference model needed)
 PARITY_CASES = ["partitionsel/uniform", "random/dograph", "random/static"]
+GATHER_CASES = ["big_loss/uniform", "hidden_fl/dograph"]
 
 
 def main(out: Path) -> None:
@@ -102,6 +103,11 @@ def main(out: Path) -> None:
     from trainers import hf_case
 
     report["parity"] = {name: hf_case(name, out / "parity", None, world_size=2) for name in PARITY_CASES}
+    # gather: each rank computes its shard's features; the selection (and so the training) is the same
+    report["parity_gather"] = {
+        name: hf_case(name, out / "parity", None, world_size=2, distributed_selection="gather")
+        for name in GATHER_CASES
+    }
     (out / f"rank{report['rank']}.json").write_text(json.dumps(report, indent=2))
 
 

@@ -15,12 +15,21 @@ from _fast import FAST
 from golden import CASES, COMMON
 
 
-def hf_case(name: str, folder: Path, reference: Path | None, *, trl: bool = False, world_size: int = 1) -> list[dict]:
+def hf_case(
+    name: str,
+    folder: Path,
+    reference: Path | None,
+    *,
+    trl: bool = False,
+    world_size: int = 1,
+    distributed_selection: str = "global",
+) -> list[dict]:
     """Run case ``name`` with :class:`SelectionTrainer` (``trl=True``: :class:`SelectionSFTTrainer` with
     ``loss_normalization="example"``, mixsel train's loss); the per-step records of :func:`golden.run_case`.
 
     Under a launcher with ``world_size`` ranks, each rank trains ``batch_size / world_size`` rows per step
     (the same global batch), in micro-batches of at most ``micro_batch_size``; only rank 0 returns records.
+    ``distributed_selection="gather"`` computes the features of each rank's shard and all-gathers them.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -32,7 +41,7 @@ def hf_case(name: str, folder: Path, reference: Path | None, *, trl: bool = Fals
     from mixsel.model import build_model, build_tokenizer
     from mixsel.train import _lr_lambda, _seed_everything
 
-    out = folder / name.replace("/", "_")
+    out = folder / (name.replace("/", "_") + ("" if distributed_selection == "global" else f"_{distributed_selection}"))
     overrides = [o.replace("{reference}", str(reference)) for o in CASES[name]]
     cfg = load_config(None, [*FAST, *COMMON, *overrides, f"train.output_dir={out}"])
     # the order of mixsel train: seed, tokenizer, data, model
@@ -70,6 +79,7 @@ def hf_case(name: str, folder: Path, reference: Path | None, *, trl: bool = Fals
         dataloader_num_workers=0,
         domains=mixture.domains,
         log_selections=True,
+        distributed_selection=distributed_selection,
         mixsel=[o for o in overrides if o.startswith(("selection.", "reweighting."))],
         **extra_args,
         **({"ddp_find_unused_parameters": False} if world_size > 1 else {}),

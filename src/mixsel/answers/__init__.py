@@ -36,6 +36,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 
+from mixsel.errors import ConfigError
+
 __all__ = [
     "CHECKERS",
     "Checker",
@@ -244,20 +246,20 @@ _TAKES_TOLERANCE = ("numeric", "sympy")
 def _import_checker(path: str) -> Checker:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
-        raise ValueError(
+        raise ConfigError(
             f"eval.answer_checker={path!r} is neither a built-in checker ({', '.join(CHECKERS)}) nor a "
             "'package.module:function' path; use one of those"
         )
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(
+        raise ConfigError(
             f"eval.answer_checker={path!r}: cannot import {module_name!r} ({err}); make the module importable "
             "(install it, or add its folder to PYTHONPATH)"
         ) from None
     func = getattr(module, attr, None)
     if not callable(func):
-        raise ValueError(
+        raise ConfigError(
             f"eval.answer_checker={path!r}: module {module_name!r} has no function {attr!r}; define "
             f"{attr}(prediction: str, reference: str) -> bool there"
         )
@@ -271,9 +273,9 @@ def get_checker(name: str, *, tolerance: float = 1e-6) -> Checker:
         ValueError: an unknown name, or a path that does not import or name a function.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"eval.answer_checker entries must be non-empty strings, got {name!r}")
+        raise ConfigError(f"eval.answer_checker entries must be non-empty strings, got {name!r}")
     if not tolerance >= 0:
-        raise ValueError(f"eval.answer_tolerance={tolerance} must be >= 0")
+        raise ConfigError(f"eval.answer_tolerance={tolerance} must be >= 0")
     if name in CHECKERS:
         func = CHECKERS[name]
         return functools.partial(func, tolerance=tolerance) if name in _TAKES_TOLERANCE else func
@@ -298,7 +300,7 @@ def checkers_for(
         spec = {"*": spec}
     unknown = sorted(set(spec) - set(domains) - {"*"})
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"eval.answer_checker names unknown domain(s) {unknown}; the data has {list(domains)} "
             "(use '*' for all other domains)"
         )

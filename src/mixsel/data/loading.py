@@ -44,6 +44,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mixsel.errors import DataError
+
 __all__ = [
     "SPLITS",
     "domain_names",
@@ -112,7 +114,7 @@ def _expand_files(source: str) -> list[str]:
             if _file_format(name) is not None and not name.startswith(".")
         )
         if not files:
-            raise ValueError(
+            raise DataError(
                 f"data folder {source!r} holds no .jsonl/.jsonl.gz/.json/.parquet/.csv files; "
                 "point data.source at a file, a folder of such files, or a glob such as 'dir/*.jsonl'"
             )
@@ -120,9 +122,9 @@ def _expand_files(source: str) -> list[str]:
     if glob.has_magic(source):
         files = sorted(f for f in glob.glob(source, recursive=True) if os.path.isfile(f))
         if not files:
-            raise ValueError(f"the glob data.source={source!r} matches no files; check the pattern")
+            raise DataError(f"the glob data.source={source!r} matches no files; check the pattern")
         return files
-    raise ValueError(
+    raise DataError(
         f"data.source={source!r} is not an existing file, folder or glob; give a local path, or set "
         "data.format=hf to load it as a Hugging Face hub dataset name"
     )
@@ -185,11 +187,11 @@ def _read_json_file(path: str, fmt: str, label: str) -> tuple[list[dict[str, Any
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(
+            raise DataError(
                 f"{path}:{line_no} is not valid JSON ({err.msg}); each line must be one JSON object"
             ) from err
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{line_no} is a JSON {type(row).__name__}, not an object with named columns")
+            raise DataError(f"{path}:{line_no} is a JSON {type(row).__name__}, not an object with named columns")
         rows.append(row)
         ids.append(f"{label}:{line_no}")
     return rows, ids
@@ -210,7 +212,7 @@ def _read_file(path: str, fmt: str, label: str) -> tuple[list[dict[str, Any]], l
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, compression="infer")
         rows = frame.to_dict(orient="records")
         return rows, _numbered(label, len(rows))
-    raise ValueError(f"unknown data.format={fmt!r}; use one of {', '.join(_FORMATS)}")
+    raise DataError(f"unknown data.format={fmt!r}; use one of {', '.join(_FORMATS)}")
 
 
 def _read_local_files(
@@ -222,14 +224,14 @@ def _read_local_files(
     for path in files:
         file_fmt = fmt or _file_format(path)
         if file_fmt is None:
-            raise ValueError(
+            raise DataError(
                 f"cannot tell the format of {path!r} from its name; set data.format to one of "
                 f"{', '.join(f for f in _FORMATS if f != 'hf')}"
             )
         try:
             file_rows, file_ids = _read_file(path, file_fmt, _file_label(path, base))
         except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error) as err:
-            raise ValueError(_undecodable(path, err)) from None
+            raise DataError(_undecodable(path, err)) from None
         rows.extend(file_rows)
         ids.extend(file_ids)
     return rows, ids
@@ -263,7 +265,7 @@ def _rows_from_hf(obj: Any, split_column: str | None) -> tuple[list[dict[str, An
         return list(obj[names[0]].to_list()), split_column
     unknown = [n for n in names if n.lower() not in _SPLIT_ALIASES]
     if unknown and split_column is None:
-        raise ValueError(
+        raise DataError(
             f"the dataset has splits {names}, and {unknown} are not train/validation/test; "
             "choose one with data.hf_split=<name>"
         )
@@ -300,7 +302,7 @@ def _read_hf(
         obj = datasets.load_from_disk(source)
         if hf_split is not None and isinstance(obj, datasets.DatasetDict):
             if hf_split not in obj:
-                raise ValueError(f"data.hf_split={hf_split!r} is not in the saved dataset; it has {list(obj)}")
+                raise DataError(f"data.hf_split={hf_split!r} is not in the saved dataset; it has {list(obj)}")
             obj = obj[hf_split]
             local_name = f"{local_name}:{hf_split}"
         return (*_rows_from_hf(obj, split_column), _hf_row_ids(obj, local_name))
@@ -308,7 +310,7 @@ def _read_hf(
         files = _expand_files(source)
         formats = {_file_format(f) for f in files}
         if len(formats) != 1 or None in formats:
-            raise ValueError(
+            raise DataError(
                 f"data.source={source!r} mixes file formats {sorted(map(str, formats))}; "
                 "datasets.load_dataset needs files of one format"
             )
@@ -356,7 +358,7 @@ def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def _require(column: str, columns: Sequence[str], option: str, what: str) -> None:
     if column not in columns:
-        raise ValueError(
+        raise DataError(
             f"the data has no {what} column {column!r} (columns found: {list(columns)}); "
             f"set {option}=<name> to the column that holds it"
         )
@@ -367,7 +369,7 @@ def _turns(value: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(value, (list, tuple)) or not all(
         isinstance(t, Mapping) and "role" in t and "content" in t for t in value
     ):
-        raise ValueError(
+        raise DataError(
             f"{where} must be a list of {{'role': ..., 'content': ...}} turns (got {str(value)[:80]!r}); fix the "
             "data, or point data.messages_column / data.prompt_column at another column"
         )
@@ -412,7 +414,7 @@ def _instruction(
     if isinstance(response, (list, tuple)):
         turns = _turns(response, f"row {row_no}, column {response_column!r},")
         if len(turns) != 1:
-            raise ValueError(
+            raise DataError(
                 f"row {row_no}: a conversational completion in column {response_column!r} must be one assistant "
                 f"turn, got {len(turns)}; put earlier turns in the prompt"
             )
@@ -470,9 +472,9 @@ def normalize_records(
             unknown, a domain is left with no rows, or ``sources`` and ``rows`` differ in length.
     """
     if not rows:
-        raise ValueError("the data source holds no rows; check data.source (and data.hf_split)")
+        raise DataError("the data source holds no rows; check data.source (and data.hf_split)")
     if sources is not None and len(sources) != len(rows):
-        raise ValueError(f"sources holds {len(sources)} ids for {len(rows)} rows; give one id per row")
+        raise DataError(f"sources holds {len(sources)} ids for {len(rows)} rows; give one id per row")
     cols = _resolve_columns(
         _columns(rows),
         domain_column=domain_column,
@@ -485,7 +487,7 @@ def normalize_records(
     )
     out, empty_domain, dropped = _normalize_rows(rows, cols, default_domain, sources)
     if empty_domain:
-        raise ValueError(
+        raise DataError(
             f"{empty_domain} of {len(rows)} rows have an empty value in the domain column {domain_column!r}; "
             "fill in their domain or remove those rows"
         )
@@ -539,12 +541,12 @@ def _resolve_columns(
             the data has no text, instruction or conversation column.
     """
     if domain_column is not None and domain_column not in columns:
-        raise ValueError(
+        raise DataError(
             f"the data has no domain column {domain_column!r} (columns found: {columns}); "
             f"set data.domain_column=<name> to the column holding each example's domain"
         )
     if (prompt_column is None) != (response_column is None):
-        raise ValueError(
+        raise DataError(
             f"instruction data needs both data.prompt_column and data.response_column (got prompt_column="
             f"{prompt_column!r}, response_column={response_column!r}); set both, or neither for plain text"
         )
@@ -561,7 +563,7 @@ def _resolve_columns(
         messages_column = "messages"
     has_text = text_column in columns
     if prompt_column is None and messages_column is None and not has_text:
-        raise ValueError(
+        raise DataError(
             f"the data has no text column {text_column!r} (columns found: {columns}); set "
             "data.text_column=<name> for plain text, data.prompt_column=<name> and "
             "data.response_column=<name> for instruction data, or data.messages_column=<name> for conversations"
@@ -647,7 +649,7 @@ def _record(row: dict[str, Any], row_no: int, cols: _ColumnMap, domain: str) -> 
     if raw:
         split = _SPLIT_ALIASES.get(raw.lower())
         if split is None:
-            raise ValueError(
+            raise DataError(
                 f"unknown split {raw!r} in split column {cols.split!r}; values must be one of "
                 f"{sorted(_SPLIT_ALIASES)} (or unset data.split_column to split automatically)"
             )
@@ -684,7 +686,7 @@ def _check_no_empty_domain(records: Sequence[dict[str, Any]], dropped: Counter[s
     found = Counter(r["domain"] for r in records)
     for domain in dropped:
         if found[domain] == 0:
-            raise ValueError(
+            raise DataError(
                 f"domain {domain!r} is empty: all of its {dropped[domain]} rows have an empty text/response; "
                 "fix the data or leave the domain out with data.domains=[...]"
             )
@@ -754,7 +756,7 @@ def load_records(
         ValueError: with the problem and the fix, for unreadable sources and bad column mappings.
     """
     if format is not None and format not in _FORMATS:
-        raise ValueError(f"unknown data.format={format!r}; use one of {', '.join(_FORMATS)} (or null to infer)")
+        raise DataError(f"unknown data.format={format!r}; use one of {', '.join(_FORMATS)} (or null to infer)")
     if format == "hf" or hf_name is not None or (format is None and _is_saved_dataset(source)):
         rows, split_column, ids = _read_hf(
             source, hf_name=hf_name, hf_config=hf_config, hf_split=hf_split, split_column=split_column
@@ -775,15 +777,15 @@ def load_records(
     if split is not None:
         wanted = _SPLIT_ALIASES.get(split.lower())
         if wanted is None:
-            raise ValueError(f"unknown split={split!r}; use one of {list(SPLITS)}")
+            raise DataError(f"unknown split={split!r}; use one of {list(SPLITS)}")
         if not any("split" in r for r in records):
-            raise ValueError(
+            raise DataError(
                 f"split={split!r} was asked for but the data carries no split information; set "
                 "data.split_column=<name>, or load everything and use split_records"
             )
         records = [r for r in records if r.get("split") == wanted]
         if not records:
-            raise ValueError(f"the data has no records in split {wanted!r}")
+            raise DataError(f"the data has no records in split {wanted!r}")
     log.info("loaded %d records in %d domains from %s", len(records), len(domain_names(records)), hf_name or source)
     return records
 
@@ -802,19 +804,19 @@ def select_domains(records: Sequence[dict[str, Any]], domains: Sequence[str] | N
     """
     if domains is None:
         if not records:
-            raise ValueError("no records to select from; check data.source")
+            raise DataError("no records to select from; check data.source")
         return list(records)
     if isinstance(domains, str):
-        raise ValueError(f"data.domains must be a list of names, got the string {domains!r}; write [{domains!r}]")
+        raise DataError(f"data.domains must be a list of names, got the string {domains!r}; write [{domains!r}]")
     if len(domains) == 0:
-        raise ValueError("data.domains is an empty list; name at least one domain, or set it to null for all")
+        raise DataError("data.domains is an empty list; name at least one domain, or set it to null for all")
     repeated = sorted(d for d, c in Counter(domains).items() if c > 1)
     if repeated:
-        raise ValueError(f"data.domains names {repeated} more than once; list each domain once")
+        raise DataError(f"data.domains names {repeated} more than once; list each domain once")
     available = domain_names(records)
     unknown = [d for d in domains if d not in set(available)]
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"unknown domain(s) {unknown} in data.domains; the data has domains {available} "
             "(check the spelling or data.domain_column)"
         )
@@ -857,20 +859,20 @@ def split_records(
 
     for name, value in (("val_per_domain", val_per_domain), ("test_per_domain", test_per_domain)):
         if int(value) != value or value < 0:
-            raise ValueError(f"data.{name} must be a non-negative integer, got {value!r}")
+            raise DataError(f"data.{name} must be a non-negative integer, got {value!r}")
     tagged = sum("split" in r for r in records)
     if split_column_present is None:
         split_column_present = tagged > 0
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
     if split_column_present:
         if tagged != len(records):
-            raise ValueError(
+            raise DataError(
                 f"{len(records) - tagged} of {len(records)} records have no split while the others do; "
                 "give every row a split value, or unset data.split_column to split automatically"
             )
         for rec in records:
             if rec["split"] not in out:
-                raise ValueError(f"unknown split {rec['split']!r}; use one of {list(SPLITS)}")
+                raise DataError(f"unknown split {rec['split']!r}; use one of {list(SPLITS)}")
             out[rec["split"]].append(rec)
         missing = [name for name in ("validation", "test") if not out[name]]
         if missing and (val_per_domain if "validation" in missing else 0) + (
@@ -891,7 +893,7 @@ def split_records(
         have_train = Counter(r["domain"] for r in out["train"])
         missing = [d for d in domain_names(records) if have_train[d] == 0]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"domain(s) {missing} have no train examples in the given split column; add train rows "
                 "or leave them out with data.domains=[...]"
             )
@@ -905,7 +907,7 @@ def split_records(
         members = by_domain[domain]
         n = len(members)
         if n - val_per_domain - test_per_domain < 1:
-            raise ValueError(
+            raise DataError(
                 f"domain {domain!r} has {n} examples: too few for test_per_domain={test_per_domain} + "
                 f"val_per_domain={val_per_domain} and at least 1 train example; lower data.val_per_domain / "
                 "data.test_per_domain or leave the domain out with data.domains=[...]"

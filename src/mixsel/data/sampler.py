@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from mixsel.errors import DataError
+
 __all__ = ["CandidateSampler"]
 
 _ALLOCATIONS = ("multinomial", "proportional")
@@ -70,18 +72,18 @@ class CandidateSampler:
     ) -> None:
         domain_ids = torch.as_tensor(domain_ids, dtype=torch.long).reshape(-1).cpu()
         if domain_ids.numel() == 0:
-            raise ValueError("domain_ids is empty: the train split has no examples to sample from")
+            raise DataError("domain_ids is empty: the train split has no examples to sample from")
         if int(pool_size) != pool_size or pool_size < 1:
-            raise ValueError(f"pool_size must be a positive integer, got {pool_size!r}")
+            raise DataError(f"pool_size must be a positive integer, got {pool_size!r}")
         if allocation not in _ALLOCATIONS:
-            raise ValueError(f"allocation={allocation!r} is unknown; use one of {list(_ALLOCATIONS)}")
+            raise DataError(f"allocation={allocation!r} is unknown; use one of {list(_ALLOCATIONS)}")
         if int(domain_ids.min()) < 0:
-            raise ValueError(f"domain_ids must be non-negative, found {int(domain_ids.min())}")
+            raise DataError(f"domain_ids must be non-negative, found {int(domain_ids.min())}")
         inferred = int(domain_ids.max()) + 1
         if num_domains is None:
             num_domains = inferred
         elif num_domains < inferred:
-            raise ValueError(
+            raise DataError(
                 f"num_domains={num_domains} but domain_ids contains the id {inferred - 1}; raise num_domains"
             )
         self.pool_size = int(pool_size)
@@ -119,18 +121,18 @@ class CandidateSampler:
     def _check_weights(self, weights: Any) -> torch.Tensor:
         w = torch.as_tensor(weights).detach().to("cpu", torch.float64).reshape(-1)
         if w.numel() != self.num_domains:
-            raise ValueError(
+            raise DataError(
                 f"weights has {w.numel()} entries but there are {self.num_domains} domains; give one weight per domain"
             )
         if not torch.isfinite(w).all():
-            raise ValueError(f"weights must be finite, got {w.tolist()}")
+            raise DataError(f"weights must be finite, got {w.tolist()}")
         if (w < 0).any():
-            raise ValueError(f"weights must be non-negative, got {w.tolist()}")
+            raise DataError(f"weights must be non-negative, got {w.tolist()}")
         if float(w.sum()) <= 0:
-            raise ValueError("weights are all zero; give at least one domain a positive weight")
+            raise DataError("weights are all zero; give at least one domain a positive weight")
         empty = [d for d in range(self.num_domains) if w[d] > 0 and int(self._sizes[d]) == 0]
         if empty:
-            raise ValueError(f"domain(s) {empty} have no train examples but a positive weight; set their weight to 0")
+            raise DataError(f"domain(s) {empty} have no train examples but a positive weight; set their weight to 0")
         return w / w.sum()
 
     def allocate(self, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,16 +204,16 @@ class CandidateSampler:
         way the shares are disjoint, cover the pool, and differ in size by at most one.
         """
         if int(world_size) != world_size or world_size < 1:
-            raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+            raise DataError(f"world_size must be a positive integer, got {world_size!r}")
         if int(rank) != rank or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
+            raise DataError(f"rank must be in [0, {world_size}), got {rank!r}")
         if mode == "strided":
             return pool[rank::world_size]
         if mode == "contiguous":
             base, extra = divmod(pool.shape[0], world_size)
             start = rank * base + min(rank, extra)
             return pool[start : start + base + (1 if rank < extra else 0)]
-        raise ValueError(f"mode={mode!r} is unknown; use 'strided' or 'contiguous'")
+        raise DataError(f"mode={mode!r} is unknown; use 'strided' or 'contiguous'")
 
     # ---- checkpointing ----------------------------------------------------------------------------
 
@@ -241,7 +243,7 @@ class CandidateSampler:
                 allocation (exact continuation would be impossible).
         """
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"sampler state version {state.get('version')!r} is not {_STATE_VERSION}")
+            raise DataError(f"sampler state version {state.get('version')!r} is not {_STATE_VERSION}")
         for key, mine in (
             ("pool_size", self.pool_size),
             ("allocation", self.allocation),
@@ -249,12 +251,12 @@ class CandidateSampler:
             ("fingerprint", self._fingerprint),
         ):
             if state[key] != mine:
-                raise ValueError(
+                raise DataError(
                     f"cannot resume: the saved sampler has {key}={state[key]!r} but this one has {mine!r} "
                     "(the train split or the pool settings changed since the checkpoint)"
                 )
         if not torch.equal(torch.as_tensor(state["domain_sizes"]), self._sizes):
-            raise ValueError("cannot resume: the saved sampler was built on a train split with other domain sizes")
+            raise DataError("cannot resume: the saved sampler was built on a train split with other domain sizes")
         self.seed = int(state["seed"])
         self.weights = torch.as_tensor(state["weights"], dtype=torch.float64).clone()
         self._gen.set_state(state["generator"])

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mixsel.answers import reference_answer
+from mixsel.errors import DataError
 
 if TYPE_CHECKING:
     from mixsel.data.summary import DataSummary
@@ -156,9 +157,9 @@ class TokenizedSplit:
         }
         bad = {k: v for k, v in sizes.items() if v != n}
         if bad:
-            raise ValueError(f"TokenizedSplit fields disagree in length: input_ids has {n}, but {bad}")
+            raise DataError(f"TokenizedSplit fields disagree in length: input_ids has {n}, but {bad}")
         if n and (int(self.domain_ids.min()) < 0 or int(self.domain_ids.max()) >= len(self.domains)):
-            raise ValueError(f"domain_ids must lie in [0, {len(self.domains)}) for domains {self.domains}")
+            raise DataError(f"domain_ids must lie in [0, {len(self.domains)}) for domains {self.domains}")
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -170,7 +171,7 @@ class TokenizedSplit:
     def indices_of(self, domain_id: int) -> torch.Tensor:
         """LongTensor of the (ascending) indices of the examples of domain ``domain_id``."""
         if not 0 <= int(domain_id) < len(self.domains):
-            raise ValueError(f"domain_id={domain_id} is out of range for {len(self.domains)} domains {self.domains}")
+            raise DataError(f"domain_id={domain_id} is out of range for {len(self.domains)} domains {self.domains}")
         return torch.nonzero(self.domain_ids == int(domain_id), as_tuple=False).reshape(-1)
 
     def source_of(self, indices: Sequence[int] | torch.Tensor) -> list[str]:
@@ -190,7 +191,7 @@ class TokenizedSplit:
         n = len(self)
         bad = [i for i in index if not 0 <= i < n]
         if bad:
-            raise ValueError(f"source_of indices must lie in [0, {n}); got {bad[:5]}")
+            raise DataError(f"source_of indices must lie in [0, {n}); got {bad[:5]}")
         return [self.sources[i] for i in index]
 
     def num_targets(self) -> torch.Tensor:
@@ -213,21 +214,19 @@ class TokenizedSplit:
             is the longest example, rounded up to a multiple of ``pad_to_multiple_of`` if given.
         """
         if pad_token_id is None:
-            raise ValueError(
+            raise DataError(
                 "pad_token_id is None; give the tokenizer a pad token (e.g. tokenizer.pad_token = tokenizer.eos_token)"
             )
         index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         n = len(self)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
-            raise ValueError(
-                f"collate indices must lie in [0, {n}); got min {int(index.min())}, max {int(index.max())}"
-            )
+            raise DataError(f"collate indices must lie in [0, {n}); got min {int(index.min())}, max {int(index.max())}")
         seqs = [self.input_ids[i] for i in index.tolist()]
         labs = [self.labels[i] for i in index.tolist()]
         length = max((s.numel() for s in seqs), default=0)
         if pad_to_multiple_of:
             if pad_to_multiple_of < 1:
-                raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of}")
+                raise DataError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of}")
             length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
         batch = len(seqs)
         input_ids = torch.full((batch, length), int(pad_token_id), dtype=torch.long)
@@ -263,7 +262,7 @@ class Mixture:
     def __post_init__(self) -> None:
         for name in ("train", "validation", "test"):
             if list(getattr(self, name).domains) != list(self.domains):
-                raise ValueError(
+                raise DataError(
                     f"the {name} split's domains {getattr(self, name).domains} differ from the mixture's {self.domains}"
                 )
 
@@ -271,7 +270,7 @@ class Mixture:
 def _special_id(tokenizer: Any, which: str) -> int:
     token_id = getattr(tokenizer, f"{which}_token_id", None)
     if token_id is None:
-        raise ValueError(
+        raise DataError(
             f"add_{which}=True but the tokenizer has no {which} token; set tokenizer.{which}_token or pass "
             f"add_{which}=False"
         )
@@ -339,12 +338,12 @@ def format_instructions(
             prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
             whole = tokenizer.apply_chat_template([*turns, answer], tokenize=False)
         except Exception as err:  # jinja raises its own errors (e.g. "roles must alternate")
-            raise ValueError(
+            raise DataError(
                 f"the tokenizer's chat template fails on record {i} (domain {rec.get('domain')!r}): {err}; fix the "
                 "conversation or set data.chat_template=false to join prompt and response with data.separator"
             ) from None
         if not whole.startswith(prompt):
-            raise ValueError(
+            raise DataError(
                 f"the chat template renders record {i}'s prompt (with the generation prompt) differently from the "
                 "start of the whole conversation, so the response cannot be masked; set data.chat_template=false"
             )
@@ -530,13 +529,13 @@ def _check_settings(max_length: int, truncation: str, domains: Sequence[str]) ->
         ValueError: ``max_length < 2``, an unknown ``truncation``, or a repeated domain name.
     """
     if int(max_length) < 2:
-        raise ValueError(f"data.max_length must be at least 2 (one context and one target token), got {max_length}")
+        raise DataError(f"data.max_length must be at least 2 (one context and one target token), got {max_length}")
     if truncation not in TRUNCATION_MODES:
-        raise ValueError(f"data.truncation={truncation!r} is not one of {', '.join(TRUNCATION_MODES)}; pick one")
+        raise DataError(f"data.truncation={truncation!r} is not one of {', '.join(TRUNCATION_MODES)}; pick one")
     domains = list(domains)
     domain_id = {d: i for i, d in enumerate(domains)}
     if len(domain_id) != len(domains):
-        raise ValueError(f"domains {domains} repeat a name; list each domain once")
+        raise DataError(f"domains {domains} repeat a name; list each domain once")
     return domain_id
 
 
@@ -559,7 +558,7 @@ def _partition(
     plain_rows, instr_rows = [], []
     for i, rec in enumerate(records):
         if rec.get("domain") not in domain_id:
-            raise ValueError(
+            raise DataError(
                 f"record {i} has domain {rec.get('domain')!r}, which is not among domains={domains}; "
                 "filter the records with select_domains or add the domain"
             )
@@ -568,7 +567,7 @@ def _partition(
         elif "text" in rec:
             plain_rows.append(i)
         else:
-            raise ValueError(
+            raise DataError(
                 f"record {i} (domain {rec['domain']!r}) has neither 'text' nor 'prompt' + 'response' (or "
                 f"'messages' + 'response'); its keys are {sorted(rec)}"
             )

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from mixsel.errors import ConfigError
 from mixsel.features.grads import find_last_module
 from mixsel.features.lm_head import target_losses
 from mixsel.features.loss import model_inputs, output_embeddings
@@ -230,9 +231,9 @@ class AdamNormalizer:
     def __init__(self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
         for nm, b in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= b < 1.0:
-                raise ValueError(f"{nm} must be in [0, 1), got {b}")
+                raise ConfigError(f"{nm} must be in [0, 1), got {b}")
         if eps < 0:
-            raise ValueError(f"eps must be non-negative, got {eps}")
+            raise ConfigError(f"eps must be non-negative, got {eps}")
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None

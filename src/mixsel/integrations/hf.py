@@ -53,6 +53,7 @@ from transformers.trainer_callback import ExportableState
 
 from mixsel.config import ExperimentConfig, FeatureConfig
 from mixsel.engine import build_engine
+from mixsel.errors import ConfigError, DataError, OptionError
 from mixsel.integrations.hf_utils import (
     CausalLMCollator,
     DomainCollator,
@@ -80,9 +81,9 @@ def _options(value: dict[str, Any] | str | None, name: str) -> dict[str, Any]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{name} must be a dict or a JSON object string, got {value!r}: {err}") from None
+            raise ConfigError(f"{name} must be a dict or a JSON object string, got {value!r}: {err}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{name} must be a dict of keyword options, got {type(value).__name__}")
+        raise ConfigError(f"{name} must be a dict of keyword options, got {type(value).__name__}")
     return dict(value)
 
 
@@ -144,7 +145,7 @@ class SelectionTrainingArguments(TrainingArguments):
         default=4, metadata={"help": "validation rows per domain for the target gradient (DoGraph)"}
     )
     distributed_selection: str = field(
-        default="global", metadata={"help": "who computes selection features over ranks: global | local"}
+        default="global", metadata={"help": "who computes selection features over ranks: global | gather | local"}
     )
     log_selections: bool = field(
         default=False, metadata={"help": "write every step's picks (rows, domains, weights) to selections.jsonl"}
@@ -162,13 +163,13 @@ class SelectionTrainingArguments(TrainingArguments):
         self.selector_options = _options(self.selector_options, "selector_options")
         self.reweighter_options = _options(self.reweighter_options, "reweighter_options")
         if isinstance(self.pool_factor, bool) or not isinstance(self.pool_factor, int) or self.pool_factor < 1:
-            raise ValueError(f"pool_factor={self.pool_factor!r} must be an integer >= 1 (pool = pool_factor x batch)")
+            raise ConfigError(f"pool_factor={self.pool_factor!r} must be an integer >= 1 (pool = pool_factor x batch)")
         if self.val_anchors < 0:
-            raise ValueError(f"val_anchors={self.val_anchors} must be >= 0")
+            raise ConfigError(f"val_anchors={self.val_anchors} must be >= 0")
         if self.domains is not None:
             self.domains = [str(d) for d in self.domains]
             if len(set(self.domains)) != len(self.domains):
-                raise ValueError(f"domains={self.domains} has duplicates; domain names must be unique")
+                raise ConfigError(f"domains={self.domains} has duplicates; domain names must be unique")
         self.check_methods()
 
     def check_methods(self) -> Any:
@@ -185,13 +186,13 @@ class SelectionTrainingArguments(TrainingArguments):
         cfg = self.mixsel_config(self.world_size)
         method, options = cfg.selection.method, cfg.selection.options
         if method not in available_selectors():
-            raise ValueError(f"selector={method!r} is not registered; valid names: {', '.join(available_selectors())}")
+            raise ConfigError(f"selector={method!r} is not registered; valid names: {', '.join(available_selectors())}")
         try:
             selector = get_selector(method, **options)
-        except TypeError as err:  # an unknown or missing keyword option
-            raise ValueError(f"selector_options for {method!r}: {err}; docs/methods.md lists the options") from None
+        except OptionError as err:  # an unknown or missing keyword option
+            raise ConfigError(f"selector_options for {method!r}: {err}; docs/methods.md lists the options") from None
         if cfg.reweighting.method not in available_reweighters():
-            raise ValueError(
+            raise ConfigError(
                 f"reweighter={cfg.reweighting.method!r} is not registered; valid names: "
                 f"{', '.join(available_reweighters())} (or None)"
             )
@@ -207,10 +208,10 @@ class SelectionTrainingArguments(TrainingArguments):
         """
         from mixsel.config import apply_overrides, config_to_dict, from_dict, validate
 
-        if self.distributed_selection not in ("global", "local"):
-            raise ValueError(
-                f"distributed_selection={self.distributed_selection!r}: the Trainer routes support 'global' and "
-                "'local' ('gather' gives ranks uneven shares, which the Trainer's accumulation cannot take yet)"
+        if self.distributed_selection not in ("global", "gather", "local"):
+            raise ConfigError(
+                f"distributed_selection={self.distributed_selection!r} is not one of 'global', 'gather', 'local' "
+                "(docs/distributed.md)"
             )
         rw_options = dict(self.reweighter_options or {})
         update_every = int(rw_options.pop("update_every", 1))
@@ -329,7 +330,7 @@ class ReweightingCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         if not isinstance(args, SelectionTrainingArguments):
-            raise TypeError(_NOT_FED)
+            raise OptionError(_NOT_FED)
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, list):
             saved = next((s for s in saved if s.get("args", {}).get("domains") == self.domains), None)
@@ -337,7 +338,7 @@ class ReweightingCallback(TrainerCallback, ExportableState):
             return
         saved_args = saved.get("args", {})
         if saved_args.get("reweighter") != self.reweighter_name or saved_args.get("domains") != self.domains:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint's reweighter is {saved_args.get('reweighter')!r} over domains "
                 f"{saved_args.get('domains')}, but this run uses {self.reweighter_name!r} over {self.domains}; "
                 "resume with the same reweighter and domains, or start a new run"
@@ -365,7 +366,7 @@ def _column_values(dataset: Any, column: str) -> list[Any]:
 
         if isinstance(dataset, datasets.Dataset):
             if column not in dataset.column_names:
-                raise ValueError(
+                raise ConfigError(
                     f"the training dataset has no {column!r} column (columns: {dataset.column_names}); "
                     "set SelectionTrainingArguments.domain_column"
                 )
@@ -373,12 +374,12 @@ def _column_values(dataset: Any, column: str) -> list[Any]:
     except ImportError:  # pragma: no cover - datasets is optional
         pass
     if isinstance(dataset, torch.utils.data.IterableDataset):
-        raise ValueError("cannot infer the domains of an IterableDataset; set SelectionTrainingArguments.domains")
+        raise DataError("cannot infer the domains of an IterableDataset; set SelectionTrainingArguments.domains")
     values = []
     for i in range(len(dataset)):
         row = dataset[i]
         if column not in row:
-            raise ValueError(
+            raise ConfigError(
                 f"training example {i} has no {column!r} column; set SelectionTrainingArguments.domain_column"
             )
         values.append(row[column])
@@ -484,16 +485,16 @@ class SelectionTrainer(Trainer):
         if args is None:
             args = SelectionTrainingArguments(output_dir="trainer_output")
         if not isinstance(args, SelectionTrainingArguments):
-            raise TypeError(
+            raise OptionError(
                 f"SelectionTrainer needs args=SelectionTrainingArguments(...), got {type(args).__name__}; "
                 "SelectionTrainingArguments accepts every TrainingArguments field"
             )
         if args.label_smoothing_factor != 0:
-            raise ValueError("SelectionTrainer computes its own weighted loss; set label_smoothing_factor=0")
+            raise ConfigError("SelectionTrainer computes its own weighted loss; set label_smoothing_factor=0")
         if kwargs.get("compute_loss_func") is not None:
-            raise ValueError("SelectionTrainer computes its own weighted loss; drop compute_loss_func")
+            raise ConfigError("SelectionTrainer computes its own weighted loss; drop compute_loss_func")
         if isinstance(train_dataset, torch.utils.data.IterableDataset):
-            raise ValueError(
+            raise ConfigError(
                 "SelectionTrainer draws each step's pool by domain from an indexable train_dataset; an "
                 "IterableDataset has no random access: pass a datasets.Dataset (e.g. IterableDataset -> "
                 "Dataset.from_generator)"
@@ -502,7 +503,7 @@ class SelectionTrainer(Trainer):
         domains = args.domains
         if domains is None:
             if train_dataset is None:
-                raise ValueError("set SelectionTrainingArguments.domains or pass a train_dataset to infer them from")
+                raise ConfigError("set SelectionTrainingArguments.domains or pass a train_dataset to infer them from")
             domains = infer_domains(_column_values(train_dataset, args.domain_column), args.domain_column)
         self.domains: list[str] = list(domains)
 
@@ -517,8 +518,8 @@ class SelectionTrainer(Trainer):
             options = {**rc.options, "update_every": 1 if rc.amortize and rc.update_every > 1 else rc.update_every}
             try:
                 callbacks.append(ReweightingCallback(rc.method, self.domains, options))
-            except TypeError as err:  # an unknown or missing keyword option
-                raise ValueError(
+            except OptionError as err:  # an unknown or missing keyword option
+                raise ConfigError(
                     f"reweighter_options for {rc.method!r}: {err}; docs/reweighting.md lists the options"
                 ) from None
         callbacks.insert(0, _EngineCallback(self))
@@ -539,7 +540,7 @@ class SelectionTrainer(Trainer):
         reweighting = self.reweighting_callback
         rw = reweighting.reweighter if reweighting is not None else None
         if rw is not None and rw.needs_reference and reference_model is None:
-            raise ValueError(
+            raise ConfigError(
                 f"reweighter {rw.name!r} needs reference losses: pass "
                 "reference_model=<a frozen LM trained on the natural mixture>"
             )
@@ -584,9 +585,9 @@ class SelectionTrainer(Trainer):
         if dataset is None and wants_val:
             dataset = self.eval_dataset  # for the TRL trainer: the prepared (tokenised) eval set
             if isinstance(dataset, dict):
-                raise ValueError("eval_dataset is a dict; pass selection_val_dataset=<one dataset> for the anchors")
+                raise DataError("eval_dataset is a dict; pass selection_val_dataset=<one dataset> for the anchors")
             if dataset is None:
-                raise ValueError(
+                raise ConfigError(
                     f"{' and '.join(wants_val)} need validation examples: pass eval_dataset or selection_val_dataset"
                 )
         return self._prepare_selection_val(dataset)
@@ -680,7 +681,7 @@ class SelectionTrainer(Trainer):
         """One tick per micro-step: an epoch is ``ceil(N / step batch)`` optimiser steps, so it trains
         about as many rows as the training set holds (the engine draws them)."""
         if self.train_dataset is None:
-            raise ValueError("SelectionTrainer: training requires a train_dataset.")
+            raise DataError("SelectionTrainer: training requires a train_dataset.")
         k = self.mixsel_config.train.batch_size
         ga = self.args.gradient_accumulation_steps
         steps = max(math.ceil(len(self.train_dataset) / k), 1)
@@ -747,14 +748,9 @@ class SelectionTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         hint = ROUNDING_HINT.set("selector_options={'rounding': 'carry'}")  # warnings in this route's syntax
         try:
-            self._plan = plan = self.engine.plan(model, step=self.state.global_step, lr=lr)
+            self._plan = plan = self.engine.plan(model, step=self.state.global_step, lr=lr, micro_batches=ticks)
         finally:
             ROUNDING_HINT.reset(hint)
-        if len(plan.micro_batches) != ticks:
-            raise RuntimeError(
-                f"the step's selection gives this rank {len(plan.chosen)} rows in {len(plan.micro_batches)} "
-                f"micro-batches, but the Trainer accumulates {ticks}"
-            )
         return [self._micro_inputs(m) for m in plan.micro_batches], None
 
     def training_step(

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from mixsel.errors import DataError
+
 __all__ = [
     "CausalLMCollator",
     "DomainCollator",
@@ -53,9 +55,9 @@ class CausalLMCollator:
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
-            raise ValueError("CausalLMCollator got an empty list of examples")
+            raise DataError("CausalLMCollator got an empty list of examples")
         if "input_ids" not in features[0]:
-            raise ValueError(f"examples need an 'input_ids' column; got {sorted(features[0])}")
+            raise DataError(f"examples need an 'input_ids' column; got {sorted(features[0])}")
         ids = [torch.as_tensor(f["input_ids"], dtype=torch.long).reshape(-1) for f in features]
         length = max(int(x.numel()) for x in ids)
         if self.pad_to_multiple_of:
@@ -90,26 +92,26 @@ def domain_id_of(value: Any, domains: Sequence[str] | None, column: str) -> int:
     if torch.is_tensor(value):
         value = value.item()
     if isinstance(value, bool):
-        raise ValueError(f"the {column!r} column holds booleans; use integer ids or domain names")
+        raise DataError(f"the {column!r} column holds booleans; use integer ids or domain names")
     if isinstance(value, int):
         if value < 0 or (domains is not None and value >= len(domains)):
             limit = "" if domains is None else f" (there are {len(domains)} domains {list(domains)})"
-            raise ValueError(f"domain id {value} in column {column!r} is out of range{limit}")
+            raise DataError(f"domain id {value} in column {column!r} is out of range{limit}")
         return value
     if isinstance(value, str):
         if domains is None:
-            raise ValueError(
+            raise DataError(
                 f"the {column!r} column holds names like {value!r}; set SelectionTrainingArguments.domains to the "
                 "list of names (their position is the domain id)"
             )
         try:
             return list(domains).index(value)
         except ValueError:
-            raise ValueError(
+            raise DataError(
                 f"domain {value!r} in column {column!r} is not in SelectionTrainingArguments.domains={list(domains)}; "
                 "add it to the list"
             ) from None
-    raise ValueError(f"the {column!r} column must hold integer ids or names, got {type(value).__name__}")
+    raise DataError(f"the {column!r} column must hold integer ids or names, got {type(value).__name__}")
 
 
 class DomainCollator:
@@ -146,14 +148,14 @@ def infer_domains(values: Sequence[Any], column: str = "domain") -> list[str]:
     """
     values = [v.item() if torch.is_tensor(v) else v for v in values]
     if not values:
-        raise ValueError(f"cannot infer domains: the {column!r} column is empty")
+        raise DataError(f"cannot infer domains: the {column!r} column is empty")
     if all(isinstance(v, str) for v in values):
         return sorted(set(values))
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         if min(values) < 0:
-            raise ValueError(f"the {column!r} column has negative domain ids")
+            raise DataError(f"the {column!r} column has negative domain ids")
         return [str(i) for i in range(max(values) + 1)]
-    raise ValueError(f"the {column!r} column mixes types; use only integer ids or only names")
+    raise DataError(f"the {column!r} column mixes types; use only integer ids or only names")
 
 
 def to_jsonable(obj: Any) -> Any:

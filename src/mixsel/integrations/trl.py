@@ -51,6 +51,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(f'mixsel.integrations.trl needs TRL ({err}); pip install "mixsel[trl]"') from None
 
+from mixsel.errors import ConfigError, DataError, OptionError
 from mixsel.integrations.hf import MICRO_KEY, SelectionTrainer, SelectionTrainingArguments
 
 __all__ = ["SelectionSFTConfig", "SelectionSFTTrainer", "token_weights"]
@@ -81,7 +82,7 @@ class SelectionSFTConfig(SFTConfig, SelectionTrainingArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.loss_normalization not in ("token", "example"):
-            raise ValueError(f"loss_normalization={self.loss_normalization!r} must be 'token' or 'example'")
+            raise ConfigError(f"loss_normalization={self.loss_normalization!r} must be 'token' or 'example'")
 
 
 def token_weights(
@@ -113,7 +114,7 @@ def token_weights(
         the target tokens ``n_i`` of each example.
     """
     if normalization not in ("token", "example"):
-        raise ValueError(f"loss_normalization={normalization!r} is not 'token' or 'example'")
+        raise ConfigError(f"loss_normalization={normalization!r} is not 'token' or 'example'")
     k = weights.numel()
     w = weights.to(torch.float32).to(label_mask.device)
     targets = rows[label_mask]
@@ -226,18 +227,18 @@ class SelectionSFTTrainer(SelectionTrainer, SFTTrainer):
         if args is None:
             args = SelectionSFTConfig(output_dir="trainer_output")
         if not isinstance(args, SelectionSFTConfig):
-            raise TypeError(
+            raise OptionError(
                 f"SelectionSFTTrainer needs args=SelectionSFTConfig(...), got {type(args).__name__}; "
                 "SelectionSFTConfig accepts every SFTConfig field"
             )
         if args.packing or args.eval_packing:
-            raise ValueError(
+            raise ConfigError(
                 "packing puts several examples (of any domains) in one row and drops the domain column, so "
                 "per-example selection is undefined: set packing=False and eval_packing=False "
                 "(padding_free=True saves the padding instead)"
             )
         if args.loss_type != "nll":
-            raise ValueError(f"loss_type={args.loss_type!r}: the selection weights act on TRL's NLL; use 'nll'")
+            raise ConfigError(f"loss_type={args.loss_type!r}: the selection weights act on TRL's NLL; use 'nll'")
         self._padding_free = bool(args.padding_free)
         self._selected_collator: Any = None
         self._token_total: torch.Tensor | None = None
@@ -261,7 +262,7 @@ class SelectionSFTTrainer(SelectionTrainer, SFTTrainer):
 
     def _pool_collator(self, collator: Any) -> Any:
         if getattr(self, "_is_vision_dataset", False):
-            raise ValueError("SelectionSFTTrainer supports text datasets; TRL collates vision datasets on the fly")
+            raise DataError("SelectionSFTTrainer supports text datasets; TRL collates vision datasets on the fly")
         if not self._padding_free:
             return collator
         # features need one padded row per example; TRL's collator flattens the selected rows afterwards

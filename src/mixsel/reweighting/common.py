@@ -14,6 +14,7 @@ from typing import Any, ClassVar, get_args
 
 import torch
 
+from mixsel.errors import ConfigError, DataError
 from mixsel.reweighting.base import Mode
 from mixsel.reweighting.simplex import DTYPE
 from mixsel.types import DomainStats
@@ -174,14 +175,14 @@ class ScheduledReweighter:
     def __init__(self, domains: list[str], *, mode: Mode | None = None, update_every: int = 1) -> None:
         domains = [str(d) for d in domains]
         if not domains:
-            raise ValueError("domains is empty; pass the domain names in id order, e.g. ['web', 'code'].")
+            raise ConfigError("domains is empty; pass the domain names in id order, e.g. ['web', 'code'].")
         if len(set(domains)) != len(domains):
-            raise ValueError(f"domains {domains} has duplicate names; domain names must be unique.")
+            raise ConfigError(f"domains {domains} has duplicate names; domain names must be unique.")
         mode = self.default_mode if mode is None else mode
         if mode not in _MODES:
-            raise ValueError(f"mode={mode!r} is not one of {list(_MODES)}.")
+            raise ConfigError(f"mode={mode!r} is not one of {list(_MODES)}.")
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every={update_every!r} must be a positive integer (1 = every call).")
+            raise ConfigError(f"update_every={update_every!r} must be a positive integer (1 = every call).")
         self.domains = domains
         self.mode: Mode = mode
         self.update_every = update_every
@@ -272,7 +273,7 @@ class ScheduledReweighter:
             ValueError: the state was saved for other domains.
         """
         if list(state["domains"]) != self.domains:
-            raise ValueError(
+            raise DataError(
                 f"state_dict was saved for domains {state['domains']} but this reweighter has "
                 f"{self.domains}; build the reweighter with the same domains in the same order."
             )

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from mixsel.errors import ConfigError
 from mixsel.registry import register_reweighter
 from mixsel.reweighting.base import Mode
 from mixsel.reweighting.common import ScheduledReweighter
@@ -70,7 +71,7 @@ def doge_scores(
         g, v = g / scale, v / scale
         raw = g @ v
     else:
-        raise ValueError(f"doge: target={target!r} must be 'others' or 'validation'.")
+        raise ConfigError(f"doge: target={target!r} must be 'others' or 'validation'.")
     mean_norm = g.norm(dim=1).mean()
     # raw / (mean norm + 1e-6) in the original units (raw scales with scale², the norm with scale)
     scores = scale * raw / (mean_norm + 1e-6 / scale)
@@ -127,7 +128,7 @@ class DoGEReweighter(ScheduledReweighter):
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(f"doge: {msg}.")
+                raise ConfigError(f"doge: {msg}.")
         self.step_size = float(step_size)
         self.target: Target = target
         self.clip_min = float(clip_min)

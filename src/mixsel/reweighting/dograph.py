@@ -38,6 +38,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from mixsel.errors import ConfigError
 from mixsel.registry import register_reweighter
 from mixsel.reweighting.base import Mode
 from mixsel.reweighting.common import ScheduledReweighter
@@ -90,14 +91,14 @@ def domain_graph(similarity: torch.Tensor, *, threshold: float = 0.0, knn: int |
         knn: keep at most this many strongest neighbours per domain (union, then symmetric); None = all.
     """
     if threshold < 0:
-        raise ValueError(f"threshold={threshold} must be >= 0 (Laplacian edge weights are non-negative).")
+        raise ConfigError(f"threshold={threshold} must be >= 0 (Laplacian edge weights are non-negative).")
     s = similarity.to(DTYPE).clone()
     num = s.shape[0]
     s.fill_diagonal_(0.0)
     adj = torch.where(s > threshold, s, torch.zeros_like(s))
     if knn is not None:
         if knn < 1:
-            raise ValueError(f"knn={knn} must be a positive integer or None (all neighbours).")
+            raise ConfigError(f"knn={knn} must be a positive integer or None (all neighbours).")
         k = min(knn, max(num - 1, 0))
         keep = torch.zeros_like(adj, dtype=torch.bool)
         if k > 0:
@@ -142,7 +143,7 @@ def alignment_scores(
             return torch.zeros(g.shape[0], dtype=DTYPE)
         scores = (g @ v) / (vnorm * mean_norm)
     else:
-        raise ValueError(f"alignment={kind!r} must be 'cosine' or 'dot'.")
+        raise ConfigError(f"alignment={kind!r} must be 'cosine' or 'dot'.")
     return torch.where(valid, scores, torch.zeros_like(scores))
 
 
@@ -200,11 +201,11 @@ def mirror_descent(
         (Tensor[D] final weights, Tensor[iters + 1] objective values, the first at ``prev``).
     """
     if not kl > 0:
-        raise ValueError(f"kl={kl} must be > 0 (the KL term keeps each update a bounded move).")
+        raise ConfigError(f"kl={kl} must be > 0 (the KL term keeps each update a bounded move).")
     if laplacian_strength < 0:
-        raise ValueError(f"laplacian_strength={laplacian_strength} must be >= 0.")
+        raise ConfigError(f"laplacian_strength={laplacian_strength} must be >= 0.")
     if iters < 0:
-        raise ValueError(f"inner_iters={iters} must be >= 0.")
+        raise ConfigError(f"inner_iters={iters} must be >= 0.")
     a = align.to(DTYPE)
     lap = laplacian.to(DTYPE)
     p = prev.to(DTYPE)
@@ -212,7 +213,7 @@ def mirror_descent(
     if lr is None:
         lr = 1.0 / (kl + laplacian_strength * max_degree)
     if not lr > 0:
-        raise ValueError(f"inner_lr={lr} must be > 0.")
+        raise ConfigError(f"inner_lr={lr} must be > 0.")
     kwargs = {"align": a, "laplacian": lap, "prev": p, "step_size": step_size}
     kwargs |= {"laplacian_strength": laplacian_strength, "kl": kl}
     w = p.clone()
@@ -289,7 +290,7 @@ class DoGraphReweighter(ScheduledReweighter):
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(f"dograph: {msg}.")
+                raise ConfigError(f"dograph: {msg}.")
         self.step_size = float(step_size)
         self.laplacian_strength = float(laplacian_strength)
         self.kl = float(kl)

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from mixsel.errors import ConfigError
 from mixsel.registry import register_reweighter
 from mixsel.reweighting.base import Mode
 from mixsel.reweighting.common import ScheduledReweighter
@@ -54,7 +55,7 @@ def excess_loss(stats: DomainStats, *, clip: str = "token") -> tuple[torch.Tenso
         (Tensor[D] float64 excess, 0 where a domain is absent; BoolTensor[D] presence).
     """
     if clip not in CLIPS:
-        raise ValueError(f"clip={clip!r} must be 'token' (per-token clipping, the paper) or 'domain'")
+        raise ConfigError(f"clip={clip!r} must be 'token' (per-token clipping, the paper) or 'domain'")
     if clip == "token":
         if stats.excess_sum is None or stats.token_counts is None:
             raise ValueError(
@@ -136,20 +137,20 @@ class DoReMiReweighter(ScheduledReweighter):
     ) -> None:
         super().__init__(domains, mode=mode, update_every=update_every)
         if proposal not in ("uniform", "natural"):
-            raise ValueError(f"proposal={proposal!r} must be 'uniform' (Algorithm 1) or 'natural'.")
+            raise ConfigError(f"proposal={proposal!r} must be 'uniform' (Algorithm 1) or 'natural'.")
         self.proposal = proposal
         if not step_size >= 0 or step_size == float("inf"):
-            raise ValueError(f"step_size={step_size} must be a finite number >= 0 (paper: 1.0).")
+            raise ConfigError(f"step_size={step_size} must be a finite number >= 0 (paper: 1.0).")
         if not 0.0 <= smoothing <= 1.0:
-            raise ValueError(f"smoothing={smoothing} must lie in [0, 1] (paper: 1e-3).")
+            raise ConfigError(f"smoothing={smoothing} must lie in [0, 1] (paper: 1e-3).")
         if absent not in ("zero", "previous"):
-            raise ValueError(f"absent={absent!r} must be 'previous' (the reference code) or 'zero'.")
+            raise ConfigError(f"absent={absent!r} must be 'previous' (the reference code) or 'zero'.")
         if clip not in CLIPS:
-            raise ValueError(f"clip={clip!r} must be 'token' (the paper) or 'domain'.")
+            raise ConfigError(f"clip={clip!r} must be 'token' (the paper) or 'domain'.")
         if average not in AVERAGES:
-            raise ValueError(f"average={average!r} must be 'with_initial' (the reference code) or 'updates'.")
+            raise ConfigError(f"average={average!r} must be 'with_initial' (the reference code) or 'updates'.")
         if not initial_excess >= 0 or initial_excess == float("inf"):
-            raise ValueError(f"initial_excess={initial_excess} must be a finite number >= 0.")
+            raise ConfigError(f"initial_excess={initial_excess} must be a finite number >= 0.")
         self.step_size = float(step_size)
         self.smoothing = float(smoothing)
         self.absent: Absent = absent

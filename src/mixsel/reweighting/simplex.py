@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from mixsel.errors import ConfigError
+
 __all__ = [
     "as_domain_vector",
     "exponentiated_step",
@@ -25,7 +27,7 @@ DTYPE = torch.float64
 def uniform(num_domains: int) -> torch.Tensor:
     """Tensor[D] float64 with every entry ``1 / D``."""
     if num_domains < 1:
-        raise ValueError(f"num_domains={num_domains}; a reweighter needs at least one domain.")
+        raise ConfigError(f"num_domains={num_domains}; a reweighter needs at least one domain.")
     return torch.full((num_domains,), 1.0 / num_domains, dtype=DTYPE)
 
 
@@ -46,7 +48,7 @@ def as_domain_vector(
         missing = [d for d in domains if d not in values]
         unknown = [k for k in values if k not in domains]
         if missing or unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"{what} must give exactly one value per domain; missing {missing}, unknown {unknown}. "
                 f"Valid domain names: {list(domains)}."
             )
@@ -54,13 +56,13 @@ def as_domain_vector(
     else:
         out = torch.as_tensor(values, dtype=DTYPE).reshape(-1).clone()
         if out.numel() != len(domains):
-            raise ValueError(
+            raise ConfigError(
                 f"{what} has {out.numel()} entries but there are {len(domains)} domains {list(domains)}; "
                 "give one value per domain in id order, or a dict keyed by domain name."
             )
     bad = [domains[i] for i in torch.nonzero(~torch.isfinite(out)).flatten().tolist()]
     if bad:
-        raise ValueError(f"{what} is not finite for domains {bad}; give finite numbers.")
+        raise ConfigError(f"{what} is not finite for domains {bad}; give finite numbers.")
     return out
 
 
@@ -72,17 +74,17 @@ def normalize(weights: torch.Tensor, what: str = "weights") -> torch.Tensor:
     """
     w = torch.as_tensor(weights, dtype=DTYPE)
     if bool((w < 0).any()):
-        raise ValueError(f"{what} has negative entries {w.tolist()}; domain weights must be >= 0.")
+        raise ConfigError(f"{what} has negative entries {w.tolist()}; domain weights must be >= 0.")
     total = float(w.sum())
     if not total > 0 or not torch.isfinite(torch.tensor(total)):
-        raise ValueError(f"{what} sums to {total}; give at least one positive, finite weight.")
+        raise ConfigError(f"{what} sums to {total}; give at least one positive, finite weight.")
     return w / total
 
 
 def smooth(weights: torch.Tensor, epsilon: float) -> torch.Tensor:
     """Mix with the uniform distribution: ``(1 - epsilon) * w + epsilon / D`` (DoReMi Alg. 1, line 9)."""
     if not 0.0 <= epsilon <= 1.0:
-        raise ValueError(f"smoothing={epsilon} must lie in [0, 1].")
+        raise ConfigError(f"smoothing={epsilon} must lie in [0, 1].")
     w = torch.as_tensor(weights, dtype=DTYPE)
     return (1.0 - epsilon) * w + epsilon / w.numel()
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from mixsel.errors import ConfigError
 from mixsel.registry import register_reweighter
 from mixsel.reweighting.base import Mode
 from mixsel.reweighting.common import ScheduledReweighter
@@ -30,12 +31,12 @@ def temperature_weights(domain_sizes: torch.Tensor, alpha: float) -> torch.Tenso
         Tensor[D] float64 on the simplex.
     """
     if not alpha >= 0:
-        raise ValueError(f"alpha={alpha} must be >= 0 (1 = proportional to size, 0 = uniform).")
+        raise ConfigError(f"alpha={alpha} must be >= 0 (1 = proportional to size, 0 = uniform).")
     sizes = torch.as_tensor(domain_sizes, dtype=torch.float64)
     if bool((sizes < 0).any()):
-        raise ValueError(f"domain_sizes {sizes.tolist()} has negative entries; sizes must be >= 0.")
+        raise ConfigError(f"domain_sizes {sizes.tolist()} has negative entries; sizes must be >= 0.")
     if not bool((sizes > 0).any()):
-        raise ValueError("domain_sizes are all zero; at least one domain must be non-empty.")
+        raise ConfigError("domain_sizes are all zero; at least one domain must be non-empty.")
     # Work in log space so that huge sizes with large alpha cannot overflow; size 0 -> weight 0.
     logits = torch.where(sizes > 0, alpha * torch.log(sizes.clamp_min(1e-300)), float("-inf"))
     return torch.softmax(logits, dim=0)
@@ -71,7 +72,7 @@ class StaticReweighter(ScheduledReweighter):
     ) -> None:
         super().__init__(domains, mode=mode, update_every=update_every)
         if (weights is None) == (domain_sizes is None):
-            raise ValueError(
+            raise ConfigError(
                 "static reweighter needs exactly one of weights=[...] (or {domain: weight}) or "
                 "domain_sizes=[...] with alpha; use the 'uniform' reweighter for equal weights."
             )

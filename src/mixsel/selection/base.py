@@ -41,6 +41,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from mixsel.errors import DataError, UnknownNameError
 from mixsel.seeding import pool_seed
 from mixsel.solvers._checks import check_k
 from mixsel.types import FEATURE_NAMES, Selection
@@ -105,7 +106,7 @@ class Pool:
     def feature(self, name: str) -> torch.Tensor:
         """The feature ``name``, or a clear error if the step did not compute it."""
         if name not in self.features:
-            raise KeyError(
+            raise UnknownNameError(
                 f"feature {name!r} is missing from the pool (have: {sorted(self.features)}); "
                 "the selector must list it in its `requires`."
             )
@@ -127,18 +128,18 @@ def check_pool(pool: Pool) -> None:
         try:
             domains = pool.domains = torch.as_tensor(domains)
         except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"Pool.domains must be a 1-D integer tensor of domain ids, got {domains!r}") from None
+            raise DataError(f"Pool.domains must be a 1-D integer tensor of domain ids, got {domains!r}") from None
     if domains.dim() != 1 or domains.is_floating_point() or domains.is_complex() or domains.dtype == torch.bool:
-        raise ValueError(
+        raise DataError(
             f"Pool.domains must be a 1-D integer tensor of domain ids, got {domains.dtype} of shape "
             f"{tuple(domains.shape)}"
         )
     num = pool.num_domains
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"Pool.num_domains must be a positive integer, got {num!r}")
+        raise DataError(f"Pool.num_domains must be a positive integer, got {num!r}")
     n = domains.numel()
     if n and (int(domains.min()) < 0 or int(domains.max()) >= num):
-        raise ValueError(
+        raise DataError(
             f"Pool.domains holds ids {int(domains.min())}..{int(domains.max())} but num_domains={num}: "
             f"ids must lie in [0, {num}); pass the mixture's number of domains"
         )
@@ -148,13 +149,13 @@ def check_pool(pool: Pool) -> None:
         rows = value.shape[0] if value.dim() else None
         square = name == "gram" and value.dim() == 2 and value.shape[1] != n
         if rows != n or square:
-            raise ValueError(
+            raise DataError(
                 f"feature {name!r} has shape {tuple(value.shape)} but the pool has {n} candidates (Pool.domains); "
                 f"give one row per candidate{' ([n, n] for gram)' if name == 'gram' else ''}"
             )
     weights = pool.domain_weights
     if weights is not None and torch.as_tensor(weights).numel() != num:
-        raise ValueError(
+        raise DataError(
             f"Pool.domain_weights has {torch.as_tensor(weights).numel()} entries but num_domains={num}; "
             "give one weight per domain"
         )

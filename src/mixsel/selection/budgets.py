@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mixsel.errors import ConfigError
 from mixsel.selection.base import Pool, check_k
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ CARRY_KEY = "budget_carry"
 
 def _check_rounding(rounding: str) -> None:
     if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding={rounding!r} is not a budget rounding; choose one of {', '.join(ROUNDINGS)}")
+        raise ConfigError(f"rounding={rounding!r} is not a budget rounding; choose one of {', '.join(ROUNDINGS)}")
 
 
 def _smallest_first(quota: torch.Tensor, k: int, caps: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,7 @@ def _smallest_first(quota: torch.Tensor, k: int, caps: torch.Tensor) -> torch.Te
         base[d] += spare
         remaining -= spare
     if remaining > 0:
-        raise ValueError(f"cannot place k={k} picks: the domains only hold {int(caps.sum())} candidates")
+        raise ConfigError(f"cannot place k={k} picks: the domains only hold {int(caps.sum())} candidates")
     return base
 
 
@@ -143,7 +144,7 @@ class QuotaCarry:
         if caps.numel() != num:
             raise ValueError(f"caps has {caps.numel()} entries but there are {num} quotas")
         if int(caps.clamp(min=0).sum()) < k:
-            raise ValueError(f"cannot place k={k} picks: the domains only hold {int(caps.sum())} candidates")
+            raise ConfigError(f"cannot place k={k} picks: the domains only hold {int(caps.sum())} candidates")
         carry = torch.zeros(num, dtype=torch.float64) if self.values is None else self.values
         if carry.numel() != num:
             raise ValueError(
@@ -256,7 +257,7 @@ def _largest_remainder(quota: torch.Tensor, k: int, caps: torch.Tensor) -> torch
                 remaining -= 1
                 progressed = True
         if not progressed:
-            raise ValueError(f"cannot place k={k} picks: the domains only hold {int(caps.sum())} candidates")
+            raise ConfigError(f"cannot place k={k} picks: the domains only hold {int(caps.sum())} candidates")
     return base
 
 
@@ -284,12 +285,12 @@ def proportional_budgets(
     counts = torch.as_tensor(counts, dtype=torch.long)
     total = int(counts.sum())
     if k > total:
-        raise ValueError(f"budget k={k} is larger than the pool ({total} candidates)")
+        raise ConfigError(f"budget k={k} is larger than the pool ({total} candidates)")
     if k <= 0:
-        raise ValueError(f"k must be positive, got {k}")
+        raise ConfigError(f"k must be positive, got {k}")
     floor = torch.minimum(counts, torch.full_like(counts, minimum))
     if int(floor.sum()) > k:
-        raise ValueError(f"minimum={minimum} per domain needs {int(floor.sum())} picks but k={k}")
+        raise ConfigError(f"minimum={minimum} per domain needs {int(floor.sum())} picks but k={k}")
     rest = k - int(floor.sum())
     spare = counts - floor
     if rest == 0:
@@ -316,9 +317,9 @@ def budgets_from_weights(
     if weights.shape != counts.shape:
         raise ValueError(f"weights has shape {tuple(weights.shape)} but there are {counts.numel()} domains")
     if not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"domain weights must be finite, non-negative and not all zero, got {weights.tolist()}")
+        raise ConfigError(f"domain weights must be finite, non-negative and not all zero, got {weights.tolist()}")
     if k > int(counts.sum()):
-        raise ValueError(f"budget k={k} is larger than the pool ({int(counts.sum())} candidates)")
+        raise ConfigError(f"budget k={k} is larger than the pool ({int(counts.sum())} candidates)")
     quota = k * weights / weights.sum()
     return round_quotas(quota, k, counts, rounding, carry)
 
@@ -357,16 +358,16 @@ def _check_shares(policy: str, shares: Sequence[float]) -> tuple[float, ...]:
     """``shares`` as floats, or one clear ``ValueError``: only ``budget="fixed"`` reads them, and they
     must be finite, non-negative and not all zero."""
     if policy != "fixed":
-        raise ValueError(
+        raise ConfigError(
             f"shares={list(shares)} is only read with budget='fixed' (budget={policy!r} ignores it): "
             "add budget=fixed, or drop shares"
         )
     try:
         values = tuple(float(s) for s in shares)
     except (TypeError, ValueError):
-        raise ValueError(f"shares must be a list of numbers (one per domain), got {shares!r}") from None
+        raise ConfigError(f"shares must be a list of numbers (one per domain), got {shares!r}") from None
     if not values or any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
-        raise ValueError(f"shares must be finite, non-negative and not all zero (one per domain), got {list(values)}")
+        raise ConfigError(f"shares must be finite, non-negative and not all zero (one per domain), got {list(values)}")
     return values
 
 
@@ -402,17 +403,17 @@ class BudgetPolicy:
 
     def __post_init__(self) -> None:
         if self.policy not in BUDGET_POLICIES:
-            raise ValueError(
+            raise ConfigError(
                 f"budget={self.policy!r} is not a budget policy; choose one of {', '.join(BUDGET_POLICIES)}"
             )
         if self.policy == "fixed" and self.shares is None:
-            raise ValueError(
+            raise ConfigError(
                 "budget='fixed' needs shares=[...] (one non-negative share per domain, in domain-id order)"
             )
         if self.shares is not None:
             object.__setattr__(self, "shares", _check_shares(self.policy, self.shares))
         if self.minimum < 0:
-            raise ValueError(f"minimum={self.minimum} must be >= 0 (picks guaranteed to each present domain)")
+            raise ConfigError(f"minimum={self.minimum} must be >= 0 (picks guaranteed to each present domain)")
         object.__setattr__(self, "minimum", int(self.minimum))
         object.__setattr__(self, "enabled", bool(self.enabled))
         _check_rounding(self.rounding)
@@ -465,11 +466,11 @@ class BudgetPolicy:
             return budgets_from_weights(counts, k, (counts > 0).to(torch.float64), rounding=r, carry=c)
         if self.policy == "weights":
             if pool.domain_weights is None:
-                raise ValueError("budget='weights' needs domain weights in the pool: enable a reweighter")
+                raise ConfigError("budget='weights' needs domain weights in the pool: enable a reweighter")
             return budgets_from_weights(counts, k, pool.domain_weights, rounding=r, carry=c)
         weights = torch.as_tensor(list(self.shares or []), dtype=torch.float64)
         if weights.numel() != pool.num_domains:
-            raise ValueError(f"shares has {weights.numel()} entries but the mixture has {pool.num_domains} domains")
+            raise ConfigError(f"shares has {weights.numel()} entries but the mixture has {pool.num_domains} domains")
         return budgets_from_weights(counts, k, weights, rounding=r, carry=c)
 
     def constraint(

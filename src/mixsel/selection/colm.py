@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from mixsel.errors import ConfigError, DataError
 from mixsel.features.zeroth_order import AdamNormalizer, topk_source_mask
 from mixsel.registry import register_selector
 from mixsel.seeding import Salt
@@ -88,13 +89,13 @@ def small_source_mask(
     if rule == "fraction":
         divisor = float(counts.numel() if c is None else c)
         if divisor <= 0:
-            raise ValueError(f"small_c={c} must be positive (small sources have < |pool| / c examples)")
+            raise ConfigError(f"small_c={c} must be positive (small sources have < |pool| / c examples)")
         small = present & (counts.to(torch.float64) < total / divisor)
     elif rule == "average":
         avg = total / max(int(present.sum()), 1)
         small = present & (counts.to(torch.float64) < avg)
     else:
-        raise ValueError(f"small_rule={rule!r}; choose 'fraction', 'average' or 'none'")
+        raise ConfigError(f"small_rule={rule!r}; choose 'fraction', 'average' or 'none'")
     if max_keep is not None:
         order = sorted(torch.nonzero(small).flatten().tolist(), key=lambda q: (-int(counts[q]), -q))
         for q in order:
@@ -207,26 +208,26 @@ class CoLMSelector:
         seed_salt: int = Salt.COLM_SPARSIFY,
     ) -> None:
         if feature not in ("zo_grads", "grads"):
-            raise ValueError(f"feature={feature!r}; choose 'zo_grads' (zeroth-order, CoLM) or 'grads' (exact)")
+            raise ConfigError(f"feature={feature!r}; choose 'zo_grads' (zeroth-order, CoLM) or 'grads' (exact)")
         if small_rule not in ("fraction", "average"):
-            raise ValueError(f"small_rule={small_rule!r}; choose 'fraction' (|V|/c) or 'average'")
+            raise ConfigError(f"small_rule={small_rule!r}; choose 'fraction' (|V|/c) or 'average'")
         if small_from not in ("dataset", "pool"):
-            raise ValueError(f"small_from={small_from!r}; choose 'dataset' (CoLM) or 'pool'")
+            raise ConfigError(f"small_from={small_from!r}; choose 'dataset' (CoLM) or 'pool'")
         if sources not in ("labels", "kmeans"):
-            raise ValueError(f"sources={sources!r}; choose 'labels' (domain ids) or 'kmeans' (hidden-state clusters)")
+            raise ConfigError(f"sources={sources!r}; choose 'labels' (domain ids) or 'kmeans' (hidden-state clusters)")
         if clusters is not None and clusters < 1:
-            raise ValueError(f"clusters={clusters} must be >= 1 (k-means pseudo-sources)")
+            raise ConfigError(f"clusters={clusters} must be >= 1 (k-means pseudo-sources)")
         if sparsify not in ("grad", "random", "none"):
-            raise ValueError(
+            raise ConfigError(
                 f"sparsify={sparsify!r}; choose 'grad', 'random' or 'none' (the weight-magnitude criteria of "
                 "Table 3 need model weights, which a selector does not see)"
             )
         if h <= 0:
-            raise ValueError(f"h={h} must be positive (coordinates kept per source)")
+            raise ConfigError(f"h={h} must be positive (coordinates kept per source)")
         if distance not in ("l1", "cosine"):
-            raise ValueError(f"distance={distance!r}; choose 'l1' (CoLM Eq. 8) or 'cosine'")
+            raise ConfigError(f"distance={distance!r}; choose 'l1' (CoLM Eq. 8) or 'cosine'")
         if rounding not in ROUNDINGS:
-            raise ValueError(f"rounding={rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+            raise ConfigError(f"rounding={rounding!r}; choose one of {', '.join(ROUNDINGS)}")
         self.feature = feature
         self.sources = sources
         self.clusters = clusters
@@ -263,10 +264,10 @@ class CoLMSelector:
             small = torch.zeros(pool.num_domains, dtype=torch.bool)
             for q in self.small_sources:
                 if not 0 <= q < pool.num_domains:
-                    raise ValueError(f"small_sources has id {q}, but the mixture has {pool.num_domains} domains")
+                    raise ConfigError(f"small_sources has id {q}, but the mixture has {pool.num_domains} domains")
                 small[q] = counts[q] > 0
             if int(counts[small].sum()) > k:
-                raise ValueError(
+                raise ConfigError(
                     f"small_sources {self.small_sources} hold {int(counts[small].sum())} pool examples, "
                     f"more than the batch k={k}; raise train.batch_size or list fewer sources"
                 )
@@ -275,14 +276,14 @@ class CoLMSelector:
             return small_source_mask(counts, rule=self.small_rule, c=self.small_c, max_keep=k)
         sizes = pool.source_sizes
         if sizes is None:
-            raise ValueError(
+            raise ConfigError(
                 "colm decides its small sources from the dataset's per-domain sizes (Pool.source_sizes), "
                 "which this pool lacks: let the training step fill them, or set small_sources=[...] or "
                 "small_from='pool'"
             )
         sizes = torch.as_tensor(sizes, dtype=torch.long)
         if sizes.numel() != pool.num_domains:
-            raise ValueError(f"pool.source_sizes has {sizes.numel()} entries but the mixture has {pool.num_domains}")
+            raise ConfigError(f"pool.source_sizes has {sizes.numel()} entries but the mixture has {pool.num_domains}")
         small = small_source_mask(sizes, rule=self.small_rule, c=self.small_c, max_keep=k, pool_counts=counts)
         return small & (counts > 0)
 
@@ -368,7 +369,7 @@ class CoLMSelector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "normalizer" not in state:
-            raise ValueError("colm state is missing 'normalizer' (the Adam moments); was it saved by CoLMSelector?")
+            raise DataError("colm state is missing 'normalizer' (the Adam moments); was it saved by CoLMSelector?")
         self.normalizer.load_state_dict(state["normalizer"])
         if self.carry is not None:
             self.carry.load_selector_state(state)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from mixsel.errors import ConfigError
 from mixsel.registry import register_selector
 from mixsel.selection.base import Pool, check_k
 from mixsel.selection.budgets import BudgetPolicy
@@ -85,9 +86,9 @@ class CraigSelector:
         method: str = "lazy",
     ) -> None:
         if method not in ("lazy", "naive"):
-            raise ValueError(f"method={method!r}; choose 'lazy' or 'naive' (both give the same medoids)")
+            raise ConfigError(f"method={method!r}; choose 'lazy' or 'naive' (both give the same medoids)")
         if distance not in DISTANCES:
-            raise ValueError(f"distance={distance!r}; choose 'euclidean' (CRAIG paper) or 'squared' (cords)")
+            raise ConfigError(f"distance={distance!r}; choose 'euclidean' (CRAIG paper) or 'squared' (cords)")
         self.distance = distance
         self.budgets = BudgetPolicy.of(budget, shares, minimum, enabled=per_domain_budgets, rounding=rounding)
         self.method = method

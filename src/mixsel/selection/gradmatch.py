@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from mixsel.errors import ConfigError
 from mixsel.registry import register_selector
 from mixsel.seeding import Salt
 from mixsel.selection.base import Pool, check_k
@@ -56,11 +57,11 @@ class GradMatchSelector:
         self, ridge: float = 0.0, tol: float = 1e-6, fill: str = "random", seed_salt: int = Salt.GRADMATCH_FILL
     ) -> None:
         if ridge < 0:
-            raise ValueError(f"ridge={ridge} must be >= 0")
+            raise ConfigError(f"ridge={ridge} must be >= 0")
         if tol < 0:
-            raise ValueError(f"tol={tol} must be >= 0")
+            raise ConfigError(f"tol={tol} must be >= 0")
         if fill not in FILL_RULES:
-            raise ValueError(f"fill={fill!r}; choose 'random' (cords: random picks of weight 1) or 'residual'")
+            raise ConfigError(f"fill={fill!r}; choose 'random' (cords: random picks of weight 1) or 'residual'")
         self.ridge = float(ridge)
         self.tol = float(tol)
         self.fill = fill

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from mixsel.errors import ConfigError
 from mixsel.registry import register_selector
 from mixsel.selection.base import Pool, check_k
 from mixsel.selection.budgets import BudgetPolicy
@@ -76,9 +77,9 @@ class GreatsSelector:
         rounding: str = "smallest_first",
     ) -> None:
         if anchors not in ANCHOR_MODES:
-            raise ValueError(f"anchors={anchors!r}; choose one of {', '.join(ANCHOR_MODES)}")
+            raise ConfigError(f"anchors={anchors!r}; choose one of {', '.join(ANCHOR_MODES)}")
         if lr is not None and not lr > 0:
-            raise ValueError(f"lr={lr} must be positive (or None to use the optimiser's learning rate)")
+            raise ConfigError(f"lr={lr} must be positive (or None to use the optimiser's learning rate)")
         self.second_order = bool(second_order)
         self.anchors = anchors
         self.lr = lr

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mixsel.errors import ConfigError
 from mixsel.registry import register_selector
 from mixsel.selection.base import Pool
 from mixsel.selection.ranked import RankedSelector
@@ -62,7 +63,7 @@ class MiddlePerplexitySelector(RankedSelector):
             per_domain_budgets=per_domain_budgets, budget=budget, shares=shares, minimum=minimum, rounding=rounding
         )
         if not 0.0 <= quantile <= 1.0:
-            raise ValueError(f"quantile={quantile} must lie in [0, 1] (0.5 = the median perplexity)")
+            raise ConfigError(f"quantile={quantile} must lie in [0, 1] (0.5 = the median perplexity)")
         self.quantile = float(quantile)
 
     def score(self, pool: Pool) -> torch.Tensor:

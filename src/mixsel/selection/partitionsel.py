@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from mixsel.errors import ConfigError
 from mixsel.registry import register_selector
 from mixsel.seeding import Salt
 from mixsel.selection.base import Pool, check_k
@@ -46,7 +47,7 @@ def effective_lr(pool: Pool, override: float | None = None) -> float:
     """The learning rate eta used by the utility: ``override`` or ``pool.lr``, clamped to >= 1e-12."""
     lr = float(pool.lr if override is None else override)
     if lr != lr or lr < 0:
-        raise ValueError(f"learning rate must be a non-negative number, got {lr}")
+        raise ConfigError(f"learning rate must be a non-negative number, got {lr}")
     return max(lr, MIN_LR)
 
 
@@ -64,7 +65,7 @@ def anchor_scores(pool: Pool, anchors: str = "mean") -> torch.Tensor:
         Tensor[n] in float64.
     """
     if anchors not in ANCHOR_MODES:
-        raise ValueError(f"anchors={anchors!r}; choose one of {', '.join(ANCHOR_MODES)}")
+        raise ConfigError(f"anchors={anchors!r}; choose one of {', '.join(ANCHOR_MODES)}")
     vs = pool.feature("val_scores")
     if vs.dim() == 1:
         vs = vs[:, None]
@@ -75,7 +76,7 @@ def anchor_scores(pool: Pool, anchors: str = "mean") -> torch.Tensor:
         return vs.mean(1)
     val_domains = getattr(pool, "val_domains", None)
     if val_domains is None:
-        raise ValueError(
+        raise ConfigError(
             "anchors='balanced' needs the domain of each validation anchor (pool.val_domains, LongTensor[m]); "
             "use anchors='mean' or have the step attach the anchors' domain ids"
         )
@@ -134,9 +135,9 @@ class PartitionSelSelector:
         seed_salt: int = Salt.PARTITIONSEL,
     ) -> None:
         if anchors not in ANCHOR_MODES:
-            raise ValueError(f"anchors={anchors!r}; choose one of {', '.join(ANCHOR_MODES)}")
+            raise ConfigError(f"anchors={anchors!r}; choose one of {', '.join(ANCHOR_MODES)}")
         if lr is not None and not lr > 0:
-            raise ValueError(f"lr={lr} must be positive (or None to use the optimiser's learning rate)")
+            raise ConfigError(f"lr={lr} must be positive (or None to use the optimiser's learning rate)")
         self.budgets = BudgetPolicy.of(budget, shares, minimum, rounding=rounding)
         self.randomized = bool(randomized)
         self.anchors = anchors

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from mixsel.errors import ConfigError
 from mixsel.registry import register_selector
 from mixsel.seeding import Salt
 from mixsel.selection.base import Pool, check_k
@@ -70,7 +71,7 @@ class StratifiedSelector(_Stateless):
         seed_salt: int = Salt.STRATIFIED,
     ) -> None:
         if budget not in {"proportional", "weights", "uniform"}:
-            raise ValueError(f"budget={budget!r}; choose proportional, weights or uniform")
+            raise ConfigError(f"budget={budget!r}; choose proportional, weights or uniform")
         # a positive floor turns the proportional split into the "minimum" policy
         policy = "minimum" if budget == "proportional" and minimum > 0 else budget
         self.budgets = BudgetPolicy(policy, minimum=minimum, rounding=rounding)

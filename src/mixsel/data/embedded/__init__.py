@@ -28,6 +28,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mixsel.errors import DataError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
@@ -101,7 +103,7 @@ def load_embedded_records(split: str | None = None, *, with_sources: bool = Fals
         ValueError: if ``split`` is not one of :data:`SPLITS` or ``None``.
     """
     if split is not None and split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)} or None, got {split!r}")
+        raise DataError(f"split must be one of {list(SPLITS)} or None, got {split!r}")
     out = []
     for line_no, rec in _read_all():
         if split is None or rec["split"] == split:
