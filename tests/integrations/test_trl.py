@@ -289,3 +289,16 @@ def test_dograph_takes_domain_gradients_from_a_separate_pass(tmp_path):
     assert calls == [4, 4, 4]  # one pass per step over the 4 trained rows
     rw = trainer.reweighting_callback.reweighter
     assert rw.num_calls == 3 and torch.isclose(rw.weights.sum(), torch.tensor(1.0, dtype=rw.weights.dtype))
+
+
+def test_config_on_a_machine_without_a_bf16_gpu_turns_bf16_off(tmp_path, caplog):
+    """TRL's bf16 default would refuse to start without a bf16 GPU; the mixsel config turns it off, with a line."""
+    from mixsel.integrations import trl as mixsel_trl
+
+    if mixsel_trl._has_bf16_accelerator():
+        pytest.skip("this machine has a bf16 accelerator")
+    with caplog.at_level("WARNING", logger="mixsel"):
+        args = mixsel_trl.SelectionSFTConfig(output_dir=str(tmp_path), report_to=[])
+    assert args.bf16 is False and any("bf16 off" in r.getMessage() for r in caplog.records)
+    forced = mixsel_trl.SelectionSFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=True)
+    assert forced.bf16 is True  # an explicit choice is kept

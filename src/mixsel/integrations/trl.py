@@ -40,6 +40,7 @@ log-probabilities that the weights act on).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,8 @@ from mixsel.errors import ConfigError, DataError, OptionError
 from mixsel.integrations.hf import MICRO_KEY, SelectionTrainer, SelectionTrainingArguments
 
 __all__ = ["SelectionSFTConfig", "SelectionSFTTrainer", "token_weights"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,9 +83,22 @@ class SelectionSFTConfig(SFTConfig, SelectionTrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.bf16 is None and not self.fp16 and (self.use_cpu or not _has_bf16_accelerator()):
+            # TRL turns bf16 on by default, which a machine without a bf16 GPU refuses ("Your setup doesn't
+            # support bf16/gpu") and use_cpu=True runs as bf16 autocast on the CPU, several times slower
+            self.bf16 = False
+            log.warning("SelectionSFTConfig: bf16 off (no GPU with bfloat16 here); pass bf16=True to force it")
         super().__post_init__()
         if self.loss_normalization not in ("token", "example"):
             raise ConfigError(f"loss_normalization={self.loss_normalization!r} must be 'token' or 'example'")
+
+
+def _has_bf16_accelerator() -> bool:
+    """A CUDA GPU with bfloat16, or another accelerator (MPS, XPU) that TRL's bf16 default may use."""
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    xpu = getattr(torch, "xpu", None)
+    return bool(torch.backends.mps.is_available() or (xpu is not None and xpu.is_available()))
 
 
 def token_weights(
