@@ -5,7 +5,7 @@ a loop owns only its I/O, the forward/backward calls, the optimiser and logging:
 
     plan = engine.plan(model, step=step, lr=lr)           # pool -> features -> selection -> weights
     for micro in plan.micro_batches:                       # this rank's share, in micro-batches
-        logits = model(**micro.batch.model_inputs(device)).logits
+        logits = model(**micro.batch.forward_inputs(device)).logits
         engine.loss(plan, micro, logits).backward()        # one normaliser: global over ranks and micro-batches
     optimizer.step()
     report = engine.finish(model, plan)                    # domain statistics -> reweighter update
@@ -109,6 +109,12 @@ class Batch:
     def model_inputs(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask``, ``labels`` (on ``device`` when given)."""
         out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels}
+        return out if device is None else {k: v.to(device) for k, v in out.items()}
+
+    def forward_inputs(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask``: what a forward whose loss the engine computes takes (no
+        ``labels``, so the model does not compute a loss of its own)."""
+        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         return out if device is None else {k: v.to(device) for k, v in out.items()}
 
     def as_dict(self) -> dict[str, torch.Tensor]:

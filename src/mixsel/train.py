@@ -256,7 +256,7 @@ def _backward(
     vocab = 0
     for micro in plan.micro_batches:
         with autocast:
-            logits = model(**micro.batch.model_inputs(device)).logits
+            logits = model(**micro.batch.forward_inputs(device)).logits
         vocab = logits.shape[-1]
         try:
             loss = engine.loss(plan, micro, logits)
