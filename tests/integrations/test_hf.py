@@ -447,3 +447,39 @@ def test_selector_and_options_are_checked_when_the_arguments_are_made(tmp_path):
     assert args.mixsel_config().selection.features.blocks == 1
     with pytest.raises(KeyError, match="blokcs"):
         make_args(tmp_path, mixsel=["selection.features.blokcs=1"])
+
+
+def test_resume_continues_the_pools_and_the_selector_state(tmp_path):
+    """mixsel_engine.pt in each checkpoint: sampler, selector (CoLM's Adam normaliser, the carry of
+    rounding=carry) and reweighter come back, so a resumed run picks what an uninterrupted one picks."""
+    import json
+
+    def trainer(name, callbacks=()):
+        args = make_args(
+            tmp_path,
+            output_dir=str(tmp_path / name),
+            max_steps=4,
+            selector="colm",
+            selector_options={"rounding": "carry"},
+            per_device_train_batch_size=2,
+            domains=DOMAINS,
+            save_strategy="steps",
+            save_steps=2,
+            log_selections=True,
+        )
+        return SelectionTrainer(
+            model=make_tiny_llama(), args=args, train_dataset=make_dataset(), callbacks=list(callbacks)
+        )
+
+    full = trainer("full")
+    full.train()
+    part = trainer("part", [_StopAt(2)])
+    part.train()
+    assert (tmp_path / "part" / "checkpoint-2" / "mixsel_engine.pt").exists()
+    trainer("part").train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-2"))
+
+    def picks(name):
+        lines = (tmp_path / name / "selections.jsonl").read_text().splitlines()
+        return {r["step"]: r["examples"] for r in map(json.loads, lines)}
+
+    assert picks("part") == picks("full") and sorted(picks("full")) == [1, 2, 3, 4]

@@ -832,7 +832,7 @@ class SelectionTrainer(Trainer):
         path = os.path.join(checkpoint, ENGINE_STATE) if checkpoint else None
         if path is None or not os.path.exists(path):
             return
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)  # tensors, numbers and strings only: never code
         ranks = state.get("selector_ranks")
         self.engine.load_state_dict(state, None if ranks is None else ranks[self.accelerator.process_index])
 
