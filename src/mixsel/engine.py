@@ -60,6 +60,7 @@ __all__ = [
     "StepReport",
     "build_engine",
     "build_reweighter",
+    "reweighter_update_every",
     "weighted_loss",
 ]
 
@@ -298,9 +299,13 @@ class OnlineReweighter:
     def is_stats_step(self, step: int) -> bool:
         return bookkeeping.is_stats_step(step, self.update_every, self.amortize)
 
+    def _trained_grads(self, step: int) -> bool:
+        """Whether ``step`` feeds the reweighter domain gradients of the trained rows."""
+        return self.needs_grad and self.is_stats_step(step) and self.grad_rows == "trained"
+
     def capture(self, model: torch.nn.Module, step: int) -> Any:
         """A gradient capture for the step's backward when the domain gradients come from it, else None."""
-        if self.needs_grad and self.is_stats_step(step) and self.grad_rows == "trained" and self.capture_in_backward:
+        if self._trained_grads(step) and self.capture_in_backward:
             return bookkeeping.gradient_capture(model, **self.grad_kw)
         return None
 
@@ -355,23 +360,22 @@ class OnlineReweighter:
         vb = None
         if with_val:
             vb = val_batch(bookkeeping.balanced_rows(val_domains, num_domains, self.val_per_domain))
-        if plan.capture is not None:  # the trained rows, captured in the backward
-            trained = plan.trained
-            stats.grad = bookkeeping.captured_domain_gradients(
-                plan.capture, trained.model_inputs(), trained.domain_ids, num_domains, model=model, **self.grad_kw
-            )
-            if vb is not None:
-                stats.val_grad = bookkeeping.validation_gradient(model, vb, **self.grad_kw)
-        elif self.grad_rows == "trained":  # a separate pass over the trained rows (before the update if it ran)
-            stats.grad = plan.trained_grad if plan.trained_grad is not None else self._trained_pass(model, plan)
-            if vb is not None:
-                stats.val_grad = bookkeeping.validation_gradient(model, vb, **self.grad_kw)
-        else:  # a separate pass over this rank's share of the pool
+        if self.grad_rows == "pool":  # a separate pass over this rank's share of the pool
             rows = torch.arange(len(plan.pool))[world.rank :: world.world_size]
             share = plan.pool.rows(rows)
             stats.grad, stats.val_grad = bookkeeping.domain_gradients(
                 model, share.model_inputs(), share.domain_ids, num_domains, val_batch=vb, **self.grad_kw
             )
+            return
+        if plan.capture is not None:  # the trained rows, captured in the backward
+            trained = plan.trained
+            stats.grad = bookkeeping.captured_domain_gradients(
+                plan.capture, trained.model_inputs(), trained.domain_ids, num_domains, model=model, **self.grad_kw
+            )
+        else:  # a separate pass over the trained rows (before the update, where the loop called before_update)
+            stats.grad = plan.trained_grad if plan.trained_grad is not None else self._trained_pass(model, plan)
+        if vb is not None:
+            stats.val_grad = bookkeeping.validation_gradient(model, vb, **self.grad_kw)
 
     def _trained_pass(self, model: torch.nn.Module, plan: StepPlan) -> torch.Tensor:
         trained = plan.trained
@@ -385,7 +389,7 @@ class OnlineReweighter:
         """Between the backward passes and the optimiser step: the trained rows' domain gradients when the
         loop's loss is not :meth:`Engine.loss` (no capture), so they are taken at the model the step
         differentiated, as the capture takes them."""
-        if self.needs_grad and self.is_stats_step(plan.step) and self.grad_rows == "trained" and plan.capture is None:
+        if self._trained_grads(plan.step) and plan.capture is None:
             plan.trained_grad = self._trained_pass(model, plan)
 
     def update(self, stats: DomainStats, step: int) -> bool:
@@ -665,16 +669,18 @@ def _weights_from(options: dict[str, Any], domains: list[str]) -> dict[str, Any]
     return {**options, "weights": {d: float(loaded[d]) for d in domains}}
 
 
-def build_reweighter(rc: ReweightingConfig, domains: list[str]) -> Any:
-    """The ``reweighting.method`` reweighter with its ``reweighting.options`` (one clear line for a bad one).
+def reweighter_update_every(rc: ReweightingConfig) -> int:
+    """The ``update_every`` a reweighter is built with: ``reweighting.update_every``, or 1 with
+    ``reweighting.amortize`` (the loop then decides the update steps and the reweighter updates on every
+    call it gets)."""
+    return 1 if rc.amortize and rc.update_every > 1 else rc.update_every
 
-    With ``reweighting.amortize`` the loop decides the update steps, so the reweighter updates on
-    every call it gets.
-    """
-    amortize = rc.amortize and rc.update_every > 1
+
+def build_reweighter(rc: ReweightingConfig, domains: list[str]) -> Any:
+    """The ``reweighting.method`` reweighter with its ``reweighting.options`` (one clear line for a bad one)."""
     options = _weights_from(dict(rc.options), domains)
     try:
-        return get_reweighter(rc.method, domains=domains, update_every=1 if amortize else rc.update_every, **options)
+        return get_reweighter(rc.method, domains=domains, update_every=reweighter_update_every(rc), **options)
     except OptionError as err:  # an unknown or missing keyword option
         raise ConfigError(
             f"reweighting.options for {rc.method!r}: {err}; docs/reweighting.md lists the options"

@@ -106,8 +106,14 @@ def run_case(name: str, folder: Path, reference: Path) -> list[dict]:
     train(load_config(None, [*FAST, *COMMON, *extra, f"train.output_dir={out}"]), progress=False)
     picks = [json.loads(line) for line in (out / "selections.jsonl").read_text().splitlines()]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return step_records(picks, metrics, grad_norm="train/grad_norm")
+
+
+def step_records(picks: list[dict], rows: list[dict], *, grad_norm: str) -> list[dict]:
+    """Per step: picked example ids, selection weights, loss, grad norm (under the key ``grad_norm``)
+    and domain weights, from ``selections.jsonl`` lines and the loop's metric rows of the same steps."""
     steps = []
-    for pick, row in zip(picks, metrics, strict=True):
+    for pick, row in zip(picks, rows, strict=True):
         assert pick["step"] == row["step"]
         steps.append(
             {
@@ -115,11 +121,28 @@ def run_case(name: str, folder: Path, reference: Path) -> list[dict]:
                 "examples": pick["examples"],
                 "selection_weights": pick["weights"],
                 "loss": row["train/loss"],
-                "grad_norm": row["train/grad_norm"],
+                "grad_norm": row[grad_norm],
                 "domain_weights": {k: v for k, v in row.items() if k.startswith("weights/")},
             }
         )
     return steps
+
+
+def check_steps(
+    got: list[dict], want: list[dict], *, loss_rel: float, grad_rel: float, weights_rel: float, weights_abs: float
+) -> None:
+    """Assert two runs' :func:`step_records` agree: the same picks every step, the numbers within tolerance."""
+    import math
+
+    import pytest
+
+    assert [s["step"] for s in got] == [s["step"] for s in want]
+    for g, w in zip(got, want):
+        assert g["examples"] == w["examples"], f"step {w['step']}: other examples picked"
+        assert g["selection_weights"] == pytest.approx(w["selection_weights"], rel=1e-5, abs=1e-6)
+        assert math.isclose(g["loss"], w["loss"], rel_tol=loss_rel), f"step {w['step']}: loss"
+        assert math.isclose(g["grad_norm"], w["grad_norm"], rel_tol=grad_rel), f"step {w['step']}: grad norm"
+        assert g["domain_weights"] == pytest.approx(w["domain_weights"], rel=weights_rel, abs=weights_abs)
 
 
 def record(names: list[str] | None = None) -> dict[str, list[dict]]:

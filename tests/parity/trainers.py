@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from _fast import FAST
-from golden import CASES, COMMON
+from golden import CASES, COMMON, step_records
 
 
 def hf_case(
@@ -102,17 +102,4 @@ def hf_case(
         return []
     picks = [json.loads(line) for line in (out / "selections.jsonl").read_text().splitlines()]
     logs = [h for h in trainer.state.log_history if "loss" in h and "train/loss" in h]
-    steps = []
-    for pick, row in zip(picks, logs, strict=True):
-        assert pick["step"] == row["step"]
-        steps.append(
-            {
-                "step": pick["step"],
-                "examples": pick["examples"],
-                "selection_weights": pick["weights"],
-                "loss": row["train/loss"],
-                "grad_norm": row["grad_norm"],
-                "domain_weights": {k: v for k, v in row.items() if k.startswith("weights/")},
-            }
-        )
-    return steps
+    return step_records(picks, logs, grad_norm="grad_norm")

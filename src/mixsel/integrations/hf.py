@@ -41,6 +41,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -52,7 +53,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
 from mixsel.config import ExperimentConfig, FeatureConfig
-from mixsel.engine import build_engine
+from mixsel.engine import build_engine, reweighter_update_every
 from mixsel.errors import ConfigError, DataError, OptionError
 from mixsel.integrations.hf_utils import (
     CausalLMCollator,
@@ -239,7 +240,7 @@ class SelectionTrainingArguments(TrainingArguments):
         )
         tree["reweighting"].update(
             method=self.reweighter or "uniform",
-            options={**rw_options, "update_every": update_every} if update_every != 1 else rw_options,
+            options=rw_options,
             update_every=update_every,
             projection_dim=self.reweighting_projection_dim,
             val_per_domain=self.reweighting_val_per_domain,
@@ -251,7 +252,7 @@ class SelectionTrainingArguments(TrainingArguments):
             extra = [f"{key}={json.dumps(value)}" for key, value in extra.items()]
         tree = apply_overrides(tree, list(extra or []))
         cfg = from_dict(ExperimentConfig, tree)
-        cfg.reweighting.options.pop("update_every", None)  # the engine's update_every (reweighting.update_every)
+        cfg.reweighting.options.pop("update_every", None)  # an override's; the engine reads reweighting.update_every
         return validate(cfg)
 
     def feature_config(self) -> FeatureConfig:
@@ -515,7 +516,7 @@ class SelectionTrainer(Trainer):
         existing = [cb for cb in callbacks if isinstance(cb, ReweightingCallback)]
         if (args.reweighter is not None or cfg.reweighting.method != "uniform") and not existing:
             rc = cfg.reweighting
-            options = {**rc.options, "update_every": 1 if rc.amortize and rc.update_every > 1 else rc.update_every}
+            options = {**rc.options, "update_every": reweighter_update_every(rc)}
             try:
                 callbacks.append(ReweightingCallback(rc.method, self.domains, options))
             except OptionError as err:  # an unknown or missing keyword option
@@ -552,7 +553,6 @@ class SelectionTrainer(Trainer):
         self._plan: Any = None
         self._sel_metrics: dict[str, list[float]] = defaultdict(list)
         self.engine = self._build_engine(selector, rw)
-        self._use_weights = self.engine.use_weights
         cfg = self.mixsel_config
         _say(
             launch_message(
@@ -653,6 +653,11 @@ class SelectionTrainer(Trainer):
     def pool_size(self) -> int:
         """Candidates per pool (every rank holds the same pool): ``pool_factor`` x the step's batch."""
         return self.mixsel_config.train.pool_size
+
+    @property
+    def _use_weights(self) -> bool:
+        """Whether the loss applies the selection weights (the engine's resolved switch)."""
+        return self.engine.use_weights
 
     @property
     def online(self) -> Any:
@@ -793,12 +798,9 @@ class SelectionTrainer(Trainer):
         if reweighting is not None:
             reweighting.mark_fed()
         if self.args.log_selections and self.is_world_process_zero():
-            import json as _json
-            import os
-
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, "selections.jsonl"), "a") as fh:
-                fh.write(_json.dumps(self.engine.selections_record(plan)) + "\n")
+                fh.write(json.dumps(self.engine.selections_record(plan)) + "\n")
         m = self._sel_metrics
         for key, value in report.metrics.items():
             m[key].append(float(value))
@@ -808,8 +810,6 @@ class SelectionTrainer(Trainer):
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
-        import os
-
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -823,8 +823,6 @@ class SelectionTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        import os
-
         reweighting = self.reweighting_callback  # a restored checkpoint replaces the callback
         if reweighting is not None:
             self.engine.reweighting.reweighter = reweighting.reweighter
