@@ -473,3 +473,36 @@ def test_columns_that_appear_only_late_in_the_file_are_seen(tmp_path):
     rows.append({"domain": "math", "prompt": "1+1?", "response": "2"})
     records = load_records(str(write_jsonl(tmp_path / "d.jsonl", rows)))
     assert records[-1] == {"domain": "math", "prompt": "1+1?", "response": "2"}
+
+
+def test_a_line_separator_inside_a_jsonl_value_does_not_split_the_row(tmp_path):
+    path = tmp_path / "mix.jsonl"
+    rows = [{"domain": "a", "text": "one\u2028two\u2029three\x85four"}, {"domain": "a", "text": "next"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    records = load_records(str(path), with_sources=True)
+    assert [r["text"] for r in records] == [rows[0]["text"], "next"]
+    assert [r["source"] for r in records] == ["mix.jsonl:1", "mix.jsonl:2"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "csv"])
+def test_records_come_in_chunks_with_the_ids_and_order_of_load_records(tmp_path, fmt):
+    from mixsel.data.loading import iter_records
+
+    rows = [{"domain": "ab"[i % 2], "text": f"row {i}"} for i in range(25)]
+    path = tmp_path / f"mix.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "parquet":
+        pytest.importorskip("pyarrow")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        pytest.importorskip("pandas")
+        import pandas as pd
+
+        pd.DataFrame(rows).to_csv(path, index=False)
+    chunks = list(iter_records(str(path), with_sources=True, chunk_size=10))
+    assert [len(c) for c in chunks] == [10, 10, 5]
+    assert [r for c in chunks for r in c] == load_records(str(path), with_sources=True)

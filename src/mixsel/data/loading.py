@@ -33,6 +33,7 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
+import io
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ import os
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ from mixsel.errors import DataError
 __all__ = [
     "SPLITS",
     "domain_names",
+    "iter_records",
     "load_records",
     "normalize_records",
     "select_domains",
@@ -159,29 +161,32 @@ def _file_label(path: str, base: str | None) -> str:
     return os.path.relpath(path, base).replace(os.sep, "/")
 
 
-def _read_json_file(path: str, fmt: str, label: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of a JSON file, read with the standard ``json`` module so values keep their exact types
-    (pandas would turn an integer column with a null into floats: ``8`` -> ``"8.0"``), and their ids.
+def _undecodable(path: str, err: Exception) -> str:
+    """One line for a data file that cannot be decoded: not UTF-8 (with the byte offset), or a damaged gzip."""
+    if isinstance(err, UnicodeDecodeError):
+        where = " of the decompressed text" if path.lower().endswith(".gz") else ""
+        byte = err.object[err.start : err.start + 1].hex()
+        return (
+            f"data file {path} is not UTF-8 text (byte 0x{byte} at offset {err.start}{where}); "
+            "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        )
+    return f"data file {path} is a truncated or damaged gzip file ({err or type(err).__name__}); re-create it"
 
-    ``.jsonl`` is one object per line (id ``"<label>:<1-based line number>"``); ``.json`` is a JSON
-    array of objects or an object of columns (id ``"<label>:<0-based row index>"``), or else one
-    object per line (``datasets.Dataset.to_json`` writes lines).
+
+_CHUNK_ROWS = 10_000
+
+
+def _json_lines(
+    lines: Iterable[str], path: str, label: str, size: int
+) -> Iterator[tuple[list[dict[str, Any]], list[str]]]:
+    """Chunks of the rows of JSON lines and their ids ``"<label>:<1-based line>"``.
+
+    Lines are those of Python's text files (``\\n``, ``\\r\\n`` or ``\\r``), so a U+2028 inside a
+    string value does not split a row as ``str.splitlines`` would.
     """
-    with _open_text(path) as f:
-        content = f.read()
-    if fmt == "json":
-        try:
-            data = json.loads(content)
-        except json.JSONDecodeError:
-            data = None
-        if isinstance(data, list):
-            return [dict(row) for row in data], _numbered(label, len(data))
-        if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
-            keys = list(data)
-            table = [dict(zip(keys, values)) for values in zip(*(data[k] for k in keys))]
-            return table, _numbered(label, len(table))
-    rows, ids = [], []
-    for line_no, line in enumerate(content.splitlines(), start=1):
+    rows: list[dict[str, Any]] = []
+    ids: list[str] = []
+    for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -194,33 +199,74 @@ def _read_json_file(path: str, fmt: str, label: str) -> tuple[list[dict[str, Any
             raise DataError(f"{path}:{line_no} is a JSON {type(row).__name__}, not an object with named columns")
         rows.append(row)
         ids.append(f"{label}:{line_no}")
-    return rows, ids
+        if len(rows) == size:
+            yield rows, ids
+            rows, ids = [], []
+    if rows:
+        yield rows, ids
 
 
-def _read_file(path: str, fmt: str, label: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of one data file and their source ids (``label`` names the file in them)."""
+def _json_chunks(path: str, fmt: str, label: str, size: int) -> Iterator[tuple[list[dict[str, Any]], list[str]]]:
+    """Chunks of a JSON file's rows, read with the standard ``json`` module so values keep their exact
+    types (pandas would turn an integer column with a null into floats: ``8`` -> ``"8.0"``), and their ids.
+
+    ``.jsonl`` is one object per line (id ``"<label>:<1-based line number>"``), read line by line;
+    ``.json`` is a JSON array of objects or an object of columns (id ``"<label>:<0-based row index>"``),
+    or else one object per line (``datasets.Dataset.to_json`` writes lines).
+    """
+    if fmt == "jsonl":
+        with _open_text(path) as f:
+            yield from _json_lines(f, path, label, size)
+        return
+    with _open_text(path) as f:
+        content = f.read()
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        keys = list(data)
+        data = [dict(zip(keys, values)) for values in zip(*(data[k] for k in keys))]
+    if isinstance(data, list):
+        for start in range(0, len(data), size):
+            yield (
+                [dict(row) for row in data[start : start + size]],
+                [f"{label}:{i}" for i in range(start, min(start + size, len(data)))],
+            )
+        return
+    yield from _json_lines(io.StringIO(content), path, label, size)
+
+
+def _file_chunks(path: str, fmt: str, label: str, size: int) -> Iterator[tuple[list[dict[str, Any]], list[str]]]:
+    """Chunks of ``size`` rows of one data file and their source ids (``label`` names the file in them)."""
     if fmt in ("jsonl", "json"):
-        return _read_json_file(path, fmt, label)
+        yield from _json_chunks(path, fmt, label, size)
+        return
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
-        return rows, _numbered(label, len(rows))
+        start = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=size):
+            rows = batch.to_pylist()
+            yield rows, [f"{label}:{i}" for i in range(start, start + len(rows))]
+            start += len(rows)
+        return
     if fmt == "csv":
         import pandas as pd
 
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, compression="infer")
-        rows = frame.to_dict(orient="records")
-        return rows, _numbered(label, len(rows))
+        start = 0
+        for frame in pd.read_csv(path, dtype=str, keep_default_na=False, compression="infer", chunksize=size):
+            rows = frame.to_dict(orient="records")
+            yield rows, [f"{label}:{i}" for i in range(start, start + len(rows))]
+            start += len(rows)
+        return
     raise DataError(f"unknown data.format={fmt!r}; use one of {', '.join(_FORMATS)}")
 
 
-def _read_local_files(
-    files: Sequence[str], fmt: str | None, base: str | None = None
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of the data files, in order, and their source ids (files named relative to ``base``)."""
-    rows: list[dict[str, Any]] = []
-    ids: list[str] = []
+def _local_chunks(
+    files: Sequence[str], fmt: str | None, base: str | None, size: int
+) -> Iterator[tuple[list[dict[str, Any]], list[str]]]:
+    """Chunks of the rows of the data files, in order, and their source ids (files named relative to ``base``)."""
     for path in files:
         file_fmt = fmt or _file_format(path)
         if file_fmt is None:
@@ -229,24 +275,50 @@ def _read_local_files(
                 f"{', '.join(f for f in _FORMATS if f != 'hf')}"
             )
         try:
-            file_rows, file_ids = _read_file(path, file_fmt, _file_label(path, base))
+            yield from _file_chunks(path, file_fmt, _file_label(path, base), size)
         except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error) as err:
             raise DataError(_undecodable(path, err)) from None
-        rows.extend(file_rows)
-        ids.extend(file_ids)
-    return rows, ids
 
 
-def _undecodable(path: str, err: Exception) -> str:
-    """One line for a data file that cannot be decoded: not UTF-8 (with the byte offset), or a damaged gzip."""
-    if isinstance(err, UnicodeDecodeError):
-        where = " of the decompressed text" if path.lower().endswith(".gz") else ""
-        byte = err.object[err.start : err.start + 1].hex()
-        return (
-            f"data file {path} is not UTF-8 text (byte 0x{byte} at offset {err.start}{where}); "
-            "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+def _hf_chunks(
+    obj: Any, prefix: str, split_column: str | None, size: int
+) -> Iterator[tuple[list[dict[str, Any]], list[str]]]:
+    """Chunks of the rows of a ``datasets.Dataset`` or ``DatasetDict`` (see :func:`_rows_from_hf`) and their ids."""
+    import datasets
+
+    if not isinstance(obj, datasets.DatasetDict):
+        parts: list[tuple[Any, str, str | None]] = [(obj, prefix, None)]
+    elif len(obj) == 1:
+        name = next(iter(obj))
+        parts = [(obj[name], f"{prefix}:{name}", None)]
+    else:
+        _split_names(obj, split_column)
+        parts = [(obj[name], f"{prefix}:{name}", name if split_column is None else None) for name in obj]
+    for dataset, label, tag in parts:
+        for start in range(0, len(dataset), size):
+            batch = dataset[start : start + size]
+            keys = list(batch)
+            rows = [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
+            if tag is not None:
+                for row in rows:
+                    row["__split__"] = tag
+            yield rows, [f"{label}:{i}" for i in range(start, start + len(rows))]
+
+
+def _split_names(obj: Any, split_column: str | None) -> list[str]:
+    """The split names of a multi-split ``DatasetDict``, checked.
+
+    Raises:
+        ValueError: a split is not train/validation/test (or an alias) and no split column is set.
+    """
+    names = list(obj.keys())
+    unknown = [n for n in names if n.lower() not in _SPLIT_ALIASES]
+    if unknown and split_column is None:
+        raise DataError(
+            f"the dataset has splits {names}, and {unknown} are not train/validation/test; "
+            "choose one with data.hf_split=<name>"
         )
-    return f"data file {path} is a truncated or damaged gzip file ({err or type(err).__name__}); re-create it"
+    return names
 
 
 def _rows_from_hf(obj: Any, split_column: str | None) -> tuple[list[dict[str, Any]], str | None]:
@@ -263,12 +335,7 @@ def _rows_from_hf(obj: Any, split_column: str | None) -> tuple[list[dict[str, An
     names = list(obj.keys())
     if len(names) == 1:
         return list(obj[names[0]].to_list()), split_column
-    unknown = [n for n in names if n.lower() not in _SPLIT_ALIASES]
-    if unknown and split_column is None:
-        raise DataError(
-            f"the dataset has splits {names}, and {unknown} are not train/validation/test; "
-            "choose one with data.hf_split=<name>"
-        )
+    _split_names(obj, split_column)
     rows: list[dict[str, Any]] = []
     for name in names:
         for row in obj[name].to_list():
@@ -290,11 +357,9 @@ def _hf_row_ids(obj: Any, prefix: str) -> list[str]:
     return [f"{prefix}:{name}:{i}" for name in obj for i in range(len(obj[name]))]
 
 
-def _read_hf(
-    source: str, *, hf_name: str | None, hf_config: str | None, hf_split: str | None, split_column: str | None
-) -> tuple[list[dict[str, Any]], str | None, list[str]]:
-    """Rows through the ``datasets`` library (a saved folder, local data files, or a hub name), the
-    split column, and the rows' source ids (see :func:`load_records`)."""
+def _hf_source(source: str, *, hf_name: str | None, hf_config: str | None, hf_split: str | None) -> tuple[Any, str]:
+    """The ``datasets`` object of a saved folder, local data files or a hub name, and the prefix of
+    its rows' source ids (see :func:`load_records`)."""
     import datasets
 
     local_name = os.path.basename(os.path.normpath(source))
@@ -305,7 +370,7 @@ def _read_hf(
                 raise DataError(f"data.hf_split={hf_split!r} is not in the saved dataset; it has {list(obj)}")
             obj = obj[hf_split]
             local_name = f"{local_name}:{hf_split}"
-        return (*_rows_from_hf(obj, split_column), _hf_row_ids(obj, local_name))
+        return obj, local_name
     if hf_name is None and (os.path.exists(source) or glob.has_magic(source)):
         files = _expand_files(source)
         formats = {_file_format(f) for f in files}
@@ -316,12 +381,129 @@ def _read_hf(
             )
         builder = _HF_BUILDERS[str(formats.pop())]
         obj = datasets.load_dataset(builder, data_files=files, split=hf_split or "train")
-        return (*_rows_from_hf(obj, split_column), _hf_row_ids(obj, f"{local_name}:{hf_split or 'train'}"))
+        return obj, f"{local_name}:{hf_split or 'train'}"
     name = hf_name or source
     log.info("loading Hugging Face dataset %r (config=%r, split=%r)", name, hf_config, hf_split)
     obj = datasets.load_dataset(name, hf_config, split=hf_split)
-    prefix = name + (f"/{hf_config}" if hf_config else "") + (f":{hf_split}" if hf_split else "")
-    return (*_rows_from_hf(obj, split_column), _hf_row_ids(obj, prefix))
+    return obj, name + (f"/{hf_config}" if hf_config else "") + (f":{hf_split}" if hf_split else "")
+
+
+def _row_chunks(
+    source: str,
+    *,
+    format: str | None,
+    hf_name: str | None,
+    hf_config: str | None,
+    hf_split: str | None,
+    split_column: str | None,
+    size: int,
+) -> tuple[Any, str | None]:
+    """A function returning a fresh iterator over chunks of ``(rows, source ids)`` of ``source``, and
+    the split column (``"__split__"`` for a multi-split ``DatasetDict`` without one).
+
+    Raises:
+        ValueError: an unknown format, or a source that cannot be read.
+    """
+    if format is not None and format not in _FORMATS:
+        raise DataError(f"unknown data.format={format!r}; use one of {', '.join(_FORMATS)} (or null to infer)")
+    if format == "hf" or hf_name is not None or (format is None and _is_saved_dataset(source)):
+        import datasets
+
+        obj, prefix = _hf_source(source, hf_name=hf_name, hf_config=hf_config, hf_split=hf_split)
+        if isinstance(obj, datasets.DatasetDict) and len(obj) > 1 and split_column is None:
+            _split_names(obj, None)
+            return (lambda: _hf_chunks(obj, prefix, None, size)), "__split__"
+        return (lambda: _hf_chunks(obj, prefix, split_column, size)), split_column
+    files, base = _expand_files(source), _label_base(source)
+    return (lambda: _local_chunks(files, format, base, size)), split_column
+
+
+def iter_records(
+    source: str,
+    *,
+    format: str | None = None,
+    domain_column: str | None = "domain",
+    text_column: str = "text",
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+    messages_column: str | None = None,
+    answer_column: str | None = None,
+    split_column: str | None = None,
+    hf_name: str | None = None,
+    hf_config: str | None = None,
+    hf_split: str | None = None,
+    with_sources: bool = False,
+    chunk_size: int = _CHUNK_ROWS,
+) -> Iterator[list[dict[str, Any]]]:
+    """The normalised records of :func:`load_records`, in chunks of at most ``chunk_size``, without
+    holding the whole source in memory.
+
+    The source is read twice: once for its columns (a file may mix schemas, so every row counts),
+    once for the records. The checks of :func:`normalize_records` that need every row (rows with an
+    empty domain, a domain left empty by dropped rows) raise after the last chunk; the warning about
+    dropped rows is given there too.
+
+    Args:
+        source, format, domain_column, text_column, prompt_column, response_column, messages_column,
+            answer_column, split_column, hf_name, hf_config, hf_split, with_sources: as for
+            :func:`load_records`.
+        chunk_size: records per chunk (the last may be shorter; a chunk may be shorter when rows are dropped).
+
+    Raises:
+        ValueError: with the problem and the fix, for unreadable sources and bad column mappings.
+    """
+    chunks, split_column = _row_chunks(
+        source,
+        format=format,
+        hf_name=hf_name,
+        hf_config=hf_config,
+        hf_split=hf_split,
+        split_column=split_column,
+        size=chunk_size,
+    )
+    seen: dict[str, None] = {}
+    total = 0
+    for rows, _ids in chunks():
+        total += len(rows)
+        for row in rows:  # every row: a file may mix schemas (plain text rows, then instruction rows)
+            for key in row:
+                seen.setdefault(key, None)
+    if not total:
+        raise DataError("the data source holds no rows; check data.source (and data.hf_split)")
+    cols = _resolve_columns(
+        list(seen),
+        domain_column=domain_column,
+        text_column=text_column,
+        prompt_column=prompt_column,
+        response_column=response_column,
+        messages_column=messages_column,
+        answer_column=answer_column,
+        split_column=split_column,
+    )
+    empty_domain, offset = 0, 0
+    dropped: Counter[str] = Counter()
+    found: Counter[str] = Counter()
+    for rows, ids in chunks():
+        records, empty, lost = _normalize_rows(rows, cols, "default", ids if with_sources else None, offset)
+        offset += len(rows)
+        empty_domain += empty
+        dropped.update(lost)
+        found.update(r["domain"] for r in records)
+        if records:
+            yield records
+    if empty_domain:
+        raise DataError(
+            f"{empty_domain} of {total} rows have an empty value in the domain column {domain_column!r}; "
+            "fill in their domain or remove those rows"
+        )
+    if dropped:
+        _warn_dropped(dropped, cols, text_column)
+        for domain in dropped:
+            if found[domain] == 0:
+                raise DataError(
+                    f"domain {domain!r} is empty: all of its {dropped[domain]} rows have an empty text/response; "
+                    "fix the data or leave the domain out with data.domains=[...]"
+                )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -593,7 +775,11 @@ def _optional_column(column: str | None, conventional: str, columns: Sequence[st
 
 
 def _normalize_rows(
-    rows: Sequence[dict[str, Any]], cols: _ColumnMap, default_domain: str, sources: Sequence[str] | None
+    rows: Sequence[dict[str, Any]],
+    cols: _ColumnMap,
+    default_domain: str,
+    sources: Sequence[str] | None,
+    offset: int = 0,
 ) -> tuple[list[dict[str, Any]], int, Counter[str]]:
     """The records of the rows, in order.
 
@@ -602,6 +788,7 @@ def _normalize_rows(
         cols: the columns to read.
         default_domain: the domain of every row when ``cols.domain`` is ``None``.
         sources: one source id per row, or ``None``.
+        offset: the number of the first row (rows are named by number in errors).
 
     Returns:
         ``(records, rows with an empty domain, rows dropped per domain for an empty text/response)``.
@@ -617,7 +804,7 @@ def _normalize_rows(
         if not domain:
             empty_domain += 1
             continue
-        rec = _record(row, row_no, cols, domain)
+        rec = _record(row, offset + row_no, cols, domain)
         if rec is None:
             dropped[domain] += 1
             continue
@@ -755,25 +942,25 @@ def load_records(
     Raises:
         ValueError: with the problem and the fix, for unreadable sources and bad column mappings.
     """
-    if format is not None and format not in _FORMATS:
-        raise DataError(f"unknown data.format={format!r}; use one of {', '.join(_FORMATS)} (or null to infer)")
-    if format == "hf" or hf_name is not None or (format is None and _is_saved_dataset(source)):
-        rows, split_column, ids = _read_hf(
-            source, hf_name=hf_name, hf_config=hf_config, hf_split=hf_split, split_column=split_column
+    records = [
+        rec
+        for chunk in iter_records(
+            source,
+            format=format,
+            domain_column=domain_column,
+            text_column=text_column,
+            prompt_column=prompt_column,
+            response_column=response_column,
+            messages_column=messages_column,
+            answer_column=answer_column,
+            split_column=split_column,
+            hf_name=hf_name,
+            hf_config=hf_config,
+            hf_split=hf_split,
+            with_sources=with_sources,
         )
-    else:
-        rows, ids = _read_local_files(_expand_files(source), format, _label_base(source))
-    records = normalize_records(
-        rows,
-        domain_column=domain_column,
-        text_column=text_column,
-        prompt_column=prompt_column,
-        response_column=response_column,
-        messages_column=messages_column,
-        answer_column=answer_column,
-        split_column=split_column,
-        sources=ids if with_sources else None,
-    )
+        for rec in chunk
+    ]
     if split is not None:
         wanted = _SPLIT_ALIASES.get(split.lower())
         if wanted is None:
