@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
 torch.set_num_threads(2)
+# one prepared-data cache for the whole session (and the CLI runs it starts), never the user's
+os.environ.setdefault("MIXSEL_CACHE", tempfile.mkdtemp(prefix="mixsel-test-cache-"))
 
 
 def make_tiny_llama(vocab_size: int = 97, hidden_size: int = 32, layers: int = 2, dtype=torch.float32, seed: int = 0):

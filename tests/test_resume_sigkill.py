@@ -75,7 +75,6 @@ def _env(**extra):
     src = str(Path(mixsel.__file__).parents[1])  # this checkout's code in the child processes
     path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}
-    env.pop("MIXSEL_CACHE", None)
     return env
 
 

@@ -114,6 +114,18 @@ class DataConfig:
     separator: str = "\n"
     # write prompt/response and conversation rows with the tokenizer's chat template, when it has one
     chat_template: bool = True
+    # keep the prepared (tokenised, memory-mapped) corpus on disk and reuse it in later runs; false =
+    # prepare into a temporary folder removed when the process ends
+    cache: bool = True
+    # where prepared corpora live; None = $MIXSEL_CACHE, else the `datasets` cache folder
+    # ($HF_DATASETS_CACHE, or $HF_HOME / $XDG_CACHE_HOME based) + "/mixsel"
+    cache_dir: str | None = None
+    # processes that tokenise while preparing (datasets.map num_proc); None = the CPU cores available
+    prepare_workers: int | None = None
+    # read the source as a stream (a hub dataset, files larger than the disk): no prepared store; needs data.domains
+    streaming: bool = False
+    # streaming: tokenised training rows buffered per domain (pools are drawn from the buffers)
+    stream_buffer: int = 1024
 
 
 @dataclass
@@ -554,6 +566,7 @@ _PATH_FIELDS: dict[str, str] = {
     "reweighting.reference_model": "model",
     "reweighting.options.weights_from": "file",
     "train.output_dir": "file",
+    "data.cache_dir": "file",
 }
 _PATH_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".pq", ".csv", ".yaml", ".yml", ".pt", ".safetensors", ".bin")
 
@@ -677,6 +690,8 @@ _MINIMA: tuple[tuple[str, float, str], ...] = (
     ("data.val_per_domain", 0, "validation rows held out per domain"),
     ("data.test_per_domain", 0, "test rows held out per domain"),
     ("data.max_train_per_domain", 1, "the cap on training rows per domain (null = all)"),
+    ("data.prepare_workers", 1, "processes that tokenise while preparing the data (null = CPU cores)"),
+    ("data.stream_buffer", 1, "tokenised training rows buffered per domain when streaming"),
     ("model.lora.r", 1, "the LoRA rank"),
     ("model.lora.alpha", 1, "the LoRA alpha"),
     ("model.lora.dropout", 0, "the LoRA dropout probability"),
@@ -767,12 +782,31 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             "train.resume and train.overwrite are both set: --resume continues the run in the folder, "
             "--overwrite replaces it; keep one"
         )
+    _check_streaming(cfg.data)
     options = (("selection.options", cfg.selection.options), ("reweighting.options", cfg.reweighting.options))
     for name, section in options:
         bad = [key for key in section if not isinstance(key, str)]
         if bad:
             raise ConfigError(f"{name} has non-string keys {bad}; write {name}={{name: value}}")
     return cfg
+
+
+def _check_streaming(data: DataConfig) -> None:
+    """Refuse what ``data.streaming=true`` cannot do: what needs the whole corpus before training."""
+    if not data.streaming:
+        return
+    if not data.domains:
+        raise ConfigError(
+            "data.streaming=true needs data.domains=[...]: a stream cannot be scanned for its domains before "
+            "training; list the domains to train on, in id order (e.g. data.domains=[code,math])"
+        )
+    if data.split_column is not None:
+        raise ConfigError(
+            f"data.streaming=true cannot use data.split_column={data.split_column!r}: its validation and test rows "
+            "would have to be gathered from the whole stream first; unset data.split_column (the first "
+            "data.val_per_domain, then data.test_per_domain rows of each domain are held out) or set "
+            "data.streaming=false"
+        )
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -803,6 +837,9 @@ RESUME_SAFE_FIELDS = frozenset(
         "train.max_loss_factor",
         "train.max_weight_growth",
         "train.threads",
+        "data.cache",
+        "data.cache_dir",
+        "data.prepare_workers",
         "train.device",
         "eval",
     }
@@ -822,6 +859,9 @@ RESULT_SAFE_FIELDS = frozenset(
         "train.max_loss_factor",
         "train.max_weight_growth",
         "train.threads",
+        "data.cache",
+        "data.cache_dir",
+        "data.prepare_workers",
     }
 )
 

@@ -188,28 +188,6 @@ def test_source_of_on_hand_built_splits_and_bad_indices():
         )
 
 
-def test_a_cached_mixture_without_source_ids_is_rebuilt(tmp_path, caplog):
-    import logging
-
-    from mixsel.data import build
-    from mixsel.data.embedded import load_embedded_tokenizer
-
-    cfg = DataConfig(source=str(_mixture.write(tmp_path / "mix.jsonl")), max_length=64)
-    cache = tmp_path / "cache"
-    build._MEMO.clear()
-    first = build.load_mixture(cfg, load_embedded_tokenizer(), cache_dir=str(cache))
-    (path,) = cache.glob("mixture-*.pt")
-    for name in SPLIT_NAMES:
-        del getattr(first, name).__dict__["sources"]  # as a mixture cached by an older mixsel
-    torch.save(first, path)
-    build._MEMO.clear()
-    with caplog.at_level(logging.WARNING, logger="mixsel.data.build"):
-        again = build.load_mixture(cfg, load_embedded_tokenizer(), cache_dir=str(cache))
-    build._MEMO.clear()
-    assert "written without source ids" in caplog.text
-    assert again.train.source_of([0]) == ["mix.jsonl:1"]
-
-
 def test_rows_given_in_memory_are_numbered():
     pytest.importorskip("datasets")
     from mixsel.data.embedded import load_embedded_tokenizer

@@ -84,7 +84,7 @@ def test_the_summary_survives_the_disk_cache(source, tmp_path):
     cfg = DataConfig(source=source, max_length=64)
     build._MEMO.clear()  # other tests loaded the same data in memory
     first = build.load_mixture(cfg, load_embedded_tokenizer(), cache_dir=str(tmp_path))
-    assert len(list(tmp_path.glob("mixture-*.pt"))) == 1
+    assert len(list(tmp_path.glob("*/manifest.json"))) == 1  # one prepared store
     build._MEMO.clear()
     cached = build.load_mixture(cfg, load_embedded_tokenizer(), cache_dir=str(tmp_path))
     assert cached is not first and cached.summary == first.summary

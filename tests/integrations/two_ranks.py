@@ -105,8 +105,7 @@ def main(out: Path) -> None:
     report["parity"] = {name: hf_case(name, out / "parity", None, world_size=2) for name in PARITY_CASES}
     # gather: each rank computes its shard's features; the selection (and so the training) is the same
     report["parity_gather"] = {
-        name: hf_case(name, out / "parity", None, world_size=2, distributed_selection="gather")
-        for name in GATHER_CASES
+        name: hf_case(name, out / "parity", None, world_size=2, distributed_selection="gather") for name in GATHER_CASES
     }
     (out / f"rank{report['rank']}.json").write_text(json.dumps(report, indent=2))
 

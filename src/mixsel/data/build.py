@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from mixsel.config import DataConfig
 
@@ -78,11 +74,12 @@ def load_mixture_records(cfg: DataConfig, seed: int = 0) -> dict[str, list[dict]
 def tokenize_mixture(splits: Mapping[str, Sequence[dict]], tokenizer: Any, cfg: DataConfig, *, source: str = "") -> Any:
     """Tokenise record splits as ``cfg`` says into a :class:`mixsel.data.Mixture` with its summary.
 
-    Domain ids follow ``cfg.domains`` when set, else the sorted domains of the train split.
+    For rows held in memory (:func:`mixsel.data.sft.sft_datasets` with ``rows=``); a source on disk
+    goes through the prepared store (:func:`load_mixture`). Domain ids follow ``cfg.domains`` when
+    set, else the sorted domains of the train split.
     """
     from mixsel.data.loading import domain_names
-    from mixsel.data.summary import format_data_summary, summarize
-    from mixsel.data.tokenize import Mixture, tokenize_records, uses_chat_template
+    from mixsel.data.tokenize import tokenize_records
 
     domains = list(cfg.domains) if cfg.domains else domain_names(splits["train"])
     tokenized = {
@@ -97,6 +94,16 @@ def tokenize_mixture(splits: Mapping[str, Sequence[dict]], tokenizer: Any, cfg: 
         )
         for name, recs in splits.items()
     }
+    return finish_mixture(tokenized, domains, tokenizer, cfg, source=source)
+
+
+def finish_mixture(
+    tokenized: Mapping[str, Any], domains: list[str], tokenizer: Any, cfg: DataConfig, *, source: str
+) -> Any:
+    """The :class:`mixsel.data.Mixture` of tokenised splits, with its summary (and a warning for cut responses)."""
+    from mixsel.data.summary import format_data_summary, summarize
+    from mixsel.data.tokenize import Mixture, uses_chat_template
+
     formatting = "chat template" if uses_chat_template(tokenizer, cfg.chat_template) else f"separator {cfg.separator!r}"
     summary = summarize(
         tokenized, source=source, max_length=cfg.max_length, truncation=cfg.truncation, formatting=formatting
@@ -114,75 +121,46 @@ def tokenize_mixture(splits: Mapping[str, Sequence[dict]], tokenizer: Any, cfg: 
     return Mixture(domains=domains, **tokenized, summary=summary)
 
 
-_MEMO: dict[str, Any] = {}
+_MEMO: dict[tuple[str, str], Any] = {}
+
+#: The DataConfig fields that only choose rows of a prepared corpus (with the seed).
+_SPLIT_FIELDS = ("domains", "val_per_domain", "test_per_domain", "max_train_per_domain")
 
 
-def _cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
-    # the vocabulary, special tokens and chat template identify the tokenizer (its backend state changes with use)
-    tok_id = json.dumps(
-        [
-            sorted(tokenizer.get_vocab().items()),
-            str(tokenizer.all_special_tokens),
-            str(getattr(tokenizer, "chat_template", None)),
-        ]
-    )
-    source = cfg.source
-    if cfg.source != "embedded" and os.path.exists(cfg.source):
-        st = os.stat(cfg.source)
-        source = f"{os.path.abspath(cfg.source)}:{st.st_size}:{st.st_mtime_ns}"
-    elif cfg.source == "embedded":
-        from mixsel.data.embedded import EMBEDDED_DIR
-
-        st = os.stat(Path(EMBEDDED_DIR) / "corpus.jsonl.gz")
-        source = f"embedded:{st.st_size}:{st.st_mtime_ns}"
-    blob = json.dumps([dataclasses.asdict(cfg), source, seed, hashlib.sha256(tok_id.encode()).hexdigest()])
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def _load_cached(path: Path) -> Any:
-    """The cached mixture at ``path``, loaded with ``weights_only=True`` (only mixsel's own data
-    classes are allowed, so a planted file cannot run code); None, with a warning, when the file is
-    unreadable or from another mixsel version (it is then rebuilt and replaced)."""
-    from mixsel.data.summary import DataSummary
-    from mixsel.data.tokenize import DomainCounts, Mixture, TokenizedSplit
-
-    try:
-        with torch.serialization.safe_globals([Mixture, TokenizedSplit, DomainCounts, DataSummary]):
-            mixture = torch.load(path, weights_only=True)
-    except Exception as err:  # any unreadable cache is rebuilt, never trusted
-        log.warning("ignoring the tokenised-mixture cache %s (%s); tokenising again", path, str(err).splitlines()[0])
-        return None
-    if not isinstance(mixture, Mixture):
-        log.warning("ignoring the tokenised-mixture cache %s (not a mixture); tokenising again", path)
-        return None
-    if not all(hasattr(getattr(mixture, name), "sources") for name in ("train", "validation", "test")):
-        log.warning("ignoring the tokenised-mixture cache %s (written without source ids); tokenising again", path)
-        return None
-    log.info("loaded the tokenised mixture from %s", path)
-    return mixture
-
-
-def load_mixture(cfg: DataConfig, tokenizer: Any, seed: int = 0, *, cache_dir: str | None = None) -> Any:
+def load_mixture(
+    cfg: DataConfig, tokenizer: Any, seed: int = 0, *, cache_dir: str | None = None, progress: bool | None = None
+) -> Any:
     """Load, split and tokenise the data described by ``cfg`` into a :class:`mixsel.data.Mixture`.
 
+    The source is prepared once into a memory-mapped store (:func:`mixsel.data.prepared.prepare_corpus`:
+    tokenised with ``datasets.map``, cached under ``data.cache_dir`` / ``$MIXSEL_CACHE`` / the
+    ``datasets`` cache, keyed by the source's content, the tokenizer and the tokenisation options);
+    the splits are index arrays into it (:mod:`mixsel.data.split_index`), so the rows stay on disk.
     ``mixture.summary`` is its :class:`mixsel.data.summary.DataSummary` (render it with
-    :func:`mixsel.data.summary.format_data_summary`). Tokenised mixtures are memoised in-process
-    and, with ``cache_dir`` (or ``$MIXSEL_CACHE``), on disk, keyed by the data config, the source
-    file's size and time stamp, the seed and the tokenizer.
+    :func:`mixsel.data.summary.format_data_summary`); ``mixture.corpus`` the store.
+
+    Args:
+        cfg: the data settings.
+        tokenizer: the model's tokenizer.
+        seed: seeds the per-domain split.
+        cache_dir: overrides ``cfg.cache_dir``.
+        progress: show the preparation's progress bars (default: for 20,000 rows or more).
     """
-    key = _cache_key(cfg, tokenizer, seed)
-    if key in _MEMO:
-        return _MEMO[key]
-    cache_dir = cache_dir or os.environ.get("MIXSEL_CACHE")
-    path = Path(cache_dir) / f"mixture-{key}.pt" if cache_dir else None
-    mixture = _load_cached(path) if path is not None and path.exists() else None
-    if mixture is None:
-        mixture = tokenize_mixture(load_mixture_records(cfg, seed), tokenizer, cfg, source=resolve_source(cfg))
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(mixture, tmp)
-            os.replace(tmp, path)
+    from mixsel.data.prepared import prepare_corpus
+
+    if cfg.streaming:
+        from mixsel.errors import DataError
+
+        raise DataError(
+            "data.streaming=true reads the source as a stream in mixsel train (mixsel.data.streaming.load_streaming) "
+            "and never prepares it; this route needs the prepared store: set data.streaming=false"
+        )
+    corpus = prepare_corpus(cfg, tokenizer, cache_dir=cache_dir, progress=progress)
+    memo = (corpus.manifest["key"], json.dumps([[getattr(cfg, f) for f in _SPLIT_FIELDS], seed]))
+    if memo in _MEMO:
+        return _MEMO[memo]
+    mixture = corpus.mixture(cfg, tokenizer, seed, source=resolve_source(cfg))
+    mixture.corpus = corpus
     _MEMO.clear()  # keep one mixture in memory
-    _MEMO[key] = mixture
+    _MEMO[memo] = mixture
     return mixture

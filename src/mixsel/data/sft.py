@@ -49,9 +49,19 @@ class SFTDatasets:
 
 
 def split_to_dataset(split: Any) -> Any:
-    """A ``datasets.Dataset`` with ``input_ids``, ``labels`` and ``domain`` columns from a TokenizedSplit."""
+    """A ``datasets.Dataset`` with ``input_ids``, ``labels`` and ``domain`` columns from a TokenizedSplit.
+
+    A split of a prepared corpus (what :func:`mixsel.data.load_mixture` returns) becomes a view of
+    the corpus's memory-mapped Arrow files (``Dataset.select`` of its rows): nothing is copied, so
+    the Trainer reads the very tokens ``mixsel train`` trains on. A split built in memory is copied.
+    """
     import datasets
 
+    from mixsel.data.tokenize import StoreColumn
+
+    if isinstance(split.input_ids, StoreColumn) and split.input_ids.dataset is not None:
+        view = split.input_ids.dataset.select(split.input_ids.rows, keep_in_memory=True)
+        return view.select_columns(["input_ids", "labels", "domain"])
     return datasets.Dataset.from_dict(
         {
             "input_ids": [x.tolist() for x in split.input_ids],

@@ -61,6 +61,7 @@ __all__ = [
     "TRUNCATION_MODES",
     "DomainCounts",
     "Mixture",
+    "StoreColumn",
     "TokenizedSplit",
     "format_instructions",
     "tokenize_records",
@@ -108,6 +109,57 @@ class DomainCounts:
         )
 
 
+class StoreColumn(Sequence[Any]):
+    """One column of a prepared corpus (:mod:`mixsel.data.prepared`) at a split's rows, read from the
+    memory-mapped Arrow table when accessed, so a split never holds its rows as Python objects.
+
+    Items are LongTensors for the token columns (``input_ids``, ``labels``) and plain values otherwise.
+    """
+
+    def __init__(self, table: Any, column: str, rows: Any, *, tensors: bool = False, dataset: Any = None) -> None:
+        import numpy as np
+
+        self.table = table
+        # the ``datasets.Dataset`` over ``table`` (for views that stay memory-mapped), when there is one
+        self.dataset = dataset
+        self.column = column
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def take(self, positions: Sequence[int] | Any) -> list[Any]:
+        """The items at ``positions`` (indices into this split), in order: one read of the Arrow table."""
+        import numpy as np
+        import pyarrow as pa
+
+        rows = self.rows[np.asarray(positions, dtype=np.int64)]
+        values = self.table.column(self.column).take(pa.array(rows)).to_pylist()
+        if self.tensors:
+            return [torch.tensor(v, dtype=torch.long) for v in values]
+        return values
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return self.take(range(*i.indices(len(self))))
+        n = len(self)
+        if not -n <= int(i) < n:
+            raise IndexError(f"index {i} out of range for {n} rows")
+        return self.take([int(i) % n])[0]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (StoreColumn, list, tuple)):
+            return len(self) == len(other) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __iter__(self) -> Any:
+        for start in range(0, len(self), 4096):
+            yield from self.take(range(start, min(start + 4096, len(self))))
+
+
 @dataclass
 class TokenizedSplit:
     """One split (train, validation or test) of a multi-domain dataset, tokenised.
@@ -128,16 +180,22 @@ class TokenizedSplit:
             ``source``, see ``docs/data.md``: ``"<file>:<line>"`` for JSONL, ``"<file>:<row>"`` for
             Parquet / CSV / JSON arrays, ``"<dataset>[/<config>]:<split>:<index>"`` for a hub
             dataset); ``""`` where unknown. Left empty, it becomes ``[""] * N``.
+        targets: LongTensor[N] of target tokens per example, when known in advance.
+
+    The sequences may be lists or :class:`StoreColumn` views of a prepared corpus (what
+    :func:`mixsel.data.load_mixture` returns): both index and iterate alike.
     """
 
     domains: list[str]
     domain_ids: torch.Tensor
-    input_ids: list[torch.Tensor]
-    labels: list[torch.Tensor]
-    prompts: list[str | None] = field(default_factory=list)
-    answers: list[str | None] = field(default_factory=list)
+    input_ids: Sequence[torch.Tensor]
+    labels: Sequence[torch.Tensor]
+    prompts: Sequence[str | None] = field(default_factory=list)
+    answers: Sequence[str | None] = field(default_factory=list)
     counts: dict[str, DomainCounts] = field(default_factory=dict)
-    sources: list[str] = field(default_factory=list)
+    sources: Sequence[str] = field(default_factory=list)
+    # target tokens per example when known in advance (a prepared corpus); None = counted from labels
+    targets: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = len(self.input_ids)
@@ -192,10 +250,14 @@ class TokenizedSplit:
         bad = [i for i in index if not 0 <= i < n]
         if bad:
             raise DataError(f"source_of indices must lie in [0, {n}); got {bad[:5]}")
+        if isinstance(self.sources, StoreColumn):
+            return [str(s or "") for s in self.sources.take(index)]
         return [self.sources[i] for i in index]
 
     def num_targets(self) -> torch.Tensor:
         """LongTensor[N]: target tokens per example (positions ``t >= 1`` with label != -100)."""
+        if self.targets is not None:
+            return self.targets
         return torch.tensor([int((lab[1:] != IGNORE_INDEX).sum()) for lab in self.labels], dtype=torch.long)
 
     def collate(
@@ -221,8 +283,11 @@ class TokenizedSplit:
         n = len(self)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
             raise DataError(f"collate indices must lie in [0, {n}); got min {int(index.min())}, max {int(index.max())}")
-        seqs = [self.input_ids[i] for i in index.tolist()]
-        labs = [self.labels[i] for i in index.tolist()]
+        if isinstance(self.input_ids, StoreColumn) and isinstance(self.labels, StoreColumn):
+            seqs, labs = self.input_ids.take(index.numpy()), self.labels.take(index.numpy())
+        else:
+            seqs = [self.input_ids[i] for i in index.tolist()]
+            labs = [self.labels[i] for i in index.tolist()]
         length = max((s.numel() for s in seqs), default=0)
         if pad_to_multiple_of:
             if pad_to_multiple_of < 1:
@@ -258,6 +323,8 @@ class Mixture:
     validation: TokenizedSplit
     test: TokenizedSplit
     summary: DataSummary | None = None
+    # the prepared store the splits are views of (mixsel.data.prepared.PreparedCorpus); None for rows in memory
+    corpus: Any = None
 
     def __post_init__(self) -> None:
         for name in ("train", "validation", "test"):
@@ -489,12 +556,49 @@ def tokenize_records(
     """
     domain_id = _check_settings(max_length, truncation, domains)
     domains = list(domains)
-    bos = [_special_id(tokenizer, "bos")] if add_bos else []
-    eos = [_special_id(tokenizer, "eos")] if add_eos else []
     if progress is None:
         progress = len(records) > _PROGRESS_MIN
-    plain_rows, instr_rows = _partition(records, domain_id, domains)
-    encoded = _encode_records(
+    _partition(records, domain_id, domains)  # checks every record's domain and kind
+    encoded = encode_rows(
+        records,
+        tokenizer,
+        max_length=max_length,
+        truncation=truncation,
+        separator=separator,
+        chat_template=chat_template,
+        add_eos=add_eos,
+        add_bos=add_bos,
+        progress=progress,
+    )
+    split, no_target = _assemble(records, encoded, domains, domain_id)
+    if no_target:
+        _warn_no_target(no_target, len(records), max_length)
+    return split
+
+
+def encode_rows(
+    records: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    truncation: str = "left",
+    separator: str = "\n",
+    chat_template: bool = True,
+    add_eos: bool = True,
+    add_bos: bool = False,
+    progress: bool = False,
+) -> list[_Encoded]:
+    """Every record tokenised and truncated, in record order: the one tokenisation of mixsel.
+
+    :func:`tokenize_records` and the prepared store (:mod:`mixsel.data.prepared`, one batch of
+    ``Dataset.map`` at a time) both call it; :func:`row_outcome` then says what becomes of each row.
+    Arguments as for :func:`tokenize_records`; records must be of known kinds (see :func:`_partition`).
+    """
+    bos = [_special_id(tokenizer, "bos")] if add_bos else []
+    eos = [_special_id(tokenizer, "eos")] if add_eos else []
+    plain_rows = [i for i, rec in enumerate(records) if not _is_instruction(rec)]
+    instr_rows = [i for i, rec in enumerate(records) if _is_instruction(rec)]
+    return _encode_records(
         records,
         plain_rows,
         instr_rows,
@@ -508,10 +612,23 @@ def tokenize_records(
         chat_template=chat_template,
         progress=progress,
     )
-    split, no_target = _assemble(records, encoded, domains, domain_id)
-    if no_target:
-        _warn_no_target(no_target, len(records), max_length)
-    return split
+
+
+#: What becomes of a tokenised row (:func:`row_outcome`): kept, dropped for length, dropped without a target.
+KEPT, TOO_LONG, NO_TARGET = 0, 1, 2
+
+
+def row_outcome(record: dict[str, Any], enc: _Encoded) -> tuple[int, str | None]:
+    """``(status, answer)`` of a tokenised row: :data:`KEPT`, :data:`TOO_LONG` (``truncation="drop"``)
+    or :data:`NO_TARGET` (no target token left), and its reference answer (``None`` when the row is not
+    scored: plain text keeps its ``answer`` column but has no prompt to score)."""
+    if enc.ids is None:
+        return TOO_LONG, None
+    if len(enc.ids) - max(enc.prompt_len, 1) <= 0:  # targets are t >= max(1, prompt_len)
+        return NO_TARGET, None
+    if enc.prompt is None:
+        return KEPT, None if record.get("answer") is None else str(record["answer"])
+    return KEPT, _answer(record, enc)
 
 
 def _check_settings(max_length: int, truncation: str, domains: Sequence[str]) -> dict[str, int]:
@@ -654,8 +771,9 @@ def _assemble(
         c = counts[rec["domain"]]
         c.truncated += enc.truncated
         c.response_cut += enc.response_cut
-        if enc.ids is None or len(enc.ids) - max(enc.prompt_len, 1) <= 0:  # targets are t >= max(1, prompt_len)
-            no_target += enc.ids is not None
+        status, answer = row_outcome(rec, enc)
+        if status != KEPT:
+            no_target += status == NO_TARGET
             c.dropped += 1
             continue
         seq = torch.tensor(enc.ids, dtype=torch.long)
@@ -666,13 +784,12 @@ def _assemble(
         dom.append(domain_id[rec["domain"]])
         prompt_text.append(enc.prompt)
         sources.append(_source_id(rec))
+        answers.append(answer)
         c.rows += 1
         if enc.prompt is None:  # plain text: an answer column is kept, but never scored (no prompt)
-            answers.append(None if rec.get("answer") is None else str(rec["answer"]))
             continue
-        answers.append(_answer(rec, enc))
         c.instruction += 1
-        if answers[-1] is not None:
+        if answer is not None:
             c.scored += 1
             c.response_tokens_max = max(c.response_tokens_max, enc.response_tokens)
     split = TokenizedSplit(

@@ -208,16 +208,9 @@ def mixture_datasets(mixture: Any, splits: Sequence[str] = ("train", "validation
     Returns:
         ``{split: datasets.Dataset}``.
     """
-    import datasets
+    from mixsel.data.sft import split_to_dataset
 
     out = {}
     for name in splits:
-        split = getattr(mixture, name)
-        out[name] = datasets.Dataset.from_dict(
-            {
-                "input_ids": [t.tolist() for t in split.input_ids],
-                "labels": [t.tolist() for t in split.labels],
-                "domain": [mixture.domains[d] for d in split.domain_ids.tolist()],
-            }
-        )
+        out[name] = split_to_dataset(getattr(mixture, name))
     return out
