@@ -692,7 +692,7 @@ def build_engine(
     selector: Any,
     domains: Sequence[str],
     *,
-    train_domains: torch.Tensor,
+    train_domains: torch.Tensor | None,
     train_batch: Callable[[torch.Tensor], dict[str, torch.Tensor]],
     val_domains: torch.Tensor,
     val_batch: Callable[[torch.Tensor], dict[str, torch.Tensor]],
@@ -700,6 +700,7 @@ def build_engine(
     reference: torch.nn.Module | None = None,
     reweighter: Any = None,
     train_sources: Callable[[torch.Tensor], list[str]] | None = None,
+    sampler: Any = None,
 ) -> Engine:
     """The :class:`Engine` of an experiment config: what ``mixsel train`` and the trainers both run.
 
@@ -708,19 +709,26 @@ def build_engine(
             ``distributed_selection``, ``selection.*``, ``reweighting.*``, ``seed``).
         selector: the built selector (``get_selector(cfg.selection.method, **options)``).
         domains: domain names in id order.
-        train_domains: LongTensor[N] domain of every training row (the sampler draws from them).
+        train_domains: LongTensor[N] domain of every training row (the sampler draws from them); None only
+            with ``sampler`` (a stream, whose rows are not known up front: no ``Pool.source_sizes``).
         train_batch, val_batch: collate training / validation rows (see :class:`Engine`).
         val_domains: LongTensor[m] domain of every validation row.
         world: rank and world size.
         reference: DoReMi's frozen reference model.
         reweighter: a built reweighter to use instead of ``build_reweighter(cfg.reweighting, domains)``.
         train_sources: where training rows came from, for ``selections.jsonl`` (see :class:`Engine`).
+        sampler: draws the pools (``draw``, ``state_dict``, ``load_state_dict``); None = a
+            :class:`mixsel.data.sampler.CandidateSampler` over ``train_domains`` (``train.pool_size``, the
+            seed). ``mixsel train`` passes a :class:`mixsel.data.streaming.StreamingSampler` with ``data.streaming``.
     """
     from mixsel.data.sampler import CandidateSampler
 
     world = world or World()
     domains = list(domains)
-    train_domains = torch.as_tensor(train_domains, dtype=torch.long)
+    if train_domains is None and sampler is None:
+        raise DataError("build_engine needs train_domains (the domain of every training row) or a sampler")
+    if train_domains is not None:
+        train_domains = torch.as_tensor(train_domains, dtype=torch.long)
     fc, rc = cfg.selection.features, cfg.reweighting
     online = OnlineSelector(
         selector,
@@ -730,7 +738,7 @@ def build_engine(
         diagnostics=cfg.selection.diagnostics,
         mode=cfg.train.distributed_selection,
         world=world,
-        source_sizes=bookkeeping.source_sizes(train_domains, len(domains)),
+        source_sizes=None if train_domains is None else bookkeeping.source_sizes(train_domains, len(domains)),
     )
     reweighting = OnlineReweighter(
         reweighter if reweighter is not None else build_reweighter(rc, domains),
@@ -744,7 +752,8 @@ def build_engine(
         seed=cfg.seed,
         reference=reference,
     )
-    sampler = CandidateSampler(train_domains, cfg.train.pool_size, seed=cfg.seed, num_domains=len(domains))
+    if sampler is None:
+        sampler = CandidateSampler(train_domains, cfg.train.pool_size, seed=cfg.seed, num_domains=len(domains))
     return Engine(
         online,
         reweighting,

@@ -79,6 +79,12 @@ def check_methods(cfg: ExperimentConfig) -> Any:
         raise ConfigError(
             f"selection.options for {cfg.selection.method!r}: {err}; docs/methods.md lists the options"
         ) from None
+    if cfg.data.streaming and getattr(selector, "needs_source_sizes", False):
+        raise ConfigError(
+            f"selection.method={cfg.selection.method!r} decides its small sources from every domain's number of "
+            "training rows, which a stream (data.streaming=true) does not know up front; set "
+            "selection.options.small_from=pool or selection.options.small_sources=[...], or data.streaming=false"
+        )
     names = available_reweighters()
     if cfg.reweighting.method not in names:
         raise UnknownNameError(

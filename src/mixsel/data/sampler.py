@@ -30,10 +30,52 @@ import torch
 
 from mixsel.errors import DataError
 
-__all__ = ["CandidateSampler"]
+__all__ = ["CandidateSampler", "allocate_counts", "check_weights"]
 
 _ALLOCATIONS = ("multinomial", "proportional")
 _STATE_VERSION = 1
+
+
+def check_weights(weights: Any, num_domains: int) -> torch.Tensor:
+    """Float64 domain weights normalised to sum 1: one per domain, finite, non-negative, not all zero.
+
+    Raises:
+        DataError: naming what is wrong with ``weights``.
+    """
+    w = torch.as_tensor(weights).detach().to("cpu", torch.float64).reshape(-1)
+    if w.numel() != num_domains:
+        raise DataError(
+            f"weights has {w.numel()} entries but there are {num_domains} domains; give one weight per domain"
+        )
+    if not torch.isfinite(w).all():
+        raise DataError(f"weights must be finite, got {w.tolist()}")
+    if (w < 0).any():
+        raise DataError(f"weights must be non-negative, got {w.tolist()}")
+    if float(w.sum()) <= 0:
+        raise DataError("weights are all zero; give at least one domain a positive weight")
+    return w / w.sum()
+
+
+def allocate_counts(p: torch.Tensor, pool_size: int, allocation: str, generator: torch.Generator) -> torch.Tensor:
+    """LongTensor[D]: pool slots per domain for the normalised weights ``p`` (module docstring, stage 1).
+
+    ``"multinomial"`` draws the counts from ``generator``; ``"proportional"`` rounds by largest
+    remainder and consumes no randomness. :class:`CandidateSampler` and
+    :class:`mixsel.data.streaming.StreamingSampler` both allocate with it.
+    """
+    num_domains = p.numel()
+    if allocation == "multinomial":
+        picks = torch.multinomial(p, pool_size, replacement=True, generator=generator)
+        return torch.bincount(picks, minlength=num_domains)
+    exact = p * pool_size
+    counts = torch.floor(exact).to(torch.long)
+    remainder = exact - counts.to(torch.float64)
+    short = pool_size - int(counts.sum())
+    if short > 0:
+        # largest remainder first; ties to the lower id (stable sort on the negated remainder)
+        order = torch.sort(-remainder, stable=True).indices
+        counts[order[:short]] += 1
+    return counts
 
 
 def _fingerprint(domain_ids: torch.Tensor) -> str:
@@ -119,37 +161,16 @@ class CandidateSampler:
         return self._sizes.to(torch.float64) / float(self._sizes.sum())
 
     def _check_weights(self, weights: Any) -> torch.Tensor:
-        w = torch.as_tensor(weights).detach().to("cpu", torch.float64).reshape(-1)
-        if w.numel() != self.num_domains:
-            raise DataError(
-                f"weights has {w.numel()} entries but there are {self.num_domains} domains; give one weight per domain"
-            )
-        if not torch.isfinite(w).all():
-            raise DataError(f"weights must be finite, got {w.tolist()}")
-        if (w < 0).any():
-            raise DataError(f"weights must be non-negative, got {w.tolist()}")
-        if float(w.sum()) <= 0:
-            raise DataError("weights are all zero; give at least one domain a positive weight")
+        w = check_weights(weights, self.num_domains)
         empty = [d for d in range(self.num_domains) if w[d] > 0 and int(self._sizes[d]) == 0]
         if empty:
             raise DataError(f"domain(s) {empty} have no train examples but a positive weight; set their weight to 0")
-        return w / w.sum()
+        return w
 
     def allocate(self, weights: torch.Tensor | None = None) -> torch.Tensor:
         """LongTensor[D]: pool slots per domain for ``weights`` (consumes randomness if multinomial)."""
         p = self.weights if weights is None else self._check_weights(weights)
-        if self.allocation == "multinomial":
-            picks = torch.multinomial(p, self.pool_size, replacement=True, generator=self._gen)
-            return torch.bincount(picks, minlength=self.num_domains)
-        exact = p * self.pool_size
-        counts = torch.floor(exact).to(torch.long)
-        remainder = exact - counts.to(torch.float64)
-        short = self.pool_size - int(counts.sum())
-        if short > 0:
-            # largest remainder first; ties to the lower id (stable sort on the negated remainder)
-            order = torch.sort(-remainder, stable=True).indices
-            counts[order[:short]] += 1
-        return counts
+        return allocate_counts(p, self.pool_size, self.allocation, self._gen)
 
     # ---- drawing --------------------------------------------------------------------------------
 

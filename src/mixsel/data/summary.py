@@ -45,6 +45,9 @@ class DataSummary:
     formatting: str
     # split name ("train", "validation", "test") -> domain name -> what tokenisation did
     counts: dict[str, dict[str, DomainCounts]] = field(default_factory=dict)
+    # data.streaming: how the training rows are read (shown under the table; the train column says
+    # "stream", as their number is not known up front); "" = a prepared or in-memory train split
+    streaming: str = ""
 
     def total(self, domain: str) -> DomainCounts:
         """The counts of ``domain`` summed over the splits."""
@@ -125,7 +128,7 @@ def format_data_summary(summary: DataSummary, eval_cfg: EvalConfig | None = None
             [
                 domain,
                 _kind(total),
-                str(summary.rows("train", domain)),
+                "stream" if summary.streaming else str(summary.rows("train", domain)),
                 str(summary.rows("validation", domain)),
                 str(summary.rows("test", domain)),
                 _share(total.truncated, seen),
@@ -145,6 +148,7 @@ def format_data_summary(summary: DataSummary, eval_cfg: EvalConfig | None = None
         f"prompt and response joined by {summary.formatting}",
         line(head),
         *(line(r) for r in rows),
+        *([summary.streaming] if summary.streaming else []),
         *warnings,
     ]
     return "\n".join(lines)
