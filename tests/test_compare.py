@@ -9,7 +9,14 @@ import pytest
 import yaml
 
 from mixsel.cli import main
-from mixsel.compare import _with_run_means, format_cell, format_exact_match, format_table, summarize
+from mixsel.compare import (
+    _with_run_means,
+    format_cell,
+    format_exact_match,
+    format_table,
+    format_time,
+    summarize,
+)
 
 from _fast import FAST
 
@@ -59,6 +66,19 @@ def test_a_value_only_some_seeds_have_says_how_many():
     assert format_cell(summary["a"], "val/loss_mean", "{:.1f}") == "3.0 ± 1.4"
 
 
+def test_time_table_shows_a_dash_for_runs_without_time():
+    results = {
+        "new": [{"time": {"data_s": 1.0, "model_s": 0.5, "train_s": 3.0, "eval_s": 2.0, "total_s": 7.0}}],
+        "old": [{"val/loss_mean": 3.0}],  # finished by a version that did not record "time"
+    }
+    summary = summarize(results)
+    assert summary["new"]["wall_s/train"] == {"mean": 3.0, "std": 0.0, "n": 1}
+    table = format_time(summary).splitlines()
+    assert table[0] == "| run | data | model | train | eval | total |"
+    assert table[2:] == ["| new | 1.0 | 0.5 | 3.0 | 2.0 | 7.0 |", "| old | - | - | - | - | - |"]
+    assert format_time(summarize({"old": results["old"]})) == ""  # no run has it: no table
+
+
 def test_run_means_count_stated_answers_of_older_runs_from_their_generations(tmp_path):
     rows = [
         {"domain": "x", "generated": "2 + 2 = 4\n#### 4"},
@@ -93,6 +113,10 @@ def test_compare_runs_methods_and_chains_reference(tmp_path, capsys):
         assert (tmp_path / "cmp" / name / "seed0" / "result.json").exists()
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert set(summary) == {"random", "big_loss", "doremi"}
+    # each run's wall seconds by part (result.json's "time"), in the printed table and summary.json
+    assert "| run | data | model | train | eval | total |" in printed
+    assert re.search(r"^\| random \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", printed, re.M)
+    assert summary["random"]["wall_s/total"]["n"] == 1
     doremi = json.loads((tmp_path / "cmp" / "doremi" / "seed0" / "result.json").read_text())
     assert doremi["config"]["reweighting"]["reference_model"].endswith("random/seed0/final")
     assert abs(sum(doremi["final_weights"]) - 1) < 1e-9

@@ -364,3 +364,46 @@ def test_zero_steps_only_evaluates_the_starting_model(tmp_path):
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
     one = train(_cfg(tmp_path / "c", "train.max_steps=1"), progress=False)
     assert one["test/loss_mean"] != a["test/loss_mean"]  # one step does change the model
+
+
+def test_a_run_reports_where_the_time_goes(tmp_path, capsys):
+    """result.json's "time" (data, model, train, eval, total seconds; the parts fit in the total), the
+    end-of-run line that prints it, and the start line that states the final exact match's cost."""
+    import re
+
+    from mixsel.cli import main
+
+    assert main(["train", *FAST, f"train.output_dir={tmp_path}", "train.max_steps=2"]) == 0
+    out = capsys.readouterr().out
+    times = json.loads((tmp_path / "result.json").read_text())["time"]
+    assert set(times) == {"data_s", "model_s", "train_s", "eval_s", "total_s"}
+    assert all(isinstance(v, float) and v >= 0 for v in times.values())
+    total = times.pop("total_s")
+    assert sum(times.values()) <= total + 0.05  # each rounded to 0.01 s
+    assert times["eval_s"] > 0 and times["train_s"] > 0
+    end = r"^time: data [\d.]+ s, model [\d.]+ s, train [\d.]+ s, eval [\d.]+ s, total [\d.]+ s; run folder "
+    assert re.search(end, out, re.M)
+    line = next(x for x in out.splitlines() if x.startswith("exact match:"))
+    assert re.search(r"decodes [1-9]\d* prompts \(.+\) of up to 4 new tokens each", line)
+    assert line.endswith("in a 2-step run this can take longer than training: eval.exact_match=0 switches it off")
+
+
+def test_the_exact_match_line_says_how_to_switch_it_off_only_in_short_runs():
+    from types import SimpleNamespace
+
+    from mixsel.train import _exact_match_line
+
+    split = SimpleNamespace(
+        domains=["math", "prose"],
+        indices_of=lambda d: [0, 1, 2] if d == 0 else [3],
+        answers=["1", "2", None, None],  # prose has no reference answer: not decoded
+        prompts=[[5], [6], [7], [8]],
+    )
+    long_run = load_config(None, ["train.max_steps=200", "eval.every=50", "eval.exact_match=5"])
+    assert _exact_match_line(long_run, split) == (
+        "exact match: the final test decodes 2 prompts (math 2) of up to 96 new tokens each "
+        "(eval.exact_match=5 per domain, eval.max_new_tokens=96)"
+    )
+    short = load_config(None, ["train.max_steps=30", "eval.every=50"])  # fewer steps than eval.every
+    assert _exact_match_line(short, split).endswith("eval.exact_match=0 switches it off")
+    assert _exact_match_line(load_config(None, ["eval.exact_match=0"]), split) is None

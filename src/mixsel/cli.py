@@ -89,7 +89,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     keys = [k for k in result if k.startswith(("test/", "val/loss_mean", "val/loss_worst"))]
     for key in sorted(keys):
         print(f"{key:40s} {result[key]:.4f}")
-    print(f"wall time {result['wall_time_s']:.1f}s; run folder {result['config']['train']['output_dir']}")
+    t = result["time"]  # this process's wall seconds by part (a resumed run: since the resume)
+    print(
+        f"time: data {t['data_s']:.1f} s, model {t['model_s']:.1f} s, train {t['train_s']:.1f} s, "
+        f"eval {t['eval_s']:.1f} s, total {t['total_s']:.1f} s; run folder {result['config']['train']['output_dir']}"
+    )
     return 0
 
 

@@ -14,7 +14,9 @@ A compare file is YAML::
 ``{run:NAME}`` stands for the folder of an earlier run with the same seed (e.g. DoReMi's reference
 model is the random-selection run trained on the natural mixture). Each run writes its own folder
 ``<output_dir>/<name>/seed<s>/`` (config, metrics, result); the summary goes to
-``<output_dir>/summary.json`` and ``summary.md``, plots to ``<output_dir>/plots/``.
+``<output_dir>/summary.json`` and ``summary.md``, plots to ``<output_dir>/plots/``. Below the main
+table come exact match per scored domain and each run's wall seconds by part (data, model, train,
+eval, total: ``result.json``'s ``time``; ``-`` for a run finished before it was recorded).
 
 Paths: ``base``, ``output_dir`` and relative paths in the file's overrides resolve against the compare
 file's folder; overrides given on the command line against the working directory. Without
@@ -54,7 +56,7 @@ from mixsel.config import (
 )
 from mixsel.errors import ConfigError, UnknownNameError
 
-__all__ = ["format_exact_match", "format_table", "run_compare", "summarize"]
+__all__ = ["format_exact_match", "format_table", "format_time", "run_compare", "summarize"]
 
 _COLUMNS = [
     ("val/loss_mean", "val loss", "{:.3f}"),
@@ -68,11 +70,23 @@ _COLUMNS = [
     ("peak_memory_mb", "peak MB", "{:.0f}"),
 ]
 
+# summary keys of result.json's "time" parts (wall seconds of the run's last process) -> their titles
+_TIME_PARTS = {
+    "wall_s/data": "data",
+    "wall_s/model": "model",
+    "wall_s/train": "train",
+    "wall_s/eval": "eval",
+    "wall_s/total": "total",
+}
+
 
 def _metric(result: dict[str, Any], key: str) -> float | None:
     if key == "exact_match":
         vals = [v for k, v in result.items() if k.startswith("test/exact_match/")]
         return sum(vals) / len(vals) if vals else None
+    if key.startswith("wall_s/"):  # result.json's "time": {"data_s": ...} (absent in older runs)
+        value = (result.get("time") or {}).get(key.removeprefix("wall_s/") + "_s")
+        return float(value) if isinstance(value, (int, float)) else None
     value = result.get(key)
     return float(value) if isinstance(value, (int, float)) else None
 
@@ -84,7 +98,7 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
     for name, runs in results.items():
         row: dict[str, Any] = {"seeds": len(runs)}
         test_keys = sorted({k for r in runs for k in r if k.startswith(("test/exact_match/", "test/generation/"))})
-        for key in [k for k, _, _ in _COLUMNS] + test_keys:
+        for key in [k for k, _, _ in _COLUMNS] + list(_TIME_PARTS) + test_keys:
             vals = [v for v in (_metric(r, key) for r in runs) if v is not None and math.isfinite(v)]
             if vals:
                 name_ = key.removeprefix("test/") if key in test_keys else key  # "generation/stated/<d>"...
@@ -106,6 +120,17 @@ def format_exact_match(summary: dict[str, dict[str, Any]]) -> str:
     for name, row in summary.items():
         cells = [format_cell(row, f"exact_match/{d}", "{:.3f}") for d in domains]
         lines.append(f"| {name} | " + " | ".join([*cells, format_cell(row, "exact_match", "{:.3f}")]) + " |")
+    return "\n".join(lines)
+
+
+def format_time(summary: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table of each run's wall seconds by part (``result.json``'s ``time``: data, model,
+    train, eval, total); ``-`` for a run without them (finished by an older version); "" if none has."""
+    if not any(key in row for row in summary.values() for key in _TIME_PARTS):
+        return ""
+    lines = ["| run | " + " | ".join(_TIME_PARTS.values()) + " |", "|" + "---|" * (len(_TIME_PARTS) + 1)]
+    for name, row in summary.items():
+        lines.append(f"| {name} | " + " | ".join(format_cell(row, key, "{:.1f}") for key in _TIME_PARTS) + " |")
     return "\n".join(lines)
 
 
@@ -347,6 +372,9 @@ def run_compare(path: str | Path, extra_overrides: list[str] | None = None, *, p
     em = format_exact_match(summary)
     if em:
         table += "\n\nExact match per scored domain (test split):\n\n" + em
+    times = format_time(summary)
+    if times:
+        table += "\n\nWall seconds by part (the run's last process; a resumed run counts since its resume):\n\n" + times
     (out / "summary.md").write_text(table + "\n")
     try:
         from mixsel.plots import plot_compare

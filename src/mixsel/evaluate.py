@@ -14,7 +14,7 @@ from mixsel.answers import Checker, checkers_for, states_answer
 from mixsel.data.tokenize import IGNORE_INDEX
 from mixsel.features.loss import per_example_loss
 
-__all__ = ["answer_checkers", "domain_losses", "exact_match", "greedy_generate"]
+__all__ = ["answer_checkers", "domain_losses", "exact_match", "exact_match_prompts", "greedy_generate"]
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,25 @@ def greedy_generate(
     return [torch.tensor(t, dtype=torch.long) for t in out]
 
 
+def exact_match_prompts(split: Any, limit: int) -> dict[str, list[int]]:
+    """The rows of ``split`` that :func:`exact_match` decodes, by domain.
+
+    Args:
+        split: a :class:`mixsel.data.TokenizedSplit` (usually the test split).
+        limit: ``eval.exact_match``, the most prompts scored per domain.
+
+    Returns:
+        ``{domain: row indices}``: the first ``limit`` rows of each domain that have a prompt and a
+        reference answer; a domain without any is left out.
+    """
+    out: dict[str, list[int]] = {}
+    for d, name in enumerate(split.domains):
+        idx = [int(i) for i in split.indices_of(d) if split.answers[int(i)] is not None and split.prompts[int(i)]]
+        if idx[:limit]:
+            out[name] = idx[:limit]
+    return out
+
+
 @torch.no_grad()
 def exact_match(
     model: torch.nn.Module,
@@ -229,11 +248,7 @@ def exact_match(
     model.eval()
     pad = tokenizer.pad_token_id
     out: dict[str, float] = {}
-    for d, name in enumerate(split.domains):
-        idx = [int(i) for i in split.indices_of(d) if split.answers[int(i)] is not None and split.prompts[int(i)]]
-        idx = idx[:limit]
-        if not idx:
-            continue
+    for name, idx in exact_match_prompts(split, limit).items():
         lengths = [_response_tokens(split, i, tokenizer.eos_token_id) for i in idx]
         longer = sum(n > max_new_tokens for n in lengths)
         if longer:

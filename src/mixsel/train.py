@@ -37,6 +37,8 @@ ln(vocab size) (the loss of uniform guessing), that multiplies the weight norm b
 as diverged, with the last good checkpoint intact; non-finite weights are never saved.
 
 The run folder gets ``config.yaml``, ``metrics.jsonl``, ``result.json`` and ``final/`` (the model).
+``result.json``'s ``time`` holds the wall seconds of this process by part: data, model, train (the
+step loop without its evaluations), eval (every evaluation, generation included) and total.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,6 +341,40 @@ def _check_anchors(cfg: ExperimentConfig, selector: Any, val_rows: int) -> None:
         )
 
 
+# a run shorter than this (or than eval.every) is told how to switch the final exact match off
+_SHORT_RUN_STEPS = 20
+
+
+def _exact_match_line(cfg: ExperimentConfig, test: Any) -> str | None:
+    """The start line that states what the final exact match will decode (its cost).
+
+    Args:
+        cfg: the run's config (``eval.exact_match``, ``eval.max_new_tokens``, ``train.max_steps``).
+        test: the test split, whose prompts with a reference answer are decoded.
+
+    Returns:
+        The number of prompts and their ``max_new_tokens``, with how to switch it off
+        (``eval.exact_match=0``) for a run of fewer than ``eval.every`` or ``_SHORT_RUN_STEPS`` steps,
+        whose generations can take longer than its training; ``None`` when nothing will be decoded.
+    """
+    from mixsel.evaluate import exact_match_prompts
+
+    ev = cfg.eval
+    prompts = exact_match_prompts(test, ev.exact_match) if ev.exact_match > 0 else {}
+    total = sum(len(rows) for rows in prompts.values())
+    if not total:
+        return None
+    per_domain = ", ".join(f"{name} {len(rows)}" for name, rows in prompts.items())
+    line = (
+        f"exact match: the final test decodes {total} prompts ({per_domain}) of up to {ev.max_new_tokens} new "
+        f"tokens each (eval.exact_match={ev.exact_match} per domain, eval.max_new_tokens={ev.max_new_tokens})"
+    )
+    steps = cfg.train.max_steps
+    if steps < max(ev.every, _SHORT_RUN_STEPS):
+        line += f"; in a {steps}-step run this can take longer than training: eval.exact_match=0 switches it off"
+    return line
+
+
 def _reference_model(cfg: ExperimentConfig, tokenizer: Any, device: torch.device) -> torch.nn.Module | None:
     """DoReMi's frozen reference model (``reweighting.reference_model``), or ``None``."""
     if not cfg.reweighting.reference_model:
@@ -393,8 +431,13 @@ def _write_final(
     tokenizer: Any,
     result: dict[str, Any],
     generations: list[dict[str, Any]],
+    clock: _Clock,
 ) -> None:
-    """The run's plots, ``final/`` (model and tokenizer), ``generations.jsonl`` and, last, ``result.json``."""
+    """The run's plots, ``final/`` (model and tokenizer), ``generations.jsonl`` and, last, ``result.json``.
+
+    ``result["time"]`` is measured again just before ``result.json`` is written, so that its total
+    includes writing the rest.
+    """
     from mixsel.model import quiet_hf_progress
     from mixsel.plots import plot_run
 
@@ -406,8 +449,44 @@ def _write_final(
     tokenizer.save_pretrained(final_dir)
     if generations:
         _write_atomic(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in generations))
+    result["time"] = clock.report()
     # written last: a result.json marks a finished run
     _write_atomic(out / "result.json", json.dumps(result, indent=2))
+
+
+@dataclass
+class _Clock:
+    """Wall seconds of this process's run, by part (``result.json``'s ``time``).
+
+    A resumed run counts only the current process: the steps, loading and evaluations before the
+    interruption are not included. Under torchrun each rank has its own; rank 0 writes its numbers.
+    """
+
+    # time.perf_counter() when the run began (mixsel.train.train was called)
+    start: float = field(default_factory=time.perf_counter)
+    # load_mixture: reading, tokenising and splitting the data
+    data: float = 0.0
+    # tokenizer, model (LoRA wrapping included), reference model, engine, and a resumed checkpoint's states
+    model: float = 0.0
+    # the step loop without its evaluations (checkpoints included)
+    train: float = 0.0
+    # every Run.evaluate: periodic validation, the final test (exact match generation included) and validation
+    eval: float = 0.0
+
+    @contextmanager
+    def measure(self, part: str) -> Iterator[None]:
+        """Add the wall seconds of the ``with`` block to ``part`` (``"data"``, ``"model"`` or ``"eval"``)."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, part, getattr(self, part) + time.perf_counter() - began)
+
+    def report(self) -> dict[str, float]:
+        """``{"data_s", "model_s", "train_s", "eval_s", "total_s"}`` rounded to 0.01 s; the total runs
+        from ``start`` to now (the parts leave out preflight, the run folder and the final writes)."""
+        parts = {"data_s": self.data, "model_s": self.model, "train_s": self.train, "eval_s": self.eval}
+        return {k: round(v, 2) for k, v in {**parts, "total_s": time.perf_counter() - self.start}.items()}
 
 
 @dataclass
@@ -429,6 +508,7 @@ class _Run:
     start: int = 0
     loggers: list[Any] = field(default_factory=list)
     fingerprints: dict[str, str] = field(default_factory=dict)
+    clock: _Clock = field(default_factory=_Clock)
 
     def checkpoint(self, step: int) -> None:
         """An atomic, verified checkpoint of everything the run needs to continue exactly (a collective)."""
@@ -461,22 +541,25 @@ class _Run:
         from mixsel.evaluate import domain_losses, exact_match
 
         ev, pad = self.cfg.eval, self.tokenizer.pad_token_id
-        metrics = domain_losses(self.model, split, pad_token_id=pad, max_per_domain=ev.max_per_domain, prefix=prefix)
-        if generate and ev.exact_match > 0:
-            metrics.update(
-                exact_match(
-                    self.model,
-                    self.tokenizer,
-                    split,
-                    limit=ev.exact_match,
-                    max_new_tokens=ev.max_new_tokens,
-                    batch_size=ev.generation_batch_size,
-                    prefix=prefix,
-                    checker=ev.answer_checker,
-                    tolerance=ev.answer_tolerance,
-                    records=records,
-                )
+        with self.clock.measure("eval"):
+            metrics = domain_losses(
+                self.model, split, pad_token_id=pad, max_per_domain=ev.max_per_domain, prefix=prefix
             )
+            if generate and ev.exact_match > 0:
+                metrics.update(
+                    exact_match(
+                        self.model,
+                        self.tokenizer,
+                        split,
+                        limit=ev.exact_match,
+                        max_new_tokens=ev.max_new_tokens,
+                        batch_size=ev.generation_batch_size,
+                        prefix=prefix,
+                        checker=ev.answer_checker,
+                        tolerance=ev.answer_tolerance,
+                        records=records,
+                    )
+                )
         return metrics
 
     def record(self, step: int, plan: StepPlan, metrics: dict[str, Any]) -> None:
@@ -495,14 +578,43 @@ class _Run:
             logger.close()
 
 
+def _load_data(cfg: ExperimentConfig, tokenizer: Any, progress: bool | None) -> tuple[Any, Any]:
+    """The mixture (from the prepared store) and None; with ``data.streaming``, the held-out splits and the
+    :class:`mixsel.data.streaming.StreamingSampler` of the training rows (nothing is prepared)."""
+    if cfg.data.streaming:
+        from mixsel.data.streaming import load_streaming
+
+        return load_streaming(cfg.data, tokenizer, pool_size=cfg.train.pool_size, seed=cfg.seed)
+    from mixsel.data.build import load_mixture
+
+    return load_mixture(cfg.data, tokenizer, seed=cfg.seed, progress=progress), None
+
+
+def _train_rows(mixture: Any, sampler: Any, pad_id: int | None) -> dict[str, Any]:
+    """:func:`build_engine`'s training-row arguments: the mixture's train split, or the streaming sampler."""
+    if sampler is not None:
+        return {
+            "train_domains": None,
+            "train_batch": lambda ids: sampler.collate(ids, pad_id),
+            "train_sources": sampler.source_of,
+            "sampler": sampler,
+        }
+    split = mixture.train
+    return {
+        "train_domains": split.domain_ids,
+        "train_batch": lambda ids: split.collate(ids, pad_id),
+        "train_sources": split.source_of,
+    }
+
+
 def _start(cfg: ExperimentConfig, progress: bool) -> _Run:
     """Check, then load data and model, build the engine, resume, and open the run folder."""
     from tqdm.auto import tqdm
 
-    from mixsel.data.build import load_mixture
     from mixsel.logging import check_report_to, launch_message
     from mixsel.model import build_model, build_tokenizer
 
+    clock = _Clock()  # this process's wall seconds by part (a resumed run: only its own)
     # ---- checks before anything is loaded or written -----------------------------------------
     check_report_to(cfg.train.report_to)
     selector, mode, state = preflight(cfg)
@@ -519,29 +631,36 @@ def _start(cfg: ExperimentConfig, progress: bool) -> _Run:
     say(f"threads: {threads}", flush=True)
 
     # ---- data, model, optimiser, engine --------------------------------------------------------
-    tokenizer = build_tokenizer(cfg.model)
-    mixture = load_mixture(cfg.data, tokenizer, seed=cfg.seed)
+    with clock.measure("model"):
+        tokenizer = build_tokenizer(cfg.model)
+    with clock.measure("data"):
+        # preparing a corpus shows datasets' bars (rows/s, time left) on the main process of a run with a bar
+        mixture, sampler = _load_data(cfg, tokenizer, None if progress and world.is_main else False)
     say(summarize_mixture(mixture, cfg.eval), flush=True)
     _check_anchors(cfg, selector, len(mixture.validation))
+    em_line = _exact_match_line(cfg, mixture.test)
+    if em_line and progress:
+        say(em_line, flush=True)
+    elif em_line:
+        log.info(em_line)
     pad_id = tokenizer.pad_token_id
-    model = build_model(cfg.model, tokenizer).to(device)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    train_split, val_split = mixture.train, mixture.validation
-    engine = build_engine(
-        cfg,
-        selector,
-        mixture.domains,
-        train_domains=train_split.domain_ids,
-        train_batch=lambda ids: train_split.collate(ids, pad_id),
-        val_domains=val_split.domain_ids,
-        val_batch=lambda ids: val_split.collate(ids, pad_id),
-        world=world,
-        reference=_reference_model(cfg, tokenizer, device),
-        train_sources=train_split.source_of,
-    )
+    val_split = mixture.validation
+    with clock.measure("model"):
+        model = build_model(cfg.model, tokenizer).to(device)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+        engine = build_engine(
+            cfg,
+            selector,
+            mixture.domains,
+            **_train_rows(mixture, sampler, pad_id),
+            val_domains=val_split.domain_ids,
+            val_batch=lambda ids: val_split.collate(ids, pad_id),
+            world=world,
+            reference=_reference_model(cfg, tokenizer, device),
+        )
     launch = launch_message(
         "mixsel train",
         world_size=world.world_size,
@@ -569,9 +688,11 @@ def _start(cfg: ExperimentConfig, progress: bool) -> _Run:
         scheduler,
         engine,
         _autocast(cfg.train.autocast, device),
+        clock=clock,
     )
     if state is not None:
-        run.start = _restore(state, run)
+        with clock.measure("model"):
+            run.start = _restore(state, run)
     state = None  # the checkpoint's tensors are in the model and optimizer now
 
     # ---- the run folder: written only now that config, data and model are known to work ------
@@ -642,11 +763,18 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             run.close()
             log.info("stopping after step %d (train.stop_after); continue with --resume", step + 1)
             return {"stopped_at": step + 1}
-    return _finish(run, time.perf_counter() - t_start)
+    wall = time.perf_counter() - t_start
+    run.clock.train = wall - run.clock.eval  # every evaluation so far ran inside the loop
+    return _finish(run, wall)
 
 
 def _finish(run: _Run, wall: float) -> dict[str, Any]:
-    """The final evaluation (test split with exact match, then validation), ``final/`` and ``result.json``."""
+    """The final evaluation (test split with exact match, then validation), ``final/`` and ``result.json``.
+
+    Args:
+        run: the run, trained.
+        wall: seconds of the step loop, its evaluations included (``wall_time_s``).
+    """
     cfg, reweighter = run.cfg, run.engine.reweighting.reweighter
     generations: list[dict[str, Any]] = []  # one record per exact-match prompt -> generations.jsonl
     test = run.evaluate(run.mixture.test, "test", generate=True, records=generations)  # generation: final test only
@@ -658,6 +786,7 @@ def _finish(run: _Run, wall: float) -> dict[str, Any]:
         "steps": cfg.train.max_steps,
         "seed": cfg.seed,
         "wall_time_s": wall,
+        "time": run.clock.report(),  # measured again as result.json is written (rank 0)
         "peak_memory_mb": _peak_memory_mb(run.device),
         "domains": run.mixture.domains,
         "final_weights": [float(x) for x in reweighter.weights],
@@ -673,7 +802,7 @@ def _finish(run: _Run, wall: float) -> dict[str, Any]:
     _check_finite_weights(run.model, cfg.train.max_steps, run.out)
     if run.world.is_main:
         run.close()
-        _write_final(run.out, cfg, run.model, run.tokenizer, result, generations)
+        _write_final(run.out, cfg, run.model, run.tokenizer, result, generations, run.clock)
     if cfg.train.save_every:  # on every rank: checkpoint() is a collective
         run.checkpoint(cfg.train.max_steps)
     barrier()
