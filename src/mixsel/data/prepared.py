@@ -36,13 +36,14 @@ written folder.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import errno
+import gc
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -241,26 +242,47 @@ def _record_chunks(cfg: DataConfig) -> Iterator[list[dict[str, Any]]]:
     )
 
 
-def _raw_rows(data: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The rows of the raw Arrow dataset (``Dataset.from_generator``'s generator; ``data``: a DataConfig as a dict)."""
-    cfg = DataConfig(**data)
-    for chunk in _record_chunks(cfg):
-        for rec in chunk:
-            messages = rec.get("messages")
-            yield {
-                "domain": rec["domain"],
-                "text": rec.get("text"),
-                "prompt": rec.get("prompt"),
-                "messages": None if messages is None else json.dumps(messages),
-                "response": rec.get("response"),
-                "answer": rec.get("answer"),
-                "split": rec.get("split"),
-                "source": rec.get("source"),
-            }
+def _write_raw(path: Path, cfg: DataConfig, progress: bool) -> int:
+    """Write the normalised records of ``cfg.source`` to an Arrow stream file, a chunk at a time.
+
+    Returns:
+        The number of rows written.
+    """
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    schema = _raw_features().arrow_schema
+    rows = 0
+    with (
+        pa.OSFile(str(path), "wb") as sink,
+        pa.ipc.new_stream(sink, schema) as writer,
+        tqdm(desc="mixsel: reading rows", unit=" rows", disable=not progress) as bar,
+    ):
+        for chunk in _record_chunks(cfg):
+            columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+            for rec in chunk:
+                messages = rec.get("messages")
+                columns["messages"].append(None if messages is None else json.dumps(messages))
+                for name in ("domain", "text", "prompt", "response", "answer", "split", "source"):
+                    columns[name].append(rec.get(name))
+            writer.write_table(pa.Table.from_pydict(columns, schema=schema))
+            rows += len(chunk)
+            bar.update(len(chunk))
+    return rows
 
 
 def _tokenize_batch(batch: dict[str, list[Any]], tokenizer: Any, settings: dict[str, Any]) -> dict[str, list[Any]]:
     """``Dataset.map``'s function: a batch of raw rows tokenised by :mod:`mixsel.data.tokenize`'s rules."""
+    gc_was_on = gc.isenabled()
+    gc.disable()  # a batch allocates ~10^5 small lists: cyclic collections would only rescan them
+    try:
+        return _tokenize_records(batch, tokenizer, settings)
+    finally:
+        if gc_was_on:
+            gc.enable()
+
+
+def _tokenize_records(batch: dict[str, list[Any]], tokenizer: Any, settings: dict[str, Any]) -> dict[str, list[Any]]:
     from mixsel.data.tokenize import encode_rows, row_outcome
 
     records = []
@@ -371,21 +393,8 @@ def _build(folder: Path, cfg: DataConfig, tokenizer: Any, inputs: dict[str, Any]
     folder.mkdir(parents=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with _Progress(bool(progress)):
-            try:
-                raw = datasets.Dataset.from_generator(
-                    _raw_rows,
-                    features=_raw_features(),
-                    cache_dir=str(folder / "raw"),
-                    gen_kwargs={"data": dataclasses.asdict(cfg)},
-                    fingerprint=f"mixsel-raw-{folder.name}",
-                )
-            except datasets.exceptions.DatasetGenerationError as err:
-                cause = err.__cause__ or err.__context__
-                if isinstance(cause, Exception):  # the reader's own error (bad data, a missing column, ...)
-                    raise cause from None
-                raise
-        rows = len(raw)
+        rows = _write_raw(folder / "raw.arrow", cfg, progress if progress is not None else sys.stderr.isatty())
+        raw = datasets.Dataset.from_file(str(folder / "raw.arrow"))
         show = progress if progress is not None else rows >= _PROGRESS_MIN_ROWS
         workers = _workers(cfg, rows)
         settings = {
@@ -411,7 +420,7 @@ def _build(folder: Path, cfg: DataConfig, tokenizer: Any, inputs: dict[str, Any]
     domains = sorted(set(tokens.data.table.column("domain").unique().to_pylist()))
     np.savez(folder / "index.npz", **_index_arrays(tokens, domains))
     del tokens, raw
-    shutil.rmtree(folder / "raw", ignore_errors=True)
+    (folder / "raw.arrow").unlink()
     notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     manifest = {
         "version": STORE_VERSION,

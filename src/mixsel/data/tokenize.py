@@ -349,7 +349,7 @@ def _encode(tokenizer: Any, texts: list[str], *, max_tokens: int | None, progres
     out: list[list[int]] = []
     if not texts:
         return out
-    kwargs: dict[str, Any] = {"add_special_tokens": False}
+    kwargs: dict[str, Any] = {"add_special_tokens": False, "return_attention_mask": False}
     if max_tokens is not None:
         kwargs.update(truncation=True, max_length=max_tokens)
     starts = range(0, len(texts), _CHUNK)
