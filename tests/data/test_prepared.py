@@ -279,3 +279,19 @@ def test_unknown_domains_and_too_small_domains_fail_as_on_the_record_path(tmp_pa
         _load(DataConfig(source=str(source), domains=["alpha", "delta"]), tmp_path / "cache")
     with pytest.raises(DataError, match="too few for test_per_domain"):
         _load(DataConfig(source=str(source), val_per_domain=30, test_per_domain=30), tmp_path / "cache")
+
+
+def test_a_store_column_reads_rows_across_arrow_chunks_without_concatenating_them():
+    import numpy as np
+    import pyarrow as pa
+
+    from mixsel.data.tokenize import StoreColumn
+
+    chunks = [pa.array([[c * 10 + j, c] for j in range(10)], type=pa.list_(pa.int32())) for c in range(7)]
+    table = pa.table({"input_ids": pa.chunked_array(chunks)})
+    rows = np.random.default_rng(0).permutation(70)
+    column = StoreColumn(table, "input_ids", rows, tensors=True)
+    positions = [69, 0, 5, 5, 33, 12]  # out of order, with a repeat, across chunks
+    assert [t.tolist() for t in column.take(positions)] == [[int(rows[p]), int(rows[p]) // 10] for p in positions]
+    assert [t.tolist() for t in column] == [[int(r), int(r) // 10] for r in rows]
+    assert column[-1].tolist() == [int(rows[-1]), int(rows[-1]) // 10]

@@ -125,6 +125,7 @@ class StoreColumn(Sequence[Any]):
         self.column = column
         self.rows = np.asarray(rows, dtype=np.int64)
         self.tensors = tensors
+        self._starts: Any = None  # the first row of each Arrow chunk of the column, once needed
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -135,7 +136,19 @@ class StoreColumn(Sequence[Any]):
         import pyarrow as pa
 
         rows = self.rows[np.asarray(positions, dtype=np.int64)]
-        values = self.table.column(self.column).take(pa.array(rows)).to_pylist()
+        column = self.table.column(self.column)
+        if column.num_chunks == 1:
+            values = column.chunk(0).take(pa.array(rows)).to_pylist()
+        else:  # ChunkedArray.take concatenates every chunk first: a copy of the whole column per call
+            if self._starts is None:
+                self._starts = np.cumsum([0] + [len(c) for c in column.chunks])
+            chunk_of = np.searchsorted(self._starts, rows, side="right") - 1
+            values = [None] * len(rows)
+            for c in np.unique(chunk_of).tolist():
+                at = np.flatnonzero(chunk_of == c)
+                got = column.chunk(c).take(pa.array(rows[at] - self._starts[c])).to_pylist()
+                for i, value in zip(at.tolist(), got):
+                    values[i] = value
         if self.tensors:
             return [torch.tensor(v, dtype=torch.long) for v in values]
         return values
