@@ -67,6 +67,9 @@ _SPLIT_CODE = {"train": 0, "validation": 1, "test": 2}
 _HEAD_TAIL = 1 << 20
 _PARALLEL_MIN_ROWS = 50_000  # below this, worker processes cost more than they save
 _PROGRESS_MIN_ROWS = 20_000
+# rows per map batch, and so per Arrow record batch: opening a store touches each batch's header page
+# (and the kernel maps its neighbours), so fewer, larger batches keep a large store's resident pages few
+_MAP_BATCH = 4096
 # status of a row after tokenisation (index.npz "status")
 KEPT, TOO_LONG, NO_TARGET = 0, 1, 2
 
@@ -407,7 +410,8 @@ def _build(folder: Path, cfg: DataConfig, tokenizer: Any, inputs: dict[str, Any]
             tokens = raw.map(
                 _tokenize_batch,
                 batched=True,
-                batch_size=1000,
+                batch_size=_MAP_BATCH,
+                writer_batch_size=_MAP_BATCH,
                 num_proc=workers,
                 fn_kwargs={"tokenizer": tokenizer, "settings": settings},
                 remove_columns=["text", "prompt", "messages", "response", "answer"],
