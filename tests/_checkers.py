@@ -17,3 +17,27 @@ def accept(prediction: str, reference: str) -> bool:
     """Always right; records the call."""
     CALLS.append((prediction, reference))
     return True
+
+
+def one_argument(prediction: str) -> bool:
+    """The wrong signature: a checker is called with (prediction, reference)."""
+    return bool(prediction)
+
+
+def raises(prediction: str, reference: str) -> bool:
+    """A checker that fails on any input."""
+    raise RuntimeError("cannot parse " + prediction[:10])
+
+
+def returns_text(prediction: str, reference: str) -> str:
+    """The wrong return type: a string is always truthy."""
+    return "yes"
+
+
+def only_on_probe(prediction: str, reference: str) -> bool:
+    """Fine on the start-of-run sample pair, raises on anything else (as on a model's generation)."""
+    from mixsel.answers import PROBE_PAIR
+
+    if (prediction, reference) != PROBE_PAIR:
+        raise ValueError("unreadable generation")
+    return True

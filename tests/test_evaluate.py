@@ -144,6 +144,10 @@ def test_mixsel_train_scores_with_the_configured_checker(tmp_path):
     ]
     result = train(load_config(None, cfg), progress=False)
     assert result["test/exact_match/chemistry"] == 1.0  # every chemistry prompt went to the user's checker
+    from mixsel.answers import PROBE_PAIR
+
+    assert _checkers.CALLS[0] == PROBE_PAIR  # called once at start, before any step trained
+    del _checkers.CALLS[0]
     assert len(_checkers.CALLS) == 2  # eval.exact_match=2 prompts
     assert result["test/exact_match_mean"] == pytest.approx((1.0 + result["test/exact_match/arithmetic"]) / 2)
     # every scored prompt's generation is kept in the run folder, consistent with the scores

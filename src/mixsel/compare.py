@@ -33,7 +33,10 @@ Jobs: the runs go one at a time, in file order, seeds inner, in this process (ea
 different files (``benchmarks/run_experiments.py --jobs`` does) and set ``train.threads`` to the
 cores each may use.
 
-Every run's config and method names are checked before the first run starts.
+Every run's config and method names are checked before the first run starts, and so are what runs
+meet only at their end (loggers, answer checkers: :func:`mixsel.preflight.check_methods`); a run may
+not be named after compare's own outputs (``summary.json``, ``summary.md``, ``plots``), and a key
+written twice in the file is an error naming its line.
 """
 
 from __future__ import annotations
@@ -204,6 +207,8 @@ def _substitute(override: str, out: Path, seed: int, runs: dict[str, Any], curre
 
 
 _SPEC_KEYS = ("base", "overrides", "seeds", "output_dir", "runs")
+# what run_compare writes next to the run folders (a run may not be named after one, in any case)
+_OWN_OUTPUTS = ("summary.json", "summary.md", "plots")
 
 
 def _string_list(value: Any, where: str, path: Path) -> list[str]:
@@ -247,6 +252,11 @@ def load_compare_spec(path: str | Path) -> dict[str, Any]:
     for name, overrides in runs.items():
         if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
             raise ConfigError(f"{path}: run name {name!r} must be a plain folder name (no '/', not '.' or '..')")
+        if name.lower() in _OWN_OUTPUTS:
+            raise ConfigError(
+                f"{path}: run name {name!r} clashes with what mixsel compare writes in output_dir "
+                f"({', '.join(_OWN_OUTPUTS)}); rename the run"
+            )
         checked[name] = _string_list(overrides, f"runs.{name}", path)
     seeds = spec.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):

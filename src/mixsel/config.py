@@ -9,7 +9,8 @@ Unknown keys are errors (with the valid keys listed), values are parsed as YAML 
 against the field's type, and the resolved config is saved next to every run.
 
 Numbers: YAML 1.1 (PyYAML's default) reads ``3e-4`` and ``1e6`` as strings; mixsel's loader reads them
-as floats, as YAML 1.2 does, in config files, overrides and compare files alike.
+as floats, as YAML 1.2 does, in config files, overrides and compare files alike. A key written twice
+in one mapping is an error naming file:line (PyYAML would keep the last one silently).
 
 Paths: a relative path written in a config file (``data.source``, ``model.name_or_path``,
 ``model.tokenizer``, ``model.config_file``, ``reweighting.reference_model``,
@@ -159,6 +160,9 @@ class ModelConfig:
     dtype: str = "float32"
     # attention kernel passed to transformers (sdpa | eager | flash_attention_2)
     attn_implementation: str | None = "sdpa"
+    # run the Python code a model or tokenizer folder ships (auto_map in its config.json /
+    # tokenizer_config.json); false: such a folder is refused at start unless transformers has the class
+    trust_remote_code: bool = False
     # LoRA adapters
     lora: ModelLoraConfig = field(default_factory=ModelLoraConfig)
 
@@ -460,8 +464,32 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
+class _DuplicateKeyError(yaml.MarkedYAMLError):
+    """A key written twice in one mapping (PyYAML keeps the last silently)."""
+
+    def __init__(self, key: Any, first: Any, again: Any) -> None:
+        super().__init__(problem=f"duplicate key {key!r} (first at line {first.line + 1})", problem_mark=again)
+        self.key = key
+
+
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader that also reads ``3e-4``, ``1e6`` and ``1.0e2`` as floats (YAML 1.2)."""
+    """PyYAML's safe loader that also reads ``3e-4``, ``1e6`` and ``1.0e2`` as floats (YAML 1.2), and
+    refuses a key written twice in one mapping (``<<`` merge keys may still be overridden)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if first is not key_node.start_mark:
+                    raise _DuplicateKeyError(key, first, key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -475,10 +503,18 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
     """Parse YAML ``text`` with mixsel's loader; a syntax error names ``source:line:column``.
 
     Raises:
-        ValueError: ``"<source>:<line>:<column>: invalid YAML (<problem>); ..."``.
+        ValueError: ``"<source>:<line>:<column>: invalid YAML (<problem>); ..."``, or
+            ``"<source>:<line>:<column>: duplicate key 'lr' (first at line <n>); ..."`` for a key written
+            twice in one mapping.
     """
     try:
         return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+    except _DuplicateKeyError as err:
+        mark = err.problem_mark
+        raise ConfigError(
+            f"{source}:{mark.line + 1}:{mark.column + 1}: {err.problem}; keep one of them (YAML would silently "
+            "use the last)"
+        ) from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source

@@ -12,6 +12,7 @@ import torch
 
 from mixsel.answers import Checker, checkers_for, states_answer
 from mixsel.data.tokenize import IGNORE_INDEX
+from mixsel.errors import ConfigError
 from mixsel.features.loss import per_example_loss
 
 __all__ = ["answer_checkers", "domain_losses", "exact_match", "exact_match_prompts", "greedy_generate"]
@@ -77,13 +78,26 @@ def answer_checkers(eval_cfg: Any, domains: Sequence[str]) -> dict[str, Checker]
     """The answer checker of each domain under ``eval.answer_checker`` / ``eval.answer_tolerance``.
 
     Call it at the start of a run to catch a misspelt checker early (:func:`exact_match` resolves
-    the same names at the end).
+    the same names at the end); :func:`mixsel.answers.check_answer_checkers` also calls each once.
 
     Raises:
         ValueError: an unknown checker name or domain, or a ``package.module:function`` that does
             not import.
     """
     return checkers_for(eval_cfg.answer_checker, list(domains), tolerance=eval_cfg.answer_tolerance)
+
+
+def _score(func: Checker, spec: str | Mapping[str, str], domain: str, row: int, text: str, answer: str) -> bool:
+    """``func(text, answer)`` as a bool; a checker that raises is one line naming it, the domain and the row."""
+    try:
+        return bool(func(text, answer))
+    except Exception as err:
+        name = spec if isinstance(spec, str) else spec.get(domain, spec.get("*", "gsm8k"))
+        why = " ".join(str(err).split()) or "no message"
+        raise ConfigError(
+            f"eval.answer_checker={name!r} raised {type(err).__name__} ({why}) on test row {row} of domain "
+            f"{domain!r} (generated {text[:60]!r}, reference {answer!r}); make it return False for text it cannot read"
+        ) from None
 
 
 def _response_tokens(split: Any, i: int, eos_token_id: int | None) -> int:
@@ -280,7 +294,7 @@ def exact_match(
             )
             for r, i in enumerate(rows):
                 text = tokenizer.decode(gen[r], skip_special_tokens=True)
-                ok = bool(checkers[name](text, split.answers[i]))
+                ok = _score(checkers[name], checker, name, i, text, split.answers[i])
                 n_new = int(gen[r].numel())
                 ended = bool(n_new) and tokenizer.eos_token_id is not None and int(gen[r][-1]) == tokenizer.eos_token_id
                 says = states_answer(text)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -159,11 +160,31 @@ class WandbLogger:
         self.run.finish()
 
 
+# the package each optional logger imports, and how to install it
+_NEEDS = {"tensorboard": ("tensorboard", "pip install 'mixsel[log]'"), "wandb": ("wandb", "pip install wandb")}
+
+
+def _installed(package: str) -> bool:
+    """Whether ``package`` can be imported (found without importing it)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def check_report_to(names: list[str]) -> None:
-    """Raise a one-line ``ValueError`` for a name that is not a known logger."""
+    """Raise a one-line ``ValueError`` for a name that is not a known logger, or whose package is not
+    installed, at the start of a run rather than when the run folder is opened."""
     unknown = [n for n in names if n not in LOGGERS]
     if unknown:
         raise ConfigError(f"train.report_to has unknown logger(s) {unknown}; valid: {list(LOGGERS)}")
+    for name in dict.fromkeys(names):
+        if name in _NEEDS and not _installed(_NEEDS[name][0]):
+            package, fix = _NEEDS[name]
+            raise ConfigError(
+                f"train.report_to has {name} but {package} is not installed: {fix}, or drop {name} from "
+                "train.report_to (metrics.jsonl is always written)"
+            )
 
 
 def build_loggers(

@@ -7,6 +7,12 @@ Three ways to get a model, all through ``transformers``:
 * ``model.name_or_path``: a local checkpoint folder (e.g. a previous mixsel run's ``final/``) or a
   hub id (users with a hub; nothing here downloads in tests);
 * either, wrapped by ``peft`` LoRA when ``model.lora.enabled``.
+
+Every load passes ``trust_remote_code`` explicitly (``model.trust_remote_code``, default false), so
+transformers never stops a run to ask "run the custom code? [y/N]": a folder that needs its own code
+(``auto_map`` for a class transformers lacks) is refused at start in one line. Weights are read as
+tensors only (safetensors, or ``torch.load(weights_only=True)``): a pickled ``.bin`` holding other
+objects is one line too.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -72,15 +79,50 @@ def _first_line(err: BaseException) -> str:
     return text[0].strip() if text else type(err).__name__
 
 
-def check_model_source(value: str, field: str, need: str = "model") -> None:
+def _custom_code_line(value: str, field: str, where: str) -> str:
+    """The one line refusing a folder whose ``where`` asks transformers to run the folder's own code."""
+    return (
+        f"{field}={value!r} ships its own Python code ({where}), which mixsel does not run unless "
+        "model.trust_remote_code=true: set that only for a folder you trust, or use a model transformers knows"
+    )
+
+
+def _needs_custom_code(path: Path, need: str) -> str | None:
+    """Where a local folder asks for its own code that transformers cannot do without, else ``None``.
+
+    A ``config.json`` with ``auto_map`` whose ``model_type`` transformers does not know (with a known
+    one transformers loads its own class and ignores the folder's code), or a ``tokenizer_config.json``
+    whose ``auto_map`` names an ``AutoTokenizer`` and whose ``tokenizer_class`` transformers lacks.
+    """
+    name = "tokenizer_config.json" if need == "tokenizer" else "config.json"
+    try:
+        fields = json.loads((path / name).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # no such file, or unreadable: transformers says so when it loads the folder
+    if not isinstance(fields, dict) or not isinstance(fields.get("auto_map"), dict):
+        return None
+    if need == "tokenizer":
+        import transformers
+
+        wanted = "AutoTokenizer" in fields["auto_map"]
+        known = isinstance(fields.get("tokenizer_class"), str) and hasattr(transformers, fields["tokenizer_class"])
+    else:
+        from transformers import CONFIG_MAPPING
+
+        wanted, known = True, fields.get("model_type") in CONFIG_MAPPING
+    return f"auto_map in {name}" if wanted and not known else None
+
+
+def check_model_source(value: str, field: str, need: str = "model", *, trust_remote_code: bool = False) -> None:
     """Raise one clear line if ``value`` (config field ``field``) cannot give a ``need`` (model or tokenizer).
 
-    A local folder must hold the files of a ``need``; a value that is not a local folder must be a hub
-    id, and the hub must be online. Checked before any data or weights are loaded.
+    A local folder must hold the files of a ``need`` and, unless ``trust_remote_code``, must not need
+    its own Python code (``auto_map`` for a class transformers lacks); a value that is not a local
+    folder must be a hub id, and the hub must be online. Checked before any data or weights are loaded.
 
     Raises:
         FileNotFoundError: a folder without the files, or not a folder while the hub is offline.
-        ValueError: ``value`` is a file.
+        ValueError: ``value`` is a file, or a folder that needs its own code.
     """
     path = Path(value).expanduser()
     if path.is_dir():
@@ -91,6 +133,9 @@ def check_model_source(value: str, field: str, need: str = "model") -> None:
                 f"{field}={value!r} is a folder without a {need} (none of {sorted(wanted)}): point it at a saved "
                 "model folder such as <run>/final"
             )
+        custom = None if trust_remote_code else _needs_custom_code(path, need)
+        if custom is not None:
+            raise ConfigError(_custom_code_line(value, field, custom))
         return
     if path.exists():
         raise ConfigError(f"{field}={value!r} is a file; point it at a model folder (with config.json) or a hub id")
@@ -138,6 +183,20 @@ def _read_config_file(spec: str) -> dict[str, Any]:
     return fields
 
 
+def _load_error(source: str, field: str, need: str, err: BaseException) -> ConfigError:
+    """The one line for a model or tokenizer that transformers could not load from ``source``."""
+    text = " ".join(str(err).split())
+    if "contains custom code" in text:  # transformers' refusal under trust_remote_code=False
+        return ConfigError(_custom_code_line(source, field, "auto_map"))
+    if isinstance(err, pickle.UnpicklingError):  # torch.load(weights_only=True) met a pickled object
+        return ConfigError(
+            f"{field}={source!r}: its .bin weights hold pickled Python objects besides tensors, which mixsel "
+            "never unpickles (torch.load weights_only=True); save the weights as safetensors "
+            "(model.save_pretrained writes model.safetensors) from a source you trust"
+        )
+    return ConfigError(f"{field}={source!r}: no {need} could be loaded from it ({_first_line(err)})")
+
+
 def build_tokenizer(cfg: ModelConfig) -> Any:
     """The tokenizer: ``cfg.tokenizer`` if given, else the checkpoint's, else the embedded BPE."""
     from transformers import AutoTokenizer
@@ -148,11 +207,11 @@ def build_tokenizer(cfg: ModelConfig) -> Any:
 
         return load_embedded_tokenizer()
     field = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
-    check_model_source(source, field, "tokenizer")
+    check_model_source(source, field, "tokenizer", trust_remote_code=cfg.trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{field}={source!r}: no tokenizer could be loaded from it ({_first_line(err)})") from None
+        raise _load_error(source, field, "tokenizer", err) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -173,15 +232,14 @@ def build_model(
     kwargs: dict[str, Any] = {}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    kwargs["trust_remote_code"] = cfg.trust_remote_code  # always explicit: transformers never asks [y/N]
     if cfg.name_or_path:
-        check_model_source(cfg.name_or_path, field, "model")
+        check_model_source(cfg.name_or_path, field, "model", trust_remote_code=cfg.trust_remote_code)
         try:
             with quiet_hf_progress():  # transformers' own "Loading weights" bar
                 model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **kwargs)
-        except (OSError, ValueError) as err:
-            raise ConfigError(
-                f"{field}={cfg.name_or_path!r}: no model could be loaded from it ({_first_line(err)})"
-            ) from None
+        except (OSError, ValueError, pickle.UnpicklingError) as err:
+            raise _load_error(cfg.name_or_path, field, "model", err) from None
         log.info("loaded model from %s", cfg.name_or_path)
     elif cfg.config_file:
         fields = _read_config_file(cfg.config_file)

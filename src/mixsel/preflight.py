@@ -1,12 +1,14 @@
 """Every check that needs no data and no model, made before a run loads or writes anything.
 
 :func:`preflight` is what ``mixsel train`` runs first: value ranges (:func:`mixsel.config.validate`),
-the selector and reweighter names, the selector's options and what each method needs
+the selector and reweighter names, the selector's options and what each method needs, and what the
+end of a run uses: the ``train.report_to`` loggers installed, every answer checker imported and called
+once on a sample pair (only when ``eval.exact_match > 0``), a ``weights_from`` file readable
 (:func:`check_methods`, which ``mixsel compare`` also runs for every run before the first trains), the
 device, the model / tokenizer / reference paths (one line such as "not a local folder, and the hub is
-offline"), the run folder (:mod:`mixsel.runfolder`) and, on ``--resume``, the checkpoint's config
-fingerprint. Each failure is one ``ValueError`` / ``KeyError`` / ``FileNotFoundError`` line naming the
-field and the fix.
+offline"; a folder that needs its own code unless ``model.trust_remote_code``), the run folder
+(:mod:`mixsel.runfolder`) and, on ``--resume``, the checkpoint's config fingerprint. Each failure
+is one ``ValueError`` / ``KeyError`` / ``FileNotFoundError`` line naming the field and the fix.
 """
 
 from __future__ import annotations
@@ -46,22 +48,49 @@ def _check_model_paths(cfg: ExperimentConfig) -> None:
     """One clear line for a model, tokenizer, reference or config path that cannot work, before any load."""
     from mixsel.model import check_model_source, resolve_config_file
 
+    trust = cfg.model.trust_remote_code
     if cfg.model.name_or_path:
-        check_model_source(cfg.model.name_or_path, "model.name_or_path", "model")
+        check_model_source(cfg.model.name_or_path, "model.name_or_path", "model", trust_remote_code=trust)
     elif cfg.model.config_file:
         resolve_config_file(cfg.model.config_file)
     else:
         raise ConfigError("set model.name_or_path (a checkpoint) or model.config_file (a fresh model)")
     if cfg.model.tokenizer and cfg.model.tokenizer != "embedded":
-        check_model_source(cfg.model.tokenizer, "model.tokenizer", "tokenizer")
+        check_model_source(cfg.model.tokenizer, "model.tokenizer", "tokenizer", trust_remote_code=trust)
     elif cfg.model.name_or_path and not cfg.model.tokenizer:
-        check_model_source(cfg.model.name_or_path, "model.name_or_path", "tokenizer")
+        check_model_source(cfg.model.name_or_path, "model.name_or_path", "tokenizer", trust_remote_code=trust)
     if cfg.reweighting.reference_model:
-        check_model_source(cfg.reweighting.reference_model, "reweighting.reference_model", "model")
+        check_model_source(
+            cfg.reweighting.reference_model, "reweighting.reference_model", "model", trust_remote_code=trust
+        )
+
+
+def _check_end_of_run(cfg: ExperimentConfig) -> None:
+    """What a run would otherwise meet only at its end, or after its data and model are loaded.
+
+    The loggers of ``train.report_to`` are installed; with ``eval.exact_match > 0`` every answer
+    checker imports, is a plain function of (prediction, reference) from the user's own code (or
+    mixsel's) and returns a bool on a sample pair (:func:`mixsel.answers.check_answer_checkers`;
+    with ``eval.exact_match=0`` no checker is imported); a ``reweighting.options.weights_from`` file
+    is a readable mixsel ``result.json``.
+    """
+    from mixsel.logging import check_report_to
+
+    check_report_to(cfg.train.report_to)
+    if cfg.eval.exact_match > 0:
+        from mixsel.answers import check_answer_checkers
+
+        check_answer_checkers(cfg.eval.answer_checker, tolerance=cfg.eval.answer_tolerance)
+    source = cfg.reweighting.options.get("weights_from") if isinstance(cfg.reweighting.options, dict) else None
+    if source is not None:
+        from mixsel.reweighting.static import read_weights_from
+
+        read_weights_from(source)
 
 
 def check_methods(cfg: ExperimentConfig) -> Any:
-    """Check the selector and reweighter names and what they need; return the built selector.
+    """Check the selector and reweighter names and what they need, and what the end of the run uses
+    (loggers, answer checkers, a ``weights_from`` file: :func:`_check_end_of_run`); return the built selector.
 
     Building the selector checks its options. A reweighter's options are checked when it is built,
     once the data has named the domains.
@@ -69,7 +98,8 @@ def check_methods(cfg: ExperimentConfig) -> Any:
     Raises:
         KeyError: an unknown method name (the valid ones are listed).
         ValueError: bad selector options, no validation anchors for a selector that scores against
-            them, no reference model for a reweighter that needs one.
+            them, no reference model for a reweighter that needs one, a logger that is not installed,
+            an answer checker that cannot work, an unreadable ``weights_from`` file.
     """
     from mixsel.registry import _REWEIGHTERS
 
@@ -102,6 +132,7 @@ def check_methods(cfg: ExperimentConfig) -> Any:
             f"reweighting.method={cfg.reweighting.method!r} needs a reference model: train one on the natural "
             "mixture (mixsel train selection.method=random) and set reweighting.reference_model=<run>/final"
         )
+    _check_end_of_run(cfg)
     return selector
 
 

@@ -145,6 +145,54 @@ def _drop_checkpoints(tmp: Path) -> None:
         shutil.rmtree(tmp / "run" / name)
 
 
+def _micro_model_folder(tmp: Path, name: str) -> Path:
+    """The micro Llama's config.json (and no weights) in ``tmp/name``."""
+    from mixsel.model import resolve_config_file
+
+    folder = tmp / name
+    folder.mkdir(parents=True, exist_ok=True)
+    fields = json.loads(resolve_config_file("embedded:micro-llama").read_text())
+    fields.setdefault("model_type", "llama")
+    (folder / "config.json").write_text(json.dumps(fields))
+    return folder
+
+
+def _pickled_weights(tmp: Path) -> None:
+    """A model folder whose pytorch_model.bin runs code when unpickled."""
+    folder = _micro_model_folder(tmp, "pick")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp / 'pwned'}",))
+
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "x": Evil()}, folder / "pytorch_model.bin")
+
+
+def _custom_code(tmp: Path) -> None:
+    """A model folder whose config.json needs the folder's own code (auto_map, a type transformers lacks)."""
+    folder = _micro_model_folder(tmp, "custom")
+    fields = json.loads((folder / "config.json").read_text())
+    fields.update(model_type="my_llama", auto_map={"AutoModelForCausalLM": "modeling_my.MyLlama"})
+    (folder / "config.json").write_text(json.dumps(fields))
+    (folder / "modeling_my.py").write_text(f"open({str(tmp / 'pwned')!r}, 'w')\n")
+
+
+def _custom_tokenizer(tmp: Path) -> None:
+    """A tokenizer folder whose tokenizer_config.json asks for the folder's own tokenizer class."""
+    folder = tmp / "tok"
+    folder.mkdir()
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "MyTokenizer", "auto_map": {"AutoTokenizer": ["tok_my.MyTokenizer", None]}})
+    )
+    (folder / "tok_my.py").write_text(f"open({str(tmp / 'pwned')!r}, 'w')\n")
+
+
+def _not_installed(monkeypatch: Any) -> None:
+    import mixsel.logging
+
+    monkeypatch.setattr(mixsel.logging, "_installed", lambda package: False)
+
+
 def _disk_full(monkeypatch: Any) -> None:
     def full(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -219,6 +267,18 @@ ROWS: list[Row] = [
         _write("bad.yaml", "train: 3\n"),
     ),
     Row(
+        "config-file/duplicate-key",
+        ("train", "--config", "{tmp}/bad.yaml"),
+        "bad.yaml:3:3: duplicate key 'lr' (first at line 2)",
+        _write("bad.yaml", "train:\n  lr: 0.1\n  lr: 0.2\n"),
+    ),
+    Row(
+        "config-file/duplicate-section",
+        ("train", "--config", "{tmp}/bad.yaml"),
+        "bad.yaml:3:1: duplicate key 'train'",
+        _write("bad.yaml", "train:\n  lr: 0.1\ntrain:\n  max_steps: 3\n"),
+    ),
+    Row(
         "config-file/bad-value",
         ("train", "--config", "{tmp}/bad.yaml"),
         "train.lr",
@@ -236,6 +296,7 @@ ROWS: list[Row] = [
     Row("config-value/domains-string", _train("data.domains=3"), "data.domains"),
     Row("config-value/options-not-mapping", _train("selection.options=3"), "selection.options"),
     Row("config-value/threads-word", _train("train.threads=many"), "train.threads"),
+    Row("config-value/duplicate-option", _train("selection.options={a: 1, a: 2}"), "duplicate key 'a'"),
     # ---- values out of range ----------------------------------------------------------------------------------
     Row("config-range/lr-inf", _train("train.lr=.inf"), "train.lr"),
     Row("config-range/lr-nan", _train("train.lr=.nan"), "train.lr"),
@@ -289,6 +350,48 @@ ROWS: list[Row] = [
         "selection.features.val_anchors",
     ),
     Row("methods/no-reference", _train("reweighting.method=doremi"), "reweighting.reference_model"),
+    # ---- what the end of a run uses, checked at its start (answer checkers, loggers) ----------------------------
+    Row(
+        "start/checker-one-argument",
+        _train("eval.exact_match=1", "eval.answer_checker=_checkers:one_argument"),
+        "eval.answer_checker='_checkers:one_argument': one_argument(prediction) cannot be called",
+    ),
+    Row("start/checker-builtin", _train("eval.exact_match=1", "eval.answer_checker=os:getcwd"), "built into Python"),
+    Row("start/checker-popen", _train("eval.exact_match=1", "eval.answer_checker=os:popen"), "eval.answer_checker"),
+    Row(
+        "start/checker-stdlib",
+        _train("eval.exact_match=1", "eval.answer_checker=shutil:rmtree"),
+        "standard library or an installed package",
+    ),
+    Row(
+        "start/checker-other-mixsel",
+        _train("eval.exact_match=1", "eval.answer_checker=mixsel.runfolder:plan_run_folder"),
+        "mixsel code other than mixsel.answers",
+    ),
+    Row("start/checker-not-a-function", _train("eval.exact_match=1", "eval.answer_checker=_checkers:CALLS"), "list"),
+    Row("start/checker-raises", _train("eval.exact_match=1", "eval.answer_checker=_checkers:raises"), "RuntimeError"),
+    Row(
+        "start/checker-returns-text",
+        _train("eval.exact_match=1", "eval.answer_checker=_checkers:returns_text"),
+        "returned str 'yes'",
+    ),
+    Row(
+        "start/checker-per-domain",
+        _train("eval.exact_match=1", "eval.answer_checker={chemistry: os:system}"),
+        "eval.answer_checker='os:system'",
+    ),
+    Row(
+        "start/checker-missing-module",
+        _train("eval.exact_match=1", "eval.answer_checker=no_such_module_xyz:check"),
+        "cannot import 'no_such_module_xyz'",
+    ),
+    Row("start/wandb-missing", _train("train.report_to=[wandb]"), "wandb is not installed", patch=_not_installed),
+    Row(
+        "start/tensorboard-missing",
+        _train("train.report_to=[tensorboard]"),
+        "tensorboard is not installed",
+        patch=_not_installed,
+    ),
     # ---- model, tokenizer, reference and data paths -------------------------------------------------------------
     Row("paths/model-typo", _train("model.name_or_path=modls/typo"), "not a local folder, and the hub is offline"),
     Row(
@@ -324,6 +427,48 @@ ROWS: list[Row] = [
         "weights_from",
     ),
     Row(
+        "paths/weights-from-binary",
+        _train("reweighting.method=static", "reweighting.options={weights_from: {tmp}/w.bin}"),
+        "weights_from='",
+        _write("w.bin", bytes(range(256))),
+    ),
+    Row(
+        "paths/weights-from-not-json",
+        _train("reweighting.method=static", "reweighting.options={weights_from: {tmp}/w.txt}"),
+        "is not JSON (line 1, column 1",
+        _write("w.txt", "weights: 1, 2\n"),
+    ),
+    Row(
+        "paths/weights-from-not-a-result",
+        _train("reweighting.method=static", "reweighting.options={weights_from: {tmp}/r.json}"),
+        "is it a mixsel result.json",
+        _write("r.json", '{"domains": ["a"], "final_weights": [1, 2]}'),
+    ),
+    Row(
+        "paths/model-pickled-weights",
+        _train("model.name_or_path={tmp}/pick", "model.tokenizer=embedded"),
+        "pickled Python objects",
+        _pickled_weights,
+    ),
+    Row(
+        "paths/model-custom-code",
+        _train("model.name_or_path={tmp}/custom", "model.tokenizer=embedded"),
+        "model.name_or_path='",
+        _custom_code,
+    ),
+    Row(
+        "paths/tokenizer-custom-code",
+        _train("model.tokenizer={tmp}/tok"),
+        "model.trust_remote_code=true",
+        _custom_tokenizer,
+    ),
+    Row(
+        "paths/reference-custom-code",
+        _train("reweighting.method=doremi", "reweighting.reference_model={tmp}/custom"),
+        "reweighting.reference_model='",
+        _custom_code,
+    ),
+    Row(
         "paths/relative-to-config-file",
         ("train", "-q", "--config", "{tmp}/cfg/c.yaml", *FAST, OUT),
         "cfg/data.jsonl",  # data.jsonl is in the working directory, not next to the config file
@@ -344,7 +489,7 @@ ROWS: list[Row] = [
     Row(
         "output-folder/cwd-with-user-config",
         (*_train("train.output_dir=."), "--overwrite"),
-        "not a mixsel run's (config.yaml)",
+        "is not a mixsel run (no .mixsel-run.json",
         _write("config.yaml", "mine: true\n"),
     ),
     Row("output-folder/resume-and-overwrite", (*_train(), "--resume", "--overwrite"), "--overwrite"),
@@ -447,6 +592,14 @@ ROWS: list[Row] = [
         _both(_write("out", "x"), _write("cmp.yaml", json.dumps(_cmp({"random": []})))),
     ),
     Row("compare/config-missing", ("compare", "-q", "--config", "{tmp}/nope.yaml"), "nope.yaml"),
+    _compare("compare/duplicate-run", "runs:\n  random: []\n  random: [seed=1]\n", "cmp.yaml:3:3: duplicate key"),
+    _compare("compare/run-named-summary-json", _cmp({"summary.json": []}), "'summary.json' clashes"),
+    _compare("compare/run-named-plots", _cmp({"random": [], "Plots": []}), "'Plots' clashes"),
+    _compare(
+        "compare/checker-of-second-run",
+        _cmp({"random": [], "bad": ["eval.answer_checker=_checkers:one_argument"]}),
+        "eval.answer_checker='_checkers:one_argument'",
+    ),
     # ---- faults during training: a clear line, and the last good checkpoint untouched ----------------------------
     Row(
         "fault/divergence-lr",
@@ -534,7 +687,7 @@ def test_the_table_covers_every_class():
     assert sum(classes.values()) >= 60
     assert set(classes) >= {
         "config-file", "config-value", "config-range", "methods", "paths", "output-folder", "resume", "data",
-        "select", "compare", "fault",
+        "select", "compare", "fault", "start",
     }  # fmt: skip
     assert len({row.id for row in ROWS}) == len(ROWS)
 

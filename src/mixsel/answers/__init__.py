@@ -17,8 +17,14 @@ name, for every domain or per domain (a mapping; ``"*"`` names the checker of th
   (:mod:`mixsel.answers.symbolic`): ``n(n-3)/2`` = ``(n^2-3n)/2``, ``x = -3/4`` = ``-0.75``,
   ``\\frac{1}{2}`` = ``0.5``. Needs sympy (the ``math`` extra; torch installs it too).
 
-Any other value is a path ``package.module:function`` to a user function with the checker signature,
-imported when evaluation starts.
+Any other value is a path ``package.module:function`` to a user function with the checker signature.
+Only a plain Python function (a ``def`` or ``lambda``: not a builtin, a C function, a class or a
+``functools.partial``) whose code lies in the user's own files, or in :mod:`mixsel.answers`, is
+accepted: a module or function of Python's standard library or of an installed package
+(site-packages) is refused, so ``os:popen`` can never run generated text. ``mixsel train`` imports
+the checkers only when ``eval.exact_match > 0`` and calls each once at start on :data:`PROBE_PAIR`
+(:func:`check_answer_checkers`), so a checker that does not import, takes other arguments, raises or
+returns something other than a bool fails before the first step, not after the last.
 
 Example:
     >>> is_correct("... so she pays 12 dollars.\\n#### 12", "12")
@@ -31,19 +37,29 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
+import inspect
 import math
 import re
+import site
+import sysconfig
+import types
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
 
 from mixsel.errors import ConfigError
 
 __all__ = [
     "CHECKERS",
+    "PROBE_PAIR",
     "Checker",
+    "check_answer_checkers",
     "check_exact",
     "check_gsm8k",
     "check_numeric",
+    "checker_names_for",
     "checkers_for",
     "extract_answer",
     "final_answer",
@@ -56,6 +72,9 @@ __all__ = [
 
 #: ``(prediction, reference) -> bool``
 Checker = Callable[[str, str], bool]
+
+#: mixsel's own answer checking (the only mixsel code a user checker path may name)
+_OWN_DIR = Path(__file__).resolve().parent
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -243,27 +262,158 @@ CHECKERS: dict[str, Callable[..., bool]] = {
 _TAKES_TOLERANCE = ("numeric", "sympy")
 
 
+def _library_dirs() -> tuple[Path, ...]:
+    """The folders of Python's standard library and of installed packages (site-packages)."""
+    paths = sysconfig.get_paths()
+    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if paths.get(k)}
+    dirs.update(site.getsitepackages() if hasattr(site, "getsitepackages") else [])
+    user = site.getusersitepackages() if hasattr(site, "getusersitepackages") else None
+    if isinstance(user, str):
+        dirs.add(user)
+    return tuple(Path(d).resolve() for d in dirs)
+
+
+def _foreign_file(file: str | None) -> str | None:
+    """Why code in ``file`` may not be a checker (built in, or a library's), or ``None`` if it may.
+
+    A checker's code must be the user's own (a file outside the standard library and site-packages)
+    or mixsel's answer checking (:mod:`mixsel.answers`).
+    """
+    if file is None:  # a namespace package: no code of its own
+        return None
+    if file in ("built-in", "frozen"):
+        return "built into Python"
+    if not file or file.startswith("<"):
+        return f"not defined in a file ({file or 'no file'})"
+    path = Path(file).resolve()
+    if path.is_relative_to(_OWN_DIR):
+        return None
+    if path.is_relative_to(_OWN_DIR.parent):
+        return "mixsel code other than mixsel.answers"
+    if any(path.is_relative_to(d) for d in _library_dirs()):
+        return f"from Python's standard library or an installed package ({path})"
+    return None
+
+
+def _import_module(path: str, module_name: str) -> Any:
+    """Import the checker's module, refusing a built-in or library module before it is imported."""
+    fix = "make the module importable (install it, or add its folder to PYTHONPATH)"
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except ModuleNotFoundError as err:  # a parent package is missing
+        raise ConfigError(f"eval.answer_checker={path!r}: cannot import {module_name!r} ({err}); {fix}") from None
+    except Exception as err:  # importing a parent package raised
+        raise ConfigError(_import_failure(path, module_name, err)) from None
+    if spec is None:
+        raise ConfigError(
+            f"eval.answer_checker={path!r}: cannot import {module_name!r} (No module named {module_name!r}); {fix}"
+        )
+    why = _foreign_file(spec.origin)
+    if why is not None:
+        raise ConfigError(
+            f"eval.answer_checker={path!r}: module {module_name!r} is {why}; a checker must be a plain Python "
+            f"function of (prediction, reference) in your own module (or a built-in checker: {', '.join(CHECKERS)})"
+        )
+    try:
+        return importlib.import_module(module_name)
+    except Exception as err:  # ImportError, SyntaxError, or anything the module's own code raised
+        raise ConfigError(_import_failure(path, module_name, err)) from None
+
+
+def _import_failure(path: str, module_name: str, err: BaseException) -> str:
+    """One line for a checker module that could not be imported: the module, where and why."""
+    if isinstance(err, SyntaxError):
+        where = f"{err.filename}:{err.lineno}" if err.filename else f"line {err.lineno}"
+        return f"eval.answer_checker={path!r}: module {module_name!r} has a syntax error at {where} ({err.msg}); fix it"
+    if isinstance(err, ImportError):
+        return (
+            f"eval.answer_checker={path!r}: cannot import {module_name!r} ({err}); make the module importable "
+            "(install it, or add its folder to PYTHONPATH)"
+        )
+    text = " ".join(str(err).split()) or "no message"
+    return f"eval.answer_checker={path!r}: importing module {module_name!r} raised {type(err).__name__}: {text}"
+
+
 def _import_checker(path: str) -> Checker:
+    """The user checker ``package.module:function``, refused unless it is a plain Python function of
+    (prediction, reference) defined in the user's own code or :mod:`mixsel.answers` (see the module doc)."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise ConfigError(
             f"eval.answer_checker={path!r} is neither a built-in checker ({', '.join(CHECKERS)}) nor a "
             "'package.module:function' path; use one of those"
         )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(
-            f"eval.answer_checker={path!r}: cannot import {module_name!r} ({err}); make the module importable "
-            "(install it, or add its folder to PYTHONPATH)"
-        ) from None
+    module = _import_module(path, module_name)
     func = getattr(module, attr, None)
-    if not callable(func):
+    if func is None:
         raise ConfigError(
             f"eval.answer_checker={path!r}: module {module_name!r} has no function {attr!r}; define "
             f"{attr}(prediction: str, reference: str) -> bool there"
         )
+    rule = "a checker must be a plain Python function of (prediction, reference) defined in your own module"
+    if not isinstance(func, types.FunctionType):
+        raise ConfigError(
+            f"eval.answer_checker={path!r} is a {type(func).__name__}, not a Python function (def); {rule}"
+        )
+    why = _foreign_file(func.__code__.co_filename)
+    if why is not None:
+        raise ConfigError(f"eval.answer_checker={path!r}: {attr!r} is {why}; {rule}")
+    signature = inspect.signature(func)
+    try:
+        signature.bind("prediction", "reference")
+    except TypeError:
+        takes = ", ".join(str(p).split(":")[0].split("=")[0] for p in signature.parameters.values())
+        raise ConfigError(
+            f"eval.answer_checker={path!r}: {attr}({takes}) cannot be called as {attr}(prediction, reference); {rule}"
+        ) from None
     return func
+
+
+#: What :func:`check_answer_checkers` calls every checker on at the start of a run.
+PROBE_PAIR = ("She pays 3 * 4 = 12 dollars.\n#### 12", "12")
+
+
+def _probe(name: str, func: Checker) -> None:
+    """Call ``func`` once on :data:`PROBE_PAIR`; one line if it raises or does not return a bool."""
+    try:
+        out = func(*PROBE_PAIR)
+    except Exception as err:
+        text = " ".join(str(err).split()) or "no message"
+        raise ConfigError(
+            f"eval.answer_checker={name!r} raised {type(err).__name__} ({text}) when called on the sample pair "
+            f"{PROBE_PAIR!r}; a checker must return True or False for any generated text"
+        ) from None
+    if not _is_bool(out):
+        raise ConfigError(
+            f"eval.answer_checker={name!r} returned {type(out).__name__} {str(out)[:40]!r} for the sample pair "
+            f"{PROBE_PAIR!r}; a checker must return True or False"
+        )
+
+
+def _is_bool(value: Any) -> bool:
+    """True/False, numpy's booleans, or the ints 0 and 1."""
+    if isinstance(value, bool):
+        return True
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return True
+    return type(value) is int and value in (0, 1)
+
+
+def check_answer_checkers(spec: str | Mapping[str, str], *, tolerance: float = 1e-6) -> None:
+    """Import every checker ``eval.answer_checker=spec`` names and call each once on :data:`PROBE_PAIR`.
+
+    What ``mixsel train`` and ``mixsel compare`` run at start when ``eval.exact_match > 0``, so a
+    checker that cannot import, has the wrong signature, raises or returns something other than a
+    bool fails before any step trains. Domain names of a mapping are checked once the data is
+    loaded (:func:`checkers_for`).
+
+    Raises:
+        ValueError: one line naming ``eval.answer_checker``, the checker and what is wrong.
+    """
+    names = list(spec.values()) if isinstance(spec, Mapping) else [spec]
+    for i, name in enumerate(names):
+        if name not in names[:i]:
+            _probe(name, get_checker(name, tolerance=tolerance))
 
 
 def get_checker(name: str, *, tolerance: float = 1e-6) -> Checker:
@@ -282,6 +432,23 @@ def get_checker(name: str, *, tolerance: float = 1e-6) -> Checker:
     return _import_checker(name)
 
 
+def checker_names_for(spec: str | Mapping[str, str], domains: Sequence[str]) -> dict[str, str]:
+    """The checker name of each domain under ``eval.answer_checker=spec``, nothing imported.
+
+    Raises:
+        ValueError: a mapping key that is not a domain (the message lists them).
+    """
+    if isinstance(spec, str):
+        spec = {"*": spec}
+    unknown = sorted(set(spec) - set(domains) - {"*"})
+    if unknown:
+        raise ConfigError(
+            f"eval.answer_checker names unknown domain(s) {unknown}; the data has {list(domains)} "
+            "(use '*' for all other domains)"
+        )
+    return {domain: spec.get(domain, spec.get("*", "gsm8k")) for domain in domains}
+
+
 def checkers_for(
     spec: str | Mapping[str, str], domains: Sequence[str], *, tolerance: float = 1e-6
 ) -> dict[str, Checker]:
@@ -296,18 +463,9 @@ def checkers_for(
     Raises:
         ValueError: a mapping key that is not a domain (the message lists them), or a bad checker name.
     """
-    if isinstance(spec, str):
-        spec = {"*": spec}
-    unknown = sorted(set(spec) - set(domains) - {"*"})
-    if unknown:
-        raise ConfigError(
-            f"eval.answer_checker names unknown domain(s) {unknown}; the data has {list(domains)} "
-            "(use '*' for all other domains)"
-        )
     cache: dict[str, Checker] = {}
     out = {}
-    for domain in domains:
-        name = spec.get(domain, spec.get("*", "gsm8k"))
+    for domain, name in checker_names_for(spec, domains).items():
         if name not in cache:
             cache[name] = get_checker(name, tolerance=tolerance)
         out[domain] = cache[name]

@@ -100,16 +100,17 @@ def format_data_summary(summary: DataSummary, eval_cfg: EvalConfig | None = None
             test reference response is longer than ``eval.max_new_tokens`` (in tokens).
 
     Raises:
-        ValueError: ``eval_cfg.answer_checker`` names an unknown checker or domain, so a typo shows
-            at the start of a run rather than at its final evaluation.
+        ValueError: ``eval_cfg.answer_checker`` names an unknown domain, or (with ``eval.exact_match > 0``:
+            only then is a checker imported) an unknown checker, so a typo shows at the start of a run
+            rather than at its final evaluation.
     """
     checkers: dict[str, str] = {}
     if eval_cfg is not None:
-        from mixsel.answers import checkers_for
+        from mixsel.answers import checker_names_for, checkers_for
 
-        spec = eval_cfg.answer_checker
-        checkers_for(spec, summary.domains, tolerance=eval_cfg.answer_tolerance)  # raises on a bad name
-        checkers = {d: spec if isinstance(spec, str) else spec.get(d, spec.get("*", "gsm8k")) for d in summary.domains}
+        checkers = checker_names_for(eval_cfg.answer_checker, summary.domains)  # raises on a bad domain
+        if eval_cfg.exact_match > 0:  # raises on a bad name
+            checkers_for(eval_cfg.answer_checker, summary.domains, tolerance=eval_cfg.answer_tolerance)
     head = ["domain", "kind", "train", "val", "test", "truncated", "response cut", "dropped", "scored"]
     rows, warnings = [], []
     for domain in summary.domains:

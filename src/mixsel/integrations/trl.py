@@ -20,6 +20,12 @@ code, in ``hf.py``), with TRL's own data preparation, loss and metrics kept:
   selected rows), next to mixsel's ``time/select``, ``select/frac/<domain>``, ``weights/<domain>``;
 * **padding-free** (``padding_free=True``): pools are collated padded (features need one row per
   example); the selected rows are then flattened by TRL's padding-free collator;
+* **degenerate rows**: as ``mixsel train``'s loading, conversations without an assistant reply (or
+  with an empty one), empty completions and empty texts are dropped before TRL prepares the data,
+  with one warning counting them per domain (:func:`drop_degenerate_rows`; not with a
+  ``formatting_func`` or ``skip_prepare_dataset``); an empty train or eval set is one clear line;
+* **remote code**: TRL loads a model or tokenizer named by a string with ``trust_remote_code=False``
+  unless ``SelectionSFTConfig(trust_remote_code=True)``;
 * **packing** packs several examples (of any domains) into one row and drops the domain column, so
   a per-example selection is not defined on it: ``packing=True`` is rejected with a one-line error
   (``padding_free=True`` gives the same padding savings).
@@ -41,6 +47,8 @@ log-probabilities that the weights act on).
 from __future__ import annotations
 
 import logging
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +63,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from mixsel.errors import ConfigError, DataError, OptionError
 from mixsel.integrations.hf import MICRO_KEY, SelectionTrainer, SelectionTrainingArguments
 
-__all__ = ["SelectionSFTConfig", "SelectionSFTTrainer", "token_weights"]
+__all__ = ["SelectionSFTConfig", "SelectionSFTTrainer", "drop_degenerate_rows", "token_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +209,120 @@ def _token_rows(inputs: dict[str, Any], shape: torch.Size, k: int, device: torch
     return starts[1 : length + 1].clamp(0, k - 1).unsqueeze(0)
 
 
+# ---- degenerate rows: dropped with a count, as mixsel train's loading does -------------------------
+
+
+def _blank(value: Any) -> bool:
+    """Missing, a blank string, or a list of turns / content parts with nothing in them."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, dict):
+        return all(_blank(value.get(key)) for key in ("content", "value", "text")) and not value.get("tool_calls")
+    if isinstance(value, (list, tuple)):
+        return all(_blank(item) for item in value)
+    return False
+
+
+def _no_reply(conversation: Any) -> bool:
+    """A conversation without an assistant turn, or whose last assistant turn is empty."""
+    if not isinstance(conversation, (list, tuple)):
+        return False  # not a conversation: TRL says what is wrong with it
+    replies = [
+        t for t in conversation if isinstance(t, dict) and (t.get("role") or t.get("from")) in ("assistant", "gpt")
+    ]
+    return not replies or _blank(replies[-1])
+
+
+def _degenerate(row: dict[str, Any], text_field: str) -> bool:
+    """A row that trains on nothing it should: a conversation with no assistant reply, an empty
+    completion, or an empty text (the rows ``mixsel train`` drops: :func:`mixsel.data.loading.normalize_records`)."""
+    for column in ("messages", "conversations"):
+        if row.get(column) is not None:
+            return _no_reply(row[column])
+    if "completion" in row:
+        return _blank(row["completion"])
+    if text_field in row:
+        return _blank(row[text_field])
+    return False
+
+
+def drop_degenerate_rows(dataset: Any, name: str, *, text_field: str = "text", domain_column: str = "domain") -> Any:
+    """``dataset`` without the rows :func:`_degenerate` finds, with one warning that counts them by domain.
+
+    Applies to an unprepared ``datasets.Dataset`` (one with ``input_ids`` is taken as prepared, and
+    other datasets are left as given).
+
+    Raises:
+        ValueError: ``name`` is a training set and a domain lost every row.
+    """
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset) or "input_ids" in dataset.column_names:
+        return dataset
+    columns = [c for c in ("messages", "conversations", "completion", text_field) if c in dataset.column_names]
+    if not columns:
+        return dataset
+    domains = [domain_column] if domain_column in dataset.column_names else []
+    keep, dropped = [], Counter()
+    index = 0
+    for batch in dataset.select_columns(columns + domains).iter(batch_size=1024):
+        for j in range(len(batch[columns[0]])):
+            row = {c: batch[c][j] for c in columns}
+            if _degenerate(row, text_field):
+                dropped[str(batch[domain_column][j]) if domains else "-"] += 1
+            else:
+                keep.append(index)
+            index += 1
+    if not dropped:
+        return dataset
+    warnings.warn(
+        f"SelectionSFTTrainer: dropped {sum(dropped.values())} of {len(dataset)} {name} rows with no assistant "
+        f"reply, an empty completion or an empty {text_field!r}, as mixsel train does (per domain: "
+        f"{dict(sorted(dropped.items()))})",
+        stacklevel=3,
+    )
+    out = dataset.select(keep)
+    if name == "train_dataset" and domains:
+        left = Counter(str(v) for v in out[domain_column])
+        empty = sorted(d for d in dropped if not left[d])
+        if empty:
+            raise DataError(
+                f"train_dataset: domain {empty[0]!r} is empty: all of its {dropped[empty[0]]} rows have no assistant "
+                "reply or an empty completion/text; fix the data or leave the domain out"
+            )
+    return out
+
+
+def _check_rows(dataset: Any, name: str) -> None:
+    """One line for an empty dataset (TRL's preparation would raise a bare ``StopIteration``)."""
+    if dataset is None or not hasattr(dataset, "__len__") or len(dataset):
+        return
+    fix = "pass rows, or eval_dataset=None (with eval_strategy='no')" if "eval" in name else "pass rows"
+    raise DataError(f"SelectionSFTTrainer: {name} has no rows (after dropping empty ones, if a warning said so); {fix}")
+
+
+def _prepared_inputs(args: Any, train_dataset: Any, eval_dataset: Any, formatting_func: Any) -> tuple[Any, Any]:
+    """The train and eval sets without degenerate rows (unless TRL's preparation is skipped or a
+    ``formatting_func`` builds the text), each checked to have rows."""
+    skip = bool(args.dataset_kwargs and args.dataset_kwargs.get("skip_prepare_dataset", False))
+    if not skip and formatting_func is None:
+        text, column = args.dataset_text_field, args.domain_column
+        train_dataset = drop_degenerate_rows(train_dataset, "train_dataset", text_field=text, domain_column=column)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {
+                key: drop_degenerate_rows(ds, f"eval_dataset[{key!r}]", text_field=text, domain_column=column)
+                for key, ds in eval_dataset.items()
+            }
+        else:
+            eval_dataset = drop_degenerate_rows(eval_dataset, "eval_dataset", text_field=text, domain_column=column)
+    _check_rows(train_dataset, "train_dataset")
+    for key, ds in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
+        _check_rows(ds, f"eval_dataset[{key!r}]" if key else "eval_dataset")
+    return train_dataset, eval_dataset
+
+
 class SelectionSFTTrainer(SelectionTrainer, SFTTrainer):
     """TRL's ``SFTTrainer`` whose every step selects its minibatch from a larger pool.
 
@@ -258,6 +380,7 @@ class SelectionSFTTrainer(SelectionTrainer, SFTTrainer):
         self._padding_free = bool(args.padding_free)
         self._selected_collator: Any = None
         self._token_total: torch.Tensor | None = None
+        train_dataset, eval_dataset = _prepared_inputs(args, train_dataset, eval_dataset, kwargs.get("formatting_func"))
         super().__init__(
             model=model,
             args=args,
@@ -295,6 +418,14 @@ class SelectionSFTTrainer(SelectionTrainer, SFTTrainer):
 
         if isinstance(dataset, datasets.Dataset) and "input_ids" not in dataset.column_names:
             # the same preparation as the eval set (TRL applies it to datasets passed to `evaluate`, too)
+            if self._formatting_func is None:
+                dataset = drop_degenerate_rows(
+                    dataset,
+                    "selection_val_dataset",
+                    text_field=self.args.dataset_text_field,
+                    domain_column=self.args.domain_column,
+                )
+            _check_rows(dataset, "selection_val_dataset")
             dataset = self._prepare_dataset(
                 dataset, self.processing_class, self.args, False, self._formatting_func, "selection validation"
             )

@@ -398,6 +398,8 @@ class DoGraphReweighter(ScheduledReweighter):
             "seen": self._seen.clone(),
             "align": self._align.clone(),
             "adjacency": self._adjacency.clone(),
+            # the last update's objective values, so a resumed run logs dograph/objective as an uninterrupted one
+            "last_objectives": self.last_objectives.clone(),
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
@@ -406,3 +408,5 @@ class DoGraphReweighter(ScheduledReweighter):
         self._seen = state["seen"].clone()
         self._align = state["align"].to(DTYPE).clone()
         self._adjacency = state["adjacency"].to(DTYPE).clone()
+        last = state.get("last_objectives")  # absent in checkpoints of older versions
+        self.last_objectives = torch.zeros(0, dtype=DTYPE) if last is None else last.to(DTYPE).clone()

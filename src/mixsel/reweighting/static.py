@@ -6,18 +6,67 @@ small domains; ``alpha = 1`` is proportional to size; ``alpha = 0`` is uniform).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 
-from mixsel.errors import ConfigError
+from mixsel.errors import ConfigError, DataError
 from mixsel.registry import register_reweighter
 from mixsel.reweighting.base import Mode
 from mixsel.reweighting.common import ScheduledReweighter
 from mixsel.reweighting.simplex import as_domain_vector, normalize
 from mixsel.types import DomainStats
 
-__all__ = ["StaticReweighter", "temperature_weights"]
+__all__ = ["StaticReweighter", "read_weights_from", "temperature_weights"]
+
+
+def read_weights_from(source: str | Path) -> dict[str, float]:
+    """The domain weights a finished run's ``result.json`` (or its folder) holds, for ``weights_from``.
+
+    ``average_weights`` (DoReMi's stage-one output) or else ``final_weights``, by domain. Each way the
+    file can be wrong is one line naming ``reweighting.options.weights_from``: missing, a binary or
+    non-UTF-8 file, not JSON, or JSON that is not a mixsel result.
+
+    Raises:
+        FileNotFoundError: no such file (or a folder without ``result.json``).
+        ValueError: the file is not a mixsel ``result.json``.
+    """
+    field = f"reweighting.options.weights_from={str(source)!r}"
+    path = Path(source)
+    if path.is_dir():
+        path = path / "result.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{field}: {path} not found; point it at a finished run's result.json (e.g. runs/doremi_proxy/result.json)"
+        )
+    raw = path.read_bytes()
+    try:
+        result = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{field}: {path} is a binary (not UTF-8) file (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+            "point it at a finished run's result.json"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{field}: {path} is not JSON (line {err.lineno}, column {err.colno}: {err.msg}); point it at a "
+            "finished run's result.json"
+        ) from None
+    values = result.get("average_weights") or result.get("final_weights") if isinstance(result, dict) else None
+    domains = result.get("domains") if isinstance(result, dict) else None
+    if (
+        not isinstance(values, list)
+        or not isinstance(domains, list)
+        or len(values) != len(domains)
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    ):
+        raise DataError(
+            f"{field}: {path} has no domains with average_weights / final_weights of the same length: is it a "
+            "mixsel result.json?"
+        )
+    return {str(d): float(v) for d, v in zip(domains, values, strict=True)}
 
 
 def temperature_weights(domain_sizes: torch.Tensor, alpha: float) -> torch.Tensor:
