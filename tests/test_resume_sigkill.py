@@ -1,10 +1,12 @@
-"""A run killed with SIGKILL (between steps, or in the middle of a checkpoint save) and resumed ends
-exactly where an uninterrupted run ends."""
+"""A run killed with SIGKILL (between steps, or in the middle of a checkpoint save), or stopped by SIGTERM
+or SIGINT at random times, and resumed ends exactly where an uninterrupted run ends."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -133,6 +135,52 @@ def test_kill_during_checkpoint_save_then_resume_matches(straight, tmp_path, whe
     _assert_same_run(straight, killed)
 
 
+def _steps_logged(out: Path) -> int:
+    try:
+        return len((out / "metrics.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _stop_with(out: Path, resume: bool, at: int, signals: list[signal.Signals]) -> int:
+    """Start the run (or ``--resume`` it), send ``signals`` once ``at`` steps are logged; the step it stopped after."""
+    cmd = [*_cmd(out), *(["--resume"] if resume else [])]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while _steps_logged(out) < at and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    for signum in signals:  # a second one, right after the first, arrives while the step finishes
+        proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    name = signals[0].name
+    assert proc.returncode == 128 + signals[0], err[-2000:]
+    last = err.strip().splitlines()[-1]  # after the data warnings of the start
+    found = re.fullmatch(
+        rf"mixsel: stopped by {name} after step (\d+); checkpoint saved in (.+); resume with --resume", last
+    )
+    assert found and "Traceback" not in err and err.count("mixsel: ") == 1, err[-2000:]
+    step = int(found.group(1))
+    assert at <= step < STEPS and Path(found.group(2)) == out / "checkpoint"
+    assert json.loads((out / "checkpoint" / "manifest.json").read_text())["step"] == step
+    assert _steps_logged(out) == step and not (out / "result.json").exists() and not (out / ".checkpoint.tmp").exists()
+    return step
+
+
+def test_sigterm_sigint_then_resume_matches_uninterrupted(straight, tmp_path):
+    """SIGTERM at a random step, then SIGINT twice at a later random step (Ctrl-C pressed again); each
+    stops after the step it interrupts, and the resumed run ends bit for bit as the uninterrupted one.
+    The seed is printed for a rerun (MIXSEL_SOAK_SEED). A second signal during the save itself:
+    tests/hardening/test_end_of_run.py."""
+    seed = int(os.environ.get("MIXSEL_SOAK_SEED", random.randrange(2**32)))
+    print(f"MIXSEL_SOAK_SEED={seed}")
+    rng = random.Random(seed)
+    stopped = tmp_path / "stopped"
+    first = _stop_with(stopped, False, rng.randrange(1, STEPS // 2), [signal.SIGTERM])
+    _stop_with(stopped, True, rng.randrange(first + 2, STEPS - 4), [signal.SIGINT, signal.SIGINT])
+    subprocess.run([*_cmd(stopped), "--resume"], check=True, env=_env(), capture_output=True, timeout=600)
+    _assert_same_run(straight, stopped)
+
+
 def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     import mixsel.features.loss as loss_mod
     from mixsel.checkpoint import load_checkpoint
@@ -148,7 +196,7 @@ def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     before = load_checkpoint(tmp_path)
     real = loss_mod.token_losses  # the training step's per-token losses
     monkeypatch.setattr(loss_mod, "token_losses", lambda logits, labels: real(logits, labels) * float("inf"))
-    with pytest.raises(FloatingPointError, match="resume from the last checkpoint"):
+    with pytest.raises(FloatingPointError, match="continue from it with --resume --force-resume"):
         train(cfg("train.resume=true", "train.save_every=1"), progress=False)
     after = load_checkpoint(tmp_path)
     assert after["step"] == before["step"] == 4

@@ -38,12 +38,17 @@ __all__ = [
     "CHECKPOINT_NAME",
     "PREVIOUS_NAME",
     "TMP_NAME",
+    "free_bytes",
     "load_checkpoint",
     "read_manifest",
     "remove_leftovers",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
+    "size_text",
+    "space_note",
+    "state_bytes",
+    "write_failure",
 ]
 
 log = logging.getLogger(__name__)
@@ -100,11 +105,116 @@ def _fsync(path: Path) -> None:
 
 
 def _describe(output_dir: Path) -> str:
-    """``"the previous checkpoint (step 4)"`` or ``"no earlier checkpoint"``, for error messages."""
+    """What is left after a failed save and how to go on (``--resume``, or ``--overwrite`` without a
+    checkpoint), for error messages."""
     manifest = read_manifest(output_dir / CHECKPOINT_NAME)
     if manifest is None:
-        return "there is no earlier checkpoint"
-    return f"the previous checkpoint (step {manifest.get('step')}) in {output_dir / CHECKPOINT_NAME} is intact"
+        return (
+            "there is no earlier checkpoint: free some space (or fix the folder), then start the run again with "
+            "--overwrite"
+        )
+    return (
+        f"the previous checkpoint (step {manifest.get('step')}) in {output_dir / CHECKPOINT_NAME} is intact: free some "
+        "space (or fix the folder), then continue with --resume"
+    )
+
+
+def state_bytes(obj: Any) -> int:
+    """The bytes of every tensor in ``obj`` (nested dicts, lists and tuples), each storage counted once:
+    about what ``torch.save(obj)`` writes."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            key = (item.untyped_storage().data_ptr(), item.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += item.untyped_storage().nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def size_text(nbytes: float) -> str:
+    """``"1.4 GB"``, ``"312 MB"``, ``"18 KB"``: a size in decimal units, for messages."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
+# errnos of a full disk or an exhausted quota
+_FULL = {errno.ENOSPC: "no space left on device", getattr(errno, "EDQUOT", -1): "disk quota exceeded"}
+# how libraries word a failed write without an errno: torch.save's PytorchStreamWriter ("file write
+# failed", "[enforce fail at inline_container.cc] . unexpected pos", "basic_ios::clear: iostream error")
+# and safetensors' SafetensorError ("I/O error: No space left on device (os error 28)")
+_FULL_WORDS = {
+    "no space left on device": "no space left on device",
+    "(os error 28)": "no space left on device",
+    "storagefull": "no space left on device",
+    "disk quota exceeded": "disk quota exceeded",
+    "(os error 122)": "disk quota exceeded",
+    "quotaexceeded": "disk quota exceeded",
+}
+_WRITE_WORDS = ("file write failed", "unexpected pos", "iostream error", "i/o error", "ioerror")
+
+
+def write_failure(err: BaseException, free: int | None = None, needed: int = 0) -> str | None:
+    """Why a write failed, when ``err`` (or an exception it was raised from) is a failed write.
+
+    ``torch.save`` reports a full disk as a ``RuntimeError`` and safetensors as a ``SafetensorError``,
+    neither an ``OSError``; their messages are recognised here.
+
+    Args:
+        err: the exception.
+        free: the bytes free before the write (:func:`free_bytes`): a failure without an errno counts as
+            a full disk when they were fewer than ``needed``.
+        needed: the bytes the write needed (0: unknown).
+
+    Returns:
+        ``"no space left on device"``, ``"disk quota exceeded"``, the OS's words (``"Permission
+        denied"``) or ``"a write failed"``; ``None`` when ``err`` is not a failed write (a bug, a value).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return _FULL.get(current.errno or 0) or current.strerror or str(current) or "a write failed"
+        text = str(current).lower()
+        for words, reason in _FULL_WORDS.items():
+            if words in text:
+                return reason
+        if any(words in text for words in _WRITE_WORDS):
+            if free is not None and needed and free < needed:
+                return "no space left on device"
+            return "a write failed"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def free_bytes(folder: str | Path) -> int:
+    """The bytes free for this user on the file system of ``folder`` (or of its nearest existing parent)."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:  # pragma: no cover - a folder that vanished
+        return 0
+
+
+def space_note(folder: str | Path, needed: int, free: int, what: str) -> str:
+    """``"<what> needs about 1.2 GB and 310 MB were free in <folder>"``, for full-disk messages.
+
+    ``free`` is measured before the write: after a failed one the disk is full, and a file that a
+    library still holds open keeps its space until it is closed.
+    """
+    return f"{what} needs about {size_text(needed)} and {size_text(free)} were free in {folder}"
 
 
 def save_checkpoint(output_dir: str | Path, state: dict[str, Any], *, meta: dict[str, Any] | None = None) -> Path:
@@ -119,12 +229,14 @@ def save_checkpoint(output_dir: str | Path, state: dict[str, Any], *, meta: dict
         The ``checkpoint`` folder.
 
     Raises:
-        OSError: the disk is full or the folder is not writable; the message says so and that the
-            previous checkpoint is intact (nothing of it was touched).
+        OSError: the disk is full or the folder is not writable (also when ``torch.save`` says so with a
+            ``RuntimeError``); one line naming the folder, the bytes needed and free, and that the
+            previous checkpoint is intact (nothing of it was touched); ``.checkpoint.tmp`` is removed.
     """
     output_dir = Path(output_dir)
     final, previous, tmp = output_dir / CHECKPOINT_NAME, output_dir / PREVIOUS_NAME, output_dir / TMP_NAME
     step = state.get("step")
+    free = free_bytes(output_dir)
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -138,12 +250,15 @@ def save_checkpoint(output_dir: str | Path, state: dict[str, Any], *, meta: dict
         }
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync(tmp / _MANIFEST)
-    except OSError as err:
+    except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        what = "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        needed = state_bytes(state)
+        what = write_failure(err, free, needed)
+        if what is None:  # not a failed write: a bug, reported as one
+            raise
         raise OSError(
-            f"could not write the step-{step} checkpoint to {tmp} ({what}); {_describe(output_dir)}: "
-            "free some space (or fix the folder), then continue with --resume"
+            f"could not write the step-{step} checkpoint ({what}; {space_note(output_dir, needed, free, 'it')}); "
+            f"{_describe(output_dir)}"
         ) from err
     shutil.rmtree(previous, ignore_errors=True)
     if final.exists():

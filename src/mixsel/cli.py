@@ -19,7 +19,13 @@ data summary) and a progress bar; ``-q`` prints the result only, ``-v`` adds INF
 ``mixsel: error: <what is wrong and how to fix it>``, and exit status 2 (a ``mixsel.errors.MixselError``,
 an ``OSError`` or a ``ValueError``); ``MIXSEL_DEBUG=1`` shows the traceback instead. Any other exception
 (a ``KeyError``, ``TypeError``... that is not a ``MixselError``) is a bug: one line with the file and line
-it came from, ``mixsel: internal error: ...``, and exit status 1.
+it came from, ``mixsel: internal error: ...``, and exit status 1. A full disk is bad input (status 2),
+also when torch or safetensors report it with their own exception types.
+
+SIGTERM or SIGINT (Ctrl-C) during training: the current step finishes, a checkpoint is saved, one line
+``mixsel: stopped by SIGTERM after step N; checkpoint saved in ...; resume with --resume`` and exit
+status 143 (SIGTERM) or 130 (SIGINT), what the signal alone would give. Before training starts and
+after the last step's checkpoint, Ctrl-C stops at once (``mixsel: interrupted``, status 130).
 """
 
 from __future__ import annotations
@@ -460,7 +466,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        status = getattr(stop, "exit_status", None)  # mixsel.train.StoppedBySignal: a checkpoint was saved
+        if status is not None:
+            line = str(stop)
+            if args.command == "compare":  # compare has no --resume: running it again resumes the run
+                line = line.replace("resume with --resume", "run the same mixsel compare again to continue")
+            if os.environ.get("RANK", "0") == "0":
+                print(line, file=sys.stderr)
+            return int(status)
         print("mixsel: interrupted", file=sys.stderr)
         return 130
     except _EXPLAINED as exc:

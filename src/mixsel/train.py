@@ -36,6 +36,11 @@ ln(vocab size) (the loss of uniform guessing), that multiplies the weight norm b
 ``train.max_weight_growth``, or after which the gradient vanishes for 3 steps in a row stops the run
 as diverged, with the last good checkpoint intact; non-finite weights are never saved.
 
+After the last step the trained state is checkpointed before the final evaluation and writes, so a
+failure there (an answer checker, a full disk) leaves a run that ``--resume`` completes. SIGTERM or
+SIGINT while the steps run: the step finishes, a checkpoint is written, and :class:`StoppedBySignal`
+is raised (``mixsel train`` exits with 143 or 130; ``docs/runs.md``).
+
 The run folder gets ``config.yaml``, ``metrics.jsonl``, ``result.json`` and ``final/`` (the model).
 ``result.json``'s ``time`` holds the wall seconds of this process by part: data, model, train (the
 step loop without its evaluations), eval (every evaluation, generation included) and total.
@@ -48,7 +53,10 @@ import logging
 import math
 import os
 import random
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,11 +69,16 @@ import torch
 
 from mixsel.checkpoint import (
     CHECKPOINT_NAME,
+    free_bytes,
     read_manifest,
     remove_leftovers,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    size_text,
+    space_note,
+    state_bytes,
+    write_failure,
 )
 from mixsel.config import (
     RESULT_SAFE_FIELDS,
@@ -79,9 +92,9 @@ from mixsel.distributed import all_gather_object, all_reduce_sum, barrier, init_
 from mixsel.engine import Engine, StepPlan, build_engine
 from mixsel.errors import ConfigError, DivergedError
 from mixsel.preflight import preflight
-from mixsel.runfolder import clear_run
+from mixsel.runfolder import clear_run, record_run
 
-__all__ = ["default_threads", "main", "summarize_mixture", "train"]
+__all__ = ["StoppedBySignal", "default_threads", "main", "summarize_mixture", "train"]
 
 log = logging.getLogger("mixsel.train")
 
@@ -213,12 +226,28 @@ def summarize_mixture(mixture: Any, eval_cfg: Any = None) -> str:
     return format_data_summary(mixture.summary, eval_cfg)
 
 
-def _last_good(out: Path) -> str:
-    """Where a stopped run can continue from, for divergence messages."""
+def _last_good(out: Path, fix: str) -> str:
+    """Where a diverged run can continue from and the commands that do it, for divergence messages.
+
+    Args:
+        out: the run folder.
+        fix: what to change, e.g. ``"lower train.lr (now 0.1)"``.
+
+    Returns:
+        With a checkpoint: ``fix``, then ``--resume --force-resume`` (a changed ``train.lr`` or
+        ``train.grad_clip`` alters the run, which a plain ``--resume`` refuses); without one: ``fix``,
+        then start again with ``--overwrite``.
+    """
     manifest = read_manifest(out / CHECKPOINT_NAME)
     if manifest is None:
-        return "no checkpoint was saved yet (train.save_every=N keeps one every N steps)"
-    return f"the last good checkpoint (step {manifest.get('step')}) in {out / CHECKPOINT_NAME} is intact"
+        return (
+            f"no checkpoint was saved yet (train.save_every=N keeps one every N steps): {fix}, then start again "
+            "with --overwrite"
+        )
+    return (
+        f"the last good checkpoint (step {manifest.get('step')}) in {out / CHECKPOINT_NAME} is intact: {fix}, then "
+        "continue from it with --resume --force-resume (a new train.lr or train.grad_clip is a config change)"
+    )
 
 
 def _check_finite_weights(model: torch.nn.Module, step: int, out: Path) -> None:
@@ -226,15 +255,19 @@ def _check_finite_weights(model: torch.nn.Module, step: int, out: Path) -> None:
     if bad:
         raise DivergedError(
             f"training diverged: the weights hold NaN or inf after step {step} ({', '.join(bad[:2])}) "
-            f"and were not saved; {_last_good(out)}: lower train.lr or raise train.grad_clip, then --resume"
+            f"and were not saved; {_last_good(out, 'lower train.lr or set train.grad_clip')}"
         )
 
 
 def _write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling ``.<name>.tmp`` and ``os.replace``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _weight_norm(params: list[torch.nn.Parameter]) -> float:
@@ -265,10 +298,7 @@ def _backward(
         try:
             loss = engine.loss(plan, micro, logits)
         except DivergedError as err:
-            raise DivergedError(
-                f"{err}; {_last_good(out)}: lower train.lr or check the data, then resume from the last "
-                "checkpoint with --resume (train.resume=true)"
-            ) from None
+            raise DivergedError(f"{err}; {_last_good(out, 'lower train.lr or check the data')}") from None
         loss.backward()
     return vocab
 
@@ -291,8 +321,7 @@ def _optimizer_step(
     if not math.isfinite(grad_norm):
         raise DivergedError(
             f"training diverged: the gradient norm is {grad_norm} at step {step + 1} (the weights were not "
-            f"updated); {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}) or set train.grad_clip, "
-            "then --resume"
+            f"updated); {_last_good(out, f'lower train.lr (now {cfg.train.lr:g}) or set train.grad_clip')}"
         )
     norm_before = _weight_norm(params) if cfg.train.max_weight_growth else 0.0
     optimizer.step()
@@ -301,8 +330,8 @@ def _optimizer_step(
         if not growth <= cfg.train.max_weight_growth:  # also NaN
             raise DivergedError(
                 f"training diverged: step {step + 1} multiplied the weight norm by {growth:.3g} (more than "
-                f"train.max_weight_growth={cfg.train.max_weight_growth:g}); {_last_good(out)}: lower train.lr "
-                f"(now {cfg.train.lr:g}), then --resume"
+                f"train.max_weight_growth={cfg.train.max_weight_growth:g}); "
+                f"{_last_good(out, f'lower train.lr (now {cfg.train.lr:g})')}"
             )
     return grad_norm
 
@@ -320,14 +349,14 @@ def _check_learning(
         raise DivergedError(
             f"training diverged: the train loss {train_loss:.4g} at step {step + 1} exceeds train.max_loss_factor="
             f"{cfg.train.max_loss_factor:g} x ln(vocab size {vocab}) = {ceiling:.4g} (uniform guessing scores "
-            f"{math.log(vocab):.3g}); {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}), then --resume"
+            f"{math.log(vocab):.3g}); {_last_good(out, f'lower train.lr (now {cfg.train.lr:g})')}"
         )
     dead_steps = dead_steps + 1 if grad_norm == 0.0 and train_loss > 0 else 0
     if dead_steps >= _DEAD_STEPS:
         raise DivergedError(
             f"training diverged: the gradient has been exactly 0 for {dead_steps} steps (up to step {step + 1}) "
             f"with a train loss of {train_loss:.4g}: the model stopped learning, typically after a too-large "
-            f"step; {_last_good(out)}: lower train.lr (now {cfg.train.lr:g}), then --resume"
+            f"step; {_last_good(out, f'lower train.lr (now {cfg.train.lr:g})')}"
         )
     return dead_steps
 
@@ -382,9 +411,8 @@ def _reference_model(cfg: ExperimentConfig, tokenizer: Any, device: torch.device
     from mixsel.config import ModelConfig
     from mixsel.model import build_model
 
-    reference = build_model(
-        ModelConfig(name_or_path=cfg.reweighting.reference_model), tokenizer, field="reweighting.reference_model"
-    ).to(device)
+    spec = ModelConfig(name_or_path=cfg.reweighting.reference_model, trust_remote_code=cfg.model.trust_remote_code)
+    reference = build_model(spec, tokenizer, field="reweighting.reference_model").to(device)
     return reference.eval().requires_grad_(False)
 
 
@@ -436,22 +464,43 @@ def _write_final(
     """The run's plots, ``final/`` (model and tokenizer), ``generations.jsonl`` and, last, ``result.json``.
 
     ``result["time"]`` is measured again just before ``result.json`` is written, so that its total
-    includes writing the rest.
+    includes writing the rest. The trained state is already checkpointed when this runs.
+
+    Raises:
+        OSError: a write failed (a full disk, also when safetensors or torch say so in their own
+            exception types): one line naming the folder, the bytes ``final/`` needs and those free;
+            ``final/`` and temporary files are removed, and ``--resume`` writes them again.
     """
     from mixsel.model import quiet_hf_progress
     from mixsel.plots import plot_run
 
-    if cfg.train.plots:
-        plot_run(out)
     final_dir = out / "final"
-    with quiet_hf_progress():
-        model.save_pretrained(final_dir)
-    tokenizer.save_pretrained(final_dir)
-    if generations:
-        _write_atomic(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in generations))
-    result["time"] = clock.report()
-    # written last: a result.json marks a finished run
-    _write_atomic(out / "result.json", json.dumps(result, indent=2))
+    free = free_bytes(out)
+    # an earlier result.json (a finished run resumed again) goes first: a failure below leaves an unfinished run
+    (out / "result.json").unlink(missing_ok=True)
+    try:
+        if cfg.train.plots:
+            plot_run(out)
+        shutil.rmtree(final_dir, ignore_errors=True)
+        with quiet_hf_progress():
+            model.save_pretrained(final_dir)
+        tokenizer.save_pretrained(final_dir)
+        if generations:
+            _write_atomic(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in generations))
+        result["time"] = clock.report()
+        # written last: a result.json marks a finished run
+        _write_atomic(out / "result.json", json.dumps(result, indent=2))
+    except Exception as err:
+        needed = state_bytes(model.state_dict())
+        what = write_failure(err, free, needed)
+        if what is None:  # not a failed write: a bug, reported as one
+            raise
+        shutil.rmtree(final_dir, ignore_errors=True)
+        raise OSError(
+            f"could not write the final model and results ({what}; {space_note(out, needed, free, 'final/')}); the "
+            f"trained state is saved in {out / CHECKPOINT_NAME} (step {cfg.train.max_steps}): free some space, "
+            "then finish the run with --resume (it runs only the final evaluation and writes)"
+        ) from err
 
 
 @dataclass
@@ -509,6 +558,8 @@ class _Run:
     loggers: list[Any] = field(default_factory=list)
     fingerprints: dict[str, str] = field(default_factory=dict)
     clock: _Clock = field(default_factory=_Clock)
+    # the step of the latest checkpoint in the run folder, written or resumed from by this process
+    saved: int | None = None
 
     def checkpoint(self, step: int) -> None:
         """An atomic, verified checkpoint of everything the run needs to continue exactly (a collective)."""
@@ -522,6 +573,7 @@ class _Run:
             state = {
                 "step": step,
                 "fingerprint": self.fingerprints["resume"],
+                "data_fingerprint": self.fingerprints.get("data", ""),
                 "run_config": json.loads(json.dumps(run_fields(self.cfg), default=str)),
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -533,6 +585,7 @@ class _Run:
             meta = {"fingerprint": self.fingerprints["resume"], "result_fingerprint": self.fingerprints["result"]}
             save_checkpoint(self.out, state, meta=meta)
         barrier()
+        self.saved = step
 
     def evaluate(
         self, split: Any, prefix: str, generate: bool = False, records: list[dict[str, Any]] | None = None
@@ -693,12 +746,119 @@ def _start(cfg: ExperimentConfig, progress: bool) -> _Run:
     if state is not None:
         with clock.measure("model"):
             run.start = _restore(state, run)
+        run.saved = run.start
     state = None  # the checkpoint's tensors are in the model and optimizer now
 
     # ---- the run folder: written only now that config, data and model are known to work ------
     run.loggers = _open_run_folder(out, cfg, mode, world, run.start)
     run.fingerprints = {"resume": config_fingerprint(cfg), "result": config_fingerprint(cfg, RESULT_SAFE_FIELDS)}
+    run.fingerprints.update(record_run(cfg, is_main=world.is_main))  # the run marker; the data fingerprint
     return run
+
+
+class StoppedBySignal(KeyboardInterrupt):
+    """A run stopped by SIGTERM or SIGINT after finishing a step, with a checkpoint of that step saved.
+
+    A ``KeyboardInterrupt``, so that ``except Exception`` does not swallow it. ``mixsel train`` prints
+    its message as one line and exits with ``exit_status``: 128 + the signal number, what the signal
+    itself would give (143 for SIGTERM, 130 for SIGINT).
+
+    Attributes:
+        signal_name: ``"SIGTERM"`` or ``"SIGINT"``.
+        step: the last step trained (and saved).
+        checkpoint: the checkpoint folder holding that step.
+        exit_status: 143 or 130.
+    """
+
+    def __init__(self, signum: int, step: int, out: Path) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.step = step
+        self.checkpoint = out / CHECKPOINT_NAME
+        self.exit_status = 128 + int(signum)
+        super().__init__(
+            f"mixsel: stopped by {self.signal_name} after step {step}; checkpoint saved in {self.checkpoint}; "
+            "resume with --resume"
+        )
+
+
+class _Signals:
+    """SIGTERM and SIGINT while the steps run: noted, and acted on after the current step.
+
+    Schedulers (SLURM, Kubernetes, spot instances) send SIGTERM some time before they kill. Inside the
+    ``with`` block the first signal is only recorded; :meth:`stop_if_requested`, called after each
+    step, then writes a checkpoint and raises :class:`StoppedBySignal`. Later signals are ignored (a
+    checkpoint being saved is finished; saves are atomic anyway). Under torchrun every rank installs
+    the handlers, and the ranks agree on the step to stop at through one small all-reduce per step.
+    """
+
+    _HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for signum in self._HANDLED:
+                self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def _note(self, signum: int, frame: Any) -> None:
+        first = self.received is None
+        if first:
+            self.received = signum
+        if self.run.world.is_main and os.isatty(2):  # a person at a terminal: say that it was heard
+            what = "finishing this step, then saving a checkpoint" if first else "already stopping"
+            os.write(2, f"\nmixsel: {signal.Signals(signum).name} received: {what}\n".encode())
+
+    def requested(self) -> int | None:
+        """The signal to stop for (the same on every rank: a collective under torchrun), or None."""
+        if not self.run.world.distributed:
+            return self.received
+        flags = torch.zeros(len(self._HANDLED), device=self.run.device)
+        if self.received is not None:
+            flags[self._HANDLED.index(self.received)] = 1
+        all_reduce_sum(flags)
+        return next((s for s, flag in zip(self._HANDLED, flags.tolist()) if flag > 0), None)
+
+    def stop_if_requested(self, step: int) -> None:
+        """After ``step``: if a signal came, checkpoint ``step`` (unless saved) and raise :class:`StoppedBySignal`."""
+        signum = self.requested()
+        if signum is None:
+            return
+        run = self.run
+        if run.saved != step:
+            run.checkpoint(step)
+        run.close()
+        log.info("stopping after step %d (%s); continue with --resume", step, signal.Signals(signum).name)
+        raise StoppedBySignal(signum, step, run.out)
+
+
+def _check_free_space(run: _Run) -> None:
+    """Warn (on the main rank) when the run folder's disk cannot hold a checkpoint and ``final/``.
+
+    The estimate: the model's state, the optimiser's state (AdamW: twice the trainable parameters)
+    for a checkpoint, and the model's state again for ``final/``.
+    """
+    if not run.world.is_main:
+        return
+    model = state_bytes(run.model.state_dict())
+    needed = model + 2 * state_bytes(run.params) + model
+    free = free_bytes(run.out)
+    if free < needed:
+        log.warning(
+            "train.output_dir=%s has %s free; a checkpoint (model and optimiser state) and final/ need about %s: "
+            "the run may stop with a full disk at its first checkpoint or at the end",
+            run.out,
+            size_text(free),
+            size_text(needed),
+        )
 
 
 def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -710,62 +870,77 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from mixsel.logging import progress_postfix
+    from mixsel.runfolder import release_run_folder
 
-    run = _start(cfg, progress)
-    model, engine, world, out = run.model, run.engine, run.world, run.out
-    vocab = 0  # the model's output size, read from the first logits (ln V = uniform guessing)
-    dead_steps = 0  # steps in a row with a zero gradient and a positive loss
-    t_start = time.perf_counter()
-    bar = tqdm(
-        range(run.start, cfg.train.max_steps),
-        initial=run.start,
-        total=cfg.train.max_steps,
-        disable=not (progress and world.is_main),
-        desc=f"train[{cfg.name if cfg.name != 'default' else cfg.selection.method}]",
-    )
-    for step in bar:
-        t0 = time.perf_counter()
-        lr = run.scheduler.get_last_lr()[0]
-        # 1-2. the pool (drawn by the sampling weights) and its selection, the same on every rank
-        plan = engine.plan(model, step=step, lr=lr)
-        t1 = time.perf_counter()
+    try:  # the run folder's lock is held from _start to the end of the run, not a moment longer
+        run = _start(cfg, progress)
+        _check_free_space(run)
+        model, engine, world, out = run.model, run.engine, run.world, run.out
+        vocab = 0  # the model's output size, read from the first logits (ln V = uniform guessing)
+        dead_steps = 0  # steps in a row with a zero gradient and a positive loss
+        t_start = time.perf_counter()
+        bar = tqdm(
+            range(run.start, cfg.train.max_steps),
+            initial=run.start,
+            total=cfg.train.max_steps,
+            disable=not (progress and world.is_main),
+            desc=f"train[{cfg.name if cfg.name != 'default' else cfg.selection.method}]",
+        )
+        with _Signals(run) as signals, bar:  # signals: finish the step, save it, stop (StoppedBySignal)
+            for step in bar:
+                t0 = time.perf_counter()
+                lr = run.scheduler.get_last_lr()[0]
+                # 1-2. the pool (drawn by the sampling weights) and its selection, the same on every rank
+                plan = engine.plan(model, step=step, lr=lr)
+                t1 = time.perf_counter()
 
-        # 3. the weighted train step on this rank's share of the selection
-        run.optimizer.zero_grad(set_to_none=True)
-        with plan.backward_context():
-            vocab = _backward(model, engine, plan, device=run.device, autocast=run.autocast, out=out) or vocab
-        grad_norm = _optimizer_step(run.params, run.optimizer, cfg, world, step=step, out=out)
-        run.scheduler.step()
-        t2 = time.perf_counter()
+                # 3. the weighted train step on this rank's share of the selection
+                run.optimizer.zero_grad(set_to_none=True)
+                with plan.backward_context():
+                    vocab = _backward(model, engine, plan, device=run.device, autocast=run.autocast, out=out) or vocab
+                grad_norm = _optimizer_step(run.params, run.optimizer, cfg, world, step=step, out=out)
+                run.scheduler.step()
+                t2 = time.perf_counter()
 
-        # 4. domain statistics (summed over ranks) -> the reweighter
-        report = engine.finish(model, plan)
+                # 4. domain statistics (summed over ranks) -> the reweighter
+                report = engine.finish(model, plan)
 
-        # 5. logging, evaluation, checkpoints
-        metrics: dict[str, Any] = {
-            **report.metrics,
-            "train/lr": lr,
-            "train/grad_norm": grad_norm,
-            "time/train": t2 - t1 - report.metrics["time/capture"],
-            "time/step": time.perf_counter() - t0,
-        }
-        dead_steps = _check_learning(metrics["train/loss"], grad_norm, vocab, dead_steps, cfg, step=step, out=out)
-        if (step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.max_steps:
-            metrics.update(run.evaluate(run.mixture.validation, "val"))
-        run.record(step, plan, metrics)
-        if world.is_main:
-            bar.set_postfix(progress_postfix(metrics), refresh=False)
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            run.checkpoint(step + 1)
-        if cfg.train.stop_after is not None and step + 1 >= cfg.train.stop_after:
-            # a planned interruption (e.g. a time limit): the schedule still spans max_steps
-            run.checkpoint(step + 1)
-            run.close()
-            log.info("stopping after step %d (train.stop_after); continue with --resume", step + 1)
-            return {"stopped_at": step + 1}
-    wall = time.perf_counter() - t_start
-    run.clock.train = wall - run.clock.eval  # every evaluation so far ran inside the loop
-    return _finish(run, wall)
+                # 5. logging, evaluation, checkpoints
+                metrics: dict[str, Any] = {
+                    **report.metrics,
+                    "train/lr": lr,
+                    "train/grad_norm": grad_norm,
+                    "time/train": t2 - t1 - report.metrics["time/capture"],
+                    "time/step": time.perf_counter() - t0,
+                }
+                dead_steps = _check_learning(
+                    metrics["train/loss"], grad_norm, vocab, dead_steps, cfg, step=step, out=out
+                )
+                if (step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.max_steps:
+                    metrics.update(run.evaluate(run.mixture.validation, "val"))
+                run.record(step, plan, metrics)
+                if world.is_main:
+                    bar.set_postfix(progress_postfix(metrics), refresh=False)
+                if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
+                    run.checkpoint(step + 1)
+                if cfg.train.stop_after is not None and step + 1 >= cfg.train.stop_after:
+                    # a planned interruption (e.g. a time limit): the schedule still spans max_steps
+                    if run.saved != step + 1:
+                        run.checkpoint(step + 1)
+                    run.close()
+                    log.info("stopping after step %d (train.stop_after); continue with --resume", step + 1)
+                    return {"stopped_at": step + 1}
+                signals.stop_if_requested(step + 1)  # SIGTERM / SIGINT: a checkpoint, then StoppedBySignal
+            wall = time.perf_counter() - t_start
+            run.clock.train = wall - run.clock.eval  # every evaluation so far ran inside the loop
+            # the trained state is saved before the final evaluation and writes: a failure there (an answer
+            # checker, a full disk) leaves a run that --resume completes (it runs only the final part)
+            if run.saved != cfg.train.max_steps and cfg.train.max_steps > 0:
+                run.checkpoint(cfg.train.max_steps)
+            signals.stop_if_requested(cfg.train.max_steps)
+        return _finish(run, wall)
+    finally:
+        release_run_folder(cfg.train.output_dir)
 
 
 def _finish(run: _Run, wall: float) -> dict[str, Any]:
@@ -803,8 +978,6 @@ def _finish(run: _Run, wall: float) -> dict[str, Any]:
     if run.world.is_main:
         run.close()
         _write_final(run.out, cfg, run.model, run.tokenizer, result, generations, run.clock)
-    if cfg.train.save_every:  # on every rank: checkpoint() is a collective
-        run.checkpoint(cfg.train.max_steps)
     barrier()
     return result
 
