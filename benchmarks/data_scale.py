@@ -704,6 +704,67 @@ def finish(result: dict[str, Any], out: Path, prep_min_rows: int) -> None:
     tmp.replace(out)
 
 
+def steps_check(work: Path, sizes: list[int], steps: int, warmup: int, out: Path) -> int:
+    """s/step alone, on the corpora prepared by a full run (their caches under ``work`` are reused).
+
+    The full run's s/step differs between sizes through the training mix: holding out 32 + 32 rows
+    per domain takes half of a small domain at 10k rows, so the rows drawn (and their lengths, which
+    set the forward/backward time) differ. Here every size holds out 4 + 4 rows per domain, so the
+    mix is the corpus's at every size, and runs ``steps`` steps (the first ``warmup`` left out).
+    Writes ``out`` (JSON): per size, s/step split into forward/backward and the rest, and the ratio
+    to the smallest size; prints a PASS/FAIL line for the 10% target.
+    """
+    records = []
+    for n in sizes:
+        cache, data = work / f"cache_{n}", work / f"data_{n}.jsonl"
+        if not cache.is_dir() or not data.exists():
+            print(f"  {n:,}: no prepared cache in {cache}; run the full benchmark first", flush=True)
+            return 2
+        run_dir = work / f"run_steps_{n}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        extra = ["data.val_per_domain=4", "data.test_per_domain=4", "selection.method=stratified"]
+        cmd = train_cmd(str(DEFAULT_CONFIG), data, cache, run_dir, steps, extra)
+        env = {k: v for k, v in os.environ.items() if k != "MIXSEL_CACHE"}
+        proc = run_measured(cmd, env, work / "logs" / f"{n}_steps.log", f"the s/step run of {n:,} rows")
+        per_step = step_seconds(run_dir, read_time(run_dir), steps, warmup)
+        records.append(
+            {
+                "rows": n,
+                **per_step,
+                "wall_s": proc["wall_s"],
+                "rss_mb": proc["rss_mb"],
+                "load_before": proc["load_before"],
+                "load_after": proc["load_after"],
+            }
+        )
+        print(
+            f"  {n:,}: {per_step['step_s']:.3f} s/step ({per_step['model_s']:.3f} forward/backward + "
+            f"{per_step['overhead_s']:.3f} the rest), load {proc['load_before']:.1f}",
+            flush=True,
+        )
+    base = records[0]
+    for r in records:
+        r["step_s_ratio"] = round(r["step_s"] / base["step_s"], 3)
+    ok = all(abs(r["step_s_ratio"] - 1) <= STEP_TOL for r in records)
+    result = {
+        "command": f"python benchmarks/data_scale.py --steps-check --steps {steps} --warmup {warmup}",
+        "holdout": "4 + 4 rows per domain",
+        "commit": git("rev-parse", "HEAD"),
+        "cpus": os.cpu_count(),
+        "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM"),
+        "sizes": records,
+        "target": {"name": f"s/step within {STEP_TOL:.0%} of the {sizes[0]:,} one", "pass": ok},
+    }
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(
+        ("PASS" if ok else "FAIL")
+        + f"  s/step within {STEP_TOL:.0%} of the {sizes[0]:,} one: "
+        + ", ".join(f"{r['rows']:,}: {r['step_s']:.3f} s ({r['step_s_ratio']:.2f}x)" for r in records),
+        flush=True,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated corpus sizes (default {DEFAULT_ROWS})")
@@ -727,6 +788,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="keep sizes already in the JSON with the same settings")
     parser.add_argument("--report", action="store_true", help="print the markdown table of the JSON and stop")
     parser.add_argument(
+        "--steps-check",
+        action="store_true",
+        help="s/step alone on the prepared caches of a full run, 4 + 4 held-out rows per domain at every size",
+    )
+    parser.add_argument(
         "--rederive",
         action="store_true",
         help="recompute step statistics from the run folders under --work, then report",
@@ -746,6 +812,9 @@ def main(argv: list[str] | None = None) -> int:
         return tokenizer_child(args.tokenizer_child, args.tokenizer_file, args.child_out, args.chunk)
 
     out = Path(args.out)
+    if args.steps_check:
+        sizes = sorted({int(float(x)) for x in args.rows.split(",") if x.strip()})
+        return steps_check(Path(args.work).resolve(), sizes, args.steps, args.warmup, RESULTS / "data_scale_steps.json")
     if args.rederive:  # step statistics again from the run folders under --work, then ratios and targets
         result = json.loads(out.read_text())
         for r in result["sizes"]:
