@@ -128,6 +128,18 @@ class DataConfig:
     # streaming: tokenised training rows buffered per domain (pools are drawn from the buffers)
     stream_buffer: int = 1024
 
+    def column_options(self) -> dict[str, str | None]:
+        """The column mapping as the keyword arguments of :func:`mixsel.data.loading.load_records`."""
+        return {
+            "domain_column": self.domain_column,
+            "text_column": self.text_column,
+            "prompt_column": self.prompt_column,
+            "response_column": self.response_column,
+            "messages_column": self.messages_column,
+            "answer_column": self.answer_column,
+            "split_column": self.split_column,
+        }
+
 
 @dataclass
 class ModelLoraConfig:

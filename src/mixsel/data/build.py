@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from mixsel.config import DataConfig
 
-__all__ = ["load_mixture", "load_mixture_records", "resolve_source", "split_mixture_records", "tokenize_mixture"]
+__all__ = [
+    "load_mixture",
+    "load_mixture_records",
+    "record_chunks",
+    "resolve_source",
+    "split_mixture_records",
+    "tokenize_mixture",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,30 +52,31 @@ def split_mixture_records(records: Sequence[dict], cfg: DataConfig, seed: int = 
     return splits
 
 
-def load_mixture_records(cfg: DataConfig, seed: int = 0) -> dict[str, list[dict]]:
-    """Normalised records of each split (train / validation / test) for ``cfg``, each with its ``source`` id."""
-    from mixsel.data.loading import load_records
+def record_chunks(cfg: DataConfig) -> Iterator[list[dict]]:
+    """Chunks of the normalised records of ``cfg.source`` (every split), each with its ``source`` id,
+    read without holding the whole source (:func:`mixsel.data.loading.iter_records`)."""
+    from mixsel.data.loading import iter_records
 
     if cfg.source == "embedded":
         from mixsel.data.embedded import load_embedded_records
 
         records = load_embedded_records(with_sources=True)
-    else:
-        records = load_records(
-            cfg.source,
-            format=cfg.format,
-            domain_column=cfg.domain_column,
-            text_column=cfg.text_column,
-            prompt_column=cfg.prompt_column,
-            response_column=cfg.response_column,
-            messages_column=cfg.messages_column,
-            answer_column=cfg.answer_column,
-            split_column=cfg.split_column,
-            hf_config=cfg.hf_config,
-            hf_split=cfg.hf_split,
-            with_sources=True,
-        )
-    return split_mixture_records(records, cfg, seed)
+        for start in range(0, len(records), 10_000):
+            yield records[start : start + 10_000]
+        return
+    yield from iter_records(
+        cfg.source,
+        format=cfg.format,
+        **cfg.column_options(),
+        hf_config=cfg.hf_config,
+        hf_split=cfg.hf_split,
+        with_sources=True,
+    )
+
+
+def load_mixture_records(cfg: DataConfig, seed: int = 0) -> dict[str, list[dict]]:
+    """Normalised records of each split (train / validation / test) for ``cfg``, each with its ``source`` id."""
+    return split_mixture_records([rec for chunk in record_chunks(cfg) for rec in chunk], cfg, seed)
 
 
 def tokenize_mixture(splits: Mapping[str, Sequence[dict]], tokenizer: Any, cfg: DataConfig, *, source: str = "") -> Any:

@@ -283,7 +283,11 @@ def _local_chunks(
 def _hf_chunks(
     obj: Any, prefix: str, split_column: str | None, size: int
 ) -> Iterator[tuple[list[dict[str, Any]], list[str]]]:
-    """Chunks of the rows of a ``datasets.Dataset`` or ``DatasetDict`` (see :func:`_rows_from_hf`) and their ids."""
+    """Chunks of the rows of a ``datasets.Dataset`` or ``DatasetDict`` and their ids ``"<prefix>:<row>"``
+    (a ``DatasetDict``'s ``"<prefix>:<split>:<row>"``). A dict with several splits is read split by
+    split, each row tagged with its split's name in a ``__split__`` column unless ``split_column`` is
+    set (:func:`hf_chunks` says which column then holds the split); a one-split dict is read untagged,
+    so :func:`split_records` makes the splits."""
     import datasets
 
     if not isinstance(obj, datasets.DatasetDict):
@@ -305,6 +309,21 @@ def _hf_chunks(
             yield rows, [f"{label}:{i}" for i in range(start, start + len(rows))]
 
 
+def hf_chunks(obj: Any, prefix: str, split_column: str | None, size: int) -> tuple[Any, str | None]:
+    """A function returning a fresh iterator over :func:`_hf_chunks` of ``obj``, and the split column:
+    ``"__split__"`` for a ``DatasetDict`` of several splits without a configured one.
+
+    Raises:
+        ValueError: such a dict has a split that is not train/validation/test (or an alias).
+    """
+    import datasets
+
+    if isinstance(obj, datasets.DatasetDict) and len(obj) > 1 and split_column is None:
+        _split_names(obj, None)
+        return (lambda: _hf_chunks(obj, prefix, None, size)), "__split__"
+    return (lambda: _hf_chunks(obj, prefix, split_column, size)), split_column
+
+
 def _split_names(obj: Any, split_column: str | None) -> list[str]:
     """The split names of a multi-split ``DatasetDict``, checked.
 
@@ -321,49 +340,17 @@ def _split_names(obj: Any, split_column: str | None) -> list[str]:
     return names
 
 
-def _rows_from_hf(obj: Any, split_column: str | None) -> tuple[list[dict[str, Any]], str | None]:
-    """Rows of a ``datasets.Dataset`` or ``DatasetDict``.
-
-    A ``DatasetDict`` with several splits is flattened and each row is tagged with its split name in
-    a ``__split__`` column (returned as the split column when none was configured); a single-split
-    dict is read untagged, so :func:`split_records` makes the splits.
-    """
-    import datasets
-
-    if not isinstance(obj, datasets.DatasetDict):
-        return list(obj.to_list()), split_column
-    names = list(obj.keys())
-    if len(names) == 1:
-        return list(obj[names[0]].to_list()), split_column
-    _split_names(obj, split_column)
-    rows: list[dict[str, Any]] = []
-    for name in names:
-        for row in obj[name].to_list():
-            if split_column is None:
-                row["__split__"] = name
-            rows.append(row)
-    return rows, split_column or "__split__"
-
-
-def _hf_row_ids(obj: Any, prefix: str) -> list[str]:
-    """Source ids of the rows :func:`_rows_from_hf` returns, in its order.
-
-    A ``Dataset``'s rows are ``"<prefix>:<index>"``; a ``DatasetDict``'s ``"<prefix>:<split>:<index>"``.
-    """
-    import datasets
-
-    if not isinstance(obj, datasets.DatasetDict):
-        return _numbered(prefix, len(obj))
-    return [f"{prefix}:{name}:{i}" for name in obj for i in range(len(obj[name]))]
-
-
-def _hf_source(source: str, *, hf_name: str | None, hf_config: str | None, hf_split: str | None) -> tuple[Any, str]:
+def _hf_source(
+    source: str, *, hf_name: str | None, hf_config: str | None, hf_split: str | None, streaming: bool = False
+) -> tuple[Any, str]:
     """The ``datasets`` object of a saved folder, local data files or a hub name, and the prefix of
-    its rows' source ids (see :func:`load_records`)."""
+    its rows' source ids (see :func:`load_records`); with ``streaming``, the ``IterableDataset`` (or
+    dict) of local data files or a hub name, read as it is iterated."""
     import datasets
 
     local_name = os.path.basename(os.path.normpath(source))
-    if hf_name is None and _is_saved_dataset(source):
+    stream = {"streaming": True} if streaming else {}  # load_dataset's own default otherwise
+    if hf_name is None and not streaming and _is_saved_dataset(source):
         obj = datasets.load_from_disk(source)
         if hf_split is not None and isinstance(obj, datasets.DatasetDict):
             if hf_split not in obj:
@@ -380,11 +367,12 @@ def _hf_source(source: str, *, hf_name: str | None, hf_config: str | None, hf_sp
                 "datasets.load_dataset needs files of one format"
             )
         builder = _HF_BUILDERS[str(formats.pop())]
-        obj = datasets.load_dataset(builder, data_files=files, split=hf_split or "train")
+        obj = datasets.load_dataset(builder, data_files=files, split=hf_split or "train", **stream)
         return obj, f"{local_name}:{hf_split or 'train'}"
     name = hf_name or source
-    log.info("loading Hugging Face dataset %r (config=%r, split=%r)", name, hf_config, hf_split)
-    obj = datasets.load_dataset(name, hf_config, split=hf_split)
+    what = "streaming" if streaming else "loading"
+    log.info("%s Hugging Face dataset %r (config=%r, split=%r)", what, name, hf_config, hf_split)
+    obj = datasets.load_dataset(name, hf_config, split=hf_split, **stream)
     return obj, name + (f"/{hf_config}" if hf_config else "") + (f":{hf_split}" if hf_split else "")
 
 
@@ -407,13 +395,8 @@ def _row_chunks(
     if format is not None and format not in _FORMATS:
         raise DataError(f"unknown data.format={format!r}; use one of {', '.join(_FORMATS)} (or null to infer)")
     if format == "hf" or hf_name is not None or (format is None and _is_saved_dataset(source)):
-        import datasets
-
         obj, prefix = _hf_source(source, hf_name=hf_name, hf_config=hf_config, hf_split=hf_split)
-        if isinstance(obj, datasets.DatasetDict) and len(obj) > 1 and split_column is None:
-            _split_names(obj, None)
-            return (lambda: _hf_chunks(obj, prefix, None, size)), "__split__"
-        return (lambda: _hf_chunks(obj, prefix, split_column, size)), split_column
+        return hf_chunks(obj, prefix, split_column, size)
     files, base = _expand_files(source), _label_base(source)
     return (lambda: _local_chunks(files, format, base, size)), split_column
 
@@ -463,11 +446,9 @@ def iter_records(
     )
     seen: dict[str, None] = {}
     total = 0
-    for rows, _ids in chunks():
+    for rows, _ids in chunks():  # every row: a file may mix schemas (plain text rows, then instruction rows)
         total += len(rows)
-        for row in rows:  # every row: a file may mix schemas (plain text rows, then instruction rows)
-            for key in row:
-                seen.setdefault(key, None)
+        seen.update(dict.fromkeys(_columns(rows)))
     if not total:
         raise DataError("the data source holds no rows; check data.source (and data.hf_split)")
     cols = _resolve_columns(
@@ -491,19 +472,10 @@ def iter_records(
         found.update(r["domain"] for r in records)
         if records:
             yield records
-    if empty_domain:
-        raise DataError(
-            f"{empty_domain} of {total} rows have an empty value in the domain column {domain_column!r}; "
-            "fill in their domain or remove those rows"
-        )
+    _check_domain_values(empty_domain, total, domain_column)
     if dropped:
         _warn_dropped(dropped, cols, text_column)
-        for domain in dropped:
-            if found[domain] == 0:
-                raise DataError(
-                    f"domain {domain!r} is empty: all of its {dropped[domain]} rows have an empty text/response; "
-                    "fix the data or leave the domain out with data.domains=[...]"
-                )
+        _check_no_empty_domain(found, dropped)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -668,14 +640,10 @@ def normalize_records(
         split_column=split_column,
     )
     out, empty_domain, dropped = _normalize_rows(rows, cols, default_domain, sources)
-    if empty_domain:
-        raise DataError(
-            f"{empty_domain} of {len(rows)} rows have an empty value in the domain column {domain_column!r}; "
-            "fill in their domain or remove those rows"
-        )
+    _check_domain_values(empty_domain, len(rows), domain_column)
     if dropped:
         _warn_dropped(dropped, cols, text_column)
-        _check_no_empty_domain(out, dropped)
+        _check_no_empty_domain(Counter(r["domain"] for r in out), dropped)
     return out
 
 
@@ -864,13 +832,25 @@ def _warn_dropped(dropped: Counter[str], cols: _ColumnMap, text_column: str) -> 
     )
 
 
-def _check_no_empty_domain(records: Sequence[dict[str, Any]], dropped: Counter[str]) -> None:
-    """Raise when a domain lost every row to :func:`_warn_dropped`'s drops.
+def _check_domain_values(empty_domain: int, total: int, domain_column: str | None) -> None:
+    """Raise when ``empty_domain`` of the ``total`` rows have an empty domain value.
+
+    Raises:
+        ValueError: naming the count and the domain column.
+    """
+    if empty_domain:
+        raise DataError(
+            f"{empty_domain} of {total} rows have an empty value in the domain column {domain_column!r}; "
+            "fill in their domain or remove those rows"
+        )
+
+
+def _check_no_empty_domain(found: Counter[str], dropped: Counter[str]) -> None:
+    """Raise when a domain lost every row to :func:`_warn_dropped`'s drops (``found``: records kept per domain).
 
     Raises:
         ValueError: naming the first such domain.
     """
-    found = Counter(r["domain"] for r in records)
     for domain in dropped:
         if found[domain] == 0:
             raise DataError(

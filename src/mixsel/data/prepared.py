@@ -47,7 +47,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,8 +69,6 @@ _PROGRESS_MIN_ROWS = 20_000
 # rows per map batch, and so per Arrow record batch: opening a store touches each batch's header page
 # (and the kernel maps its neighbours), so fewer, larger batches keep a large store's resident pages few
 _MAP_BATCH = 4096
-# status of a row after tokenisation (index.npz "status")
-KEPT, TOO_LONG, NO_TARGET = 0, 1, 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,33 +215,6 @@ def _token_features() -> Any:
     )
 
 
-def _record_chunks(cfg: DataConfig) -> Iterator[list[dict[str, Any]]]:
-    """Chunks of the normalised records of ``cfg.source``, each with its ``source`` id."""
-    from mixsel.data.loading import iter_records
-
-    if cfg.source == "embedded":
-        from mixsel.data.embedded import load_embedded_records
-
-        records = load_embedded_records(with_sources=True)
-        for start in range(0, len(records), 10_000):
-            yield records[start : start + 10_000]
-        return
-    yield from iter_records(
-        cfg.source,
-        format=cfg.format,
-        domain_column=cfg.domain_column,
-        text_column=cfg.text_column,
-        prompt_column=cfg.prompt_column,
-        response_column=cfg.response_column,
-        messages_column=cfg.messages_column,
-        answer_column=cfg.answer_column,
-        split_column=cfg.split_column,
-        hf_config=cfg.hf_config,
-        hf_split=cfg.hf_split,
-        with_sources=True,
-    )
-
-
 def _write_raw(path: Path, cfg: DataConfig, progress: bool) -> int:
     """Write the normalised records of ``cfg.source`` to an Arrow stream file, a chunk at a time.
 
@@ -254,6 +224,8 @@ def _write_raw(path: Path, cfg: DataConfig, progress: bool) -> int:
     import pyarrow as pa
     from tqdm.auto import tqdm
 
+    from mixsel.data.build import record_chunks
+
     schema = _raw_features().arrow_schema
     rows = 0
     with (
@@ -261,7 +233,7 @@ def _write_raw(path: Path, cfg: DataConfig, progress: bool) -> int:
         pa.ipc.new_stream(sink, schema) as writer,
         tqdm(desc="mixsel: reading rows", unit=" rows", disable=not progress) as bar,
     ):
-        for chunk in _record_chunks(cfg):
+        for chunk in record_chunks(cfg):
             columns: dict[str, list[Any]] = {name: [] for name in schema.names}
             for rec in chunk:
                 messages = rec.get("messages")
@@ -286,7 +258,7 @@ def _tokenize_batch(batch: dict[str, list[Any]], tokenizer: Any, settings: dict[
 
 
 def _tokenize_records(batch: dict[str, list[Any]], tokenizer: Any, settings: dict[str, Any]) -> dict[str, list[Any]]:
-    from mixsel.data.tokenize import encode_rows, row_outcome
+    from mixsel.data.tokenize import KEPT, encode_rows, row_outcome
 
     records = []
     for i, domain in enumerate(batch["domain"]):

@@ -74,26 +74,19 @@ def split_to_dataset(split: Any) -> Any:
 def _records(rows: Any, cfg: DataConfig) -> list[dict[str, Any]]:
     """Normalised records of in-memory rows, with source ids ``"rows:<index>"`` (a ``DatasetDict``'s
     ``"rows:<split>:<index>"``)."""
-    from mixsel.data.loading import _hf_row_ids, _numbered, _rows_from_hf, normalize_records
+    from mixsel.data.loading import _CHUNK_ROWS, _numbered, hf_chunks, normalize_records
 
     split_column = cfg.split_column
-    if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)):
-        dataset = rows
-        rows, split_column = _rows_from_hf(dataset, split_column)  # a datasets.Dataset or DatasetDict
-        sources = _hf_row_ids(dataset, "rows")
+    if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)):  # a datasets.Dataset or DatasetDict
+        chunks, split_column = hf_chunks(rows, "rows", split_column, _CHUNK_ROWS)
+        rows, sources = [], []
+        for chunk, ids in chunks():
+            rows.extend(chunk)
+            sources.extend(ids)
     else:
         sources = _numbered("rows", len(rows))
-    return normalize_records(
-        [dict(r) for r in rows],
-        domain_column=cfg.domain_column,
-        text_column=cfg.text_column,
-        prompt_column=cfg.prompt_column,
-        response_column=cfg.response_column,
-        messages_column=cfg.messages_column,
-        answer_column=cfg.answer_column,
-        split_column=split_column,
-        sources=sources,
-    )
+    options = {**cfg.column_options(), "split_column": split_column}
+    return normalize_records([dict(r) for r in rows], **options, sources=sources)
 
 
 def sft_datasets(

@@ -47,11 +47,9 @@ read the rows of the latest draw (what ``Engine.plan`` collates and ``selections
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import itertools
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -85,28 +83,15 @@ def _hub_dataset(cfg: DataConfig) -> tuple[Any, str]:
     """The ``datasets.IterableDataset`` of ``cfg`` (``format=hf``) and the prefix of its rows' source ids."""
     import datasets
 
-    from mixsel.data.loading import _HF_BUILDERS, _expand_files, _file_format
+    from mixsel.data.loading import _hf_source
 
-    source = cfg.source
-    if os.path.exists(source) or glob.has_magic(source):
-        files = _expand_files(source)
-        formats = {_file_format(f) for f in files}
-        if len(formats) != 1 or None in formats:
-            raise DataError(
-                f"data.source={source!r} mixes file formats {sorted(map(str, formats))}; "
-                "datasets.load_dataset needs files of one format"
-            )
-        split = cfg.hf_split or "train"
-        builder = _HF_BUILDERS[str(formats.pop())]
-        stream = datasets.load_dataset(builder, data_files=files, split=split, streaming=True)
-        return stream, f"{os.path.basename(os.path.normpath(source))}:{split}"
-    log.info("streaming Hugging Face dataset %r (config=%r, split=%r)", source, cfg.hf_config, cfg.hf_split)
-    stream = datasets.load_dataset(source, cfg.hf_config, split=cfg.hf_split, streaming=True)
-    prefix = source + (f"/{cfg.hf_config}" if cfg.hf_config else "") + (f":{cfg.hf_split}" if cfg.hf_split else "")
+    stream, prefix = _hf_source(
+        cfg.source, hf_name=None, hf_config=cfg.hf_config, hf_split=cfg.hf_split, streaming=True
+    )
     if isinstance(stream, datasets.IterableDatasetDict):
         if len(stream) != 1:
             raise DataError(
-                f"the dataset {source!r} has splits {list(stream)} and a stream reads one: set data.hf_split=<name>"
+                f"the dataset {cfg.source!r} has splits {list(stream)} and a stream reads one: set data.hf_split=<name>"
             )
         name = next(iter(stream))
         stream, prefix = stream[name], f"{prefix}:{name}"
@@ -125,16 +110,7 @@ def _hub_chunks(cfg: DataConfig, size: int = _HUB_CHUNK) -> Iterator[list[dict[s
         keys = list(batch)
         rows = [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
         if cols is None:  # a stream cannot be scanned first: its first chunk decides the column mapping
-            cols = _resolve_columns(
-                keys,
-                domain_column=cfg.domain_column,
-                text_column=cfg.text_column,
-                prompt_column=cfg.prompt_column,
-                response_column=cfg.response_column,
-                messages_column=cfg.messages_column,
-                answer_column=cfg.answer_column,
-                split_column=None,
-            )
+            cols = _resolve_columns(keys, **{**cfg.column_options(), "split_column": None})
         ids = [f"{prefix}:{offset + i}" for i in range(len(rows))]
         records, empty, lost = _normalize_rows(rows, cols, "default", ids, offset)
         if empty:
@@ -163,9 +139,9 @@ def stream_records(cfg: DataConfig) -> Iterator[list[dict[str, Any]]]:
     if cfg.format == "hf" and not _is_saved_dataset(cfg.source):
         yield from _hub_chunks(cfg)
         return
-    from mixsel.data.prepared import _record_chunks
+    from mixsel.data.build import record_chunks
 
-    yield from _record_chunks(cfg)
+    yield from record_chunks(cfg)
 
 
 def _close(chunks: Any) -> None:
